@@ -1,0 +1,64 @@
+# prerouter — the table of contents. `make all` runs the pipeline on the demo data; `make test` tests it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PRE := $(VENV)/bin/prerouter
+DEMO := data/raw/demo
+DATA ?= $(DEMO)/demo_wide.csv
+NAME ?= $(basename $(notdir $(DATA)))
+TRIALS ?= 0
+BUDGET_MS ?= 1.0
+SHARED ?= ../shared/data
+
+.PHONY: setup all demo-data ingest label train evaluate export latency tune report test \
+        bench-quality bench-latency bench-tune bench-scale mlflow-ui clean
+
+setup: $(VENV)/.installed  ## create .venv and install the project with its dev extras
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+$(DEMO)/demo_wide.csv: | setup
+	$(PRE) demo-data --out $(DEMO)
+
+all: setup $(if $(filter $(DEMO)/%,$(DATA)),$(DEMO)/demo_wide.csv)  ## the whole pipeline (DATA=file or hf:org/name)
+	$(PRE) run $(DATA) --name $(NAME) --trials $(TRIALS) --budget-ms $(BUDGET_MS)
+
+demo-data: setup  ## write the synthetic demo set in all three layouts
+	$(PRE) demo-data --out $(DEMO)
+
+ingest: setup
+	$(PRE) ingest $(DATA) --name $(NAME)
+label: setup
+	$(PRE) label $(NAME)
+train: setup
+	$(PRE) train $(NAME)
+evaluate: setup
+	$(PRE) evaluate $(NAME)
+export: setup
+	$(PRE) export $(NAME)
+latency: setup
+	$(PRE) check-latency models/$(NAME)/bundle --budget-ms $(BUDGET_MS)
+tune: setup
+	$(PRE) tune $(NAME) --trials $(or $(filter-out 0,$(TRIALS)),20)
+report: setup
+	$(PRE) report models/$(NAME)/bundle --data $(NAME)
+
+test: setup  ## the unit suite (no real data needed; real-data tests skip without ../shared/data)
+	$(VENV)/bin/pytest -q
+
+bench-quality: setup  ## train on each real file, write bench/results/quality.md
+	$(VENV)/bin/python bench/quality.py --shared $(SHARED)
+bench-latency: setup  ## teacher and students, fp32 and int8, into bench/results/latency.md
+	$(VENV)/bin/python bench/latency.py --shared $(SHARED)
+bench-tune: setup  ## 20+ pruned trials on MMLU, into bench/results/tune.md
+	$(VENV)/bin/python bench/tune.py --shared $(SHARED)
+bench-scale: setup  ## 1M pairwise battles over 50 models through ingest + label
+	$(VENV)/bin/python bench/scale.py
+
+mlflow-ui: setup  ## browse the local MLflow store
+	$(VENV)/bin/mlflow ui --backend-store-uri mlruns
+
+clean:  ## remove generated data, models and runs (keeps .venv)
+	rm -rf data/raw data/processed models/*/ mlruns/*/ mlruns/*.log bench/out

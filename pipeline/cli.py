@@ -1,0 +1,224 @@
+"""`prerouter` command line: parses arguments and calls one stage function per subcommand.
+
+Stage modules are imported inside each command so that `prerouter route` never pays for torch.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .common import PrerouterError, console
+
+app = typer.Typer(
+    name="prerouter",
+    help="Train a compact pre-generation LLM router from preference data and ship it as an ONNX bundle.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see pipeline/configs/default.yaml).")
+OverrideArg = typer.Option(None, "--set", "-s", help="Config override section.key=value; repeatable.")
+
+
+def _config(config: Optional[Path], overrides: Optional[List[str]]):
+    from .config import load_config
+
+    return load_config(config, overrides or [])
+
+
+@app.command("demo-data")
+def demo_data_cmd(
+    out: Path = typer.Option(Path("data/raw/demo"), help="Folder for the three demo files."),
+    n_prompts: int = typer.Option(3000, min=50, help="Number of synthetic prompts."),
+    seed: int = typer.Option(0, help="Random seed; the same seed writes the same files."),
+):
+    """Write the synthetic demo preference set in all three layouts (wide csv, long jsonl, pairwise parquet)."""
+    from .demo import generate
+
+    for layout, path in generate(out, n_prompts=n_prompts, seed=seed).items():
+        console.print(f"[green]wrote[/] {layout:9s} {path}")
+
+
+
+@app.callback()
+def _root():
+    """Train a compact pre-generation LLM router from preference data and ship it as an ONNX bundle."""
+
+
+@app.command()
+def ingest(
+    data: str = typer.Argument(..., help="A .csv, .jsonl/.json or .parquet file, or a hub dataset as hf:org/name."),
+    layout: Optional[str] = typer.Option(None, help="pairwise | wide | long; detected from the columns when omitted."),
+    name: Optional[str] = typer.Option(None, help="Dataset name under data/processed/ (default: the file stem)."),
+    models: Optional[str] = typer.Option(None, help="Wide layout: comma-separated model columns to use."),
+    split: str = typer.Option("train", help="Hub datasets: which split to read."),
+    force: bool = typer.Option(False, help="Re-ingest even when the input and options are unchanged."),
+):
+    """Read preference data in any layout into the canonical Arrow dataset data/processed/NAME/."""
+    from .ingest import ingest as run_ingest
+
+    run_ingest(data, layout=layout, name=name, models=models.split(",") if models else None,
+               split=split, force=force)
+
+
+@app.command()
+def label(
+    name: str = typer.Argument(..., help="Dataset name written by `prerouter ingest`."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = OverrideArg,
+    force: bool = typer.Option(False, help="Relabel even when the dataset and options are unchanged."),
+):
+    """Turn outcomes into per-model training targets, difficulty, soft labels and a hash split."""
+    from .label import label as run_label
+
+    run_label(name, _config(config, overrides).label, force=force)
+
+
+@app.command()
+def train(
+    name: str = typer.Argument(..., help="Labeled dataset name."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = OverrideArg,
+):
+    """Train the teacher head and distil the compact student (Lightning, tracked in MLflow)."""
+    from .train import train as run_train
+
+    run_train(name, _config(config, overrides))
+
+
+@app.command()
+def evaluate(
+    name: str = typer.Argument(..., help="Dataset name (its trained model under models/NAME is evaluated)."),
+    bundle: Optional[Path] = typer.Option(None, help="Evaluate this exported bundle instead of the checkpoint."),
+):
+    """APGR / CPT of the router beside random, length, TF-IDF+LR and kNN baselines on the test split."""
+    from .evaluate import evaluate as run_evaluate
+
+    run_evaluate(name, bundle=bundle)
+
+
+@app.command()
+def export(
+    name: str = typer.Argument(..., help="Dataset name whose trained model is exported."),
+    out: Optional[Path] = typer.Option(None, help="Bundle directory (default models/NAME/bundle)."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = OverrideArg,
+):
+    """Export the student to ONNX fp32 + int8 with a parity gate and write the bundle."""
+    from .export import export as run_export
+
+    run_export(name, out=out, config=_config(config, overrides))
+
+
+@app.command("check-latency")
+def check_latency(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    budget_ms: float = typer.Option(1.0, help="Fail (exit 1) when p99 exceeds this many milliseconds."),
+    decisions: int = typer.Option(1000, min=10, help="Timed decisions (after warm-up)."),
+    fp32: bool = typer.Option(False, help="Time the fp32 model instead of int8."),
+):
+    """Time single decisions (batch 1, one thread, tokenization included) per prompt-length bucket."""
+    from .latency import check_latency as run_check
+
+    run_check(bundle, budget_ms=budget_ms, decisions=decisions, quantized=not fp32)
+
+
+@app.command()
+def route(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    prompt: str = typer.Argument(..., help="The prompt to route."),
+    strong_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Pair: target share of strong calls."),
+    threshold: Optional[float] = typer.Option(None, help="Pair: raw score threshold instead of a fraction."),
+    cost_weight: Optional[float] = typer.Option(None, help="N models: λ in argmax p - λ·cost."),
+):
+    """Print the model a prompt is routed to."""
+    from .runtime import Router
+
+    router = Router.load(bundle)
+    print(router.route(prompt, strong_fraction=strong_fraction, threshold=threshold, cost_weight=cost_weight))
+
+
+@app.command()
+def score(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    input: Path = typer.Option(..., "--input", help="JSONL with a `prompt` field per line."),
+    output: Path = typer.Option(..., "--output", help="JSONL written with per-model scores and the routed model."),
+    strong_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Pair: target share of strong calls."),
+):
+    """Score a file of prompts with a bundle."""
+    from .runtime import score_file
+
+    score_file(bundle, input, output, strong_fraction=strong_fraction)
+
+
+@app.command()
+def tune(
+    name: str = typer.Argument(..., help="Labeled dataset name."),
+    trials: int = typer.Option(20, min=0, help="Trials to run in this process."),
+    timeout: Optional[float] = typer.Option(None, help="Stop starting trials after this many seconds."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: journal file under mlruns/)."),
+    study_name: Optional[str] = typer.Option(None, help="Study name (default: prerouter-NAME-OBJECTIVE)."),
+    objective: str = typer.Option("quality", help="quality (validation APGR) | pareto (APGR × p99 latency)."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = OverrideArg,
+):
+    """Search the student's hyperparameters and architecture with Optuna (pruned, resumable)."""
+    from .tune import tune as run_tune
+
+    run_tune(name, _config(config, overrides), trials=trials, timeout=timeout, storage=storage,
+             study_name=study_name, objective=objective)
+
+
+@app.command()
+def report(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    data: str = typer.Option(..., help="Labeled dataset name, or a data file to ingest + label first."),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default BUNDLE/../report)."),
+    profile: Optional[Path] = typer.Option(None, help="YAML model profile for the router/cascade/ensemble simulation."),
+):
+    """Cost–quality curves, AIQ, calibration drift and router vs cascade vs ensemble, as Markdown + PNGs."""
+    from .report import report as run_report
+
+    run_report(bundle, data=data, out=out, profile=profile)
+
+
+@app.command()
+def run(
+    data: str = typer.Argument(..., help="Preference data file or hf:org/name."),
+    out: Optional[Path] = typer.Option(None, help="Bundle directory (default models/NAME/bundle)."),
+    name: Optional[str] = typer.Option(None, help="Dataset/model name (default: the file stem)."),
+    trials: int = typer.Option(0, min=0, help="Optuna trials before the final training (0: defaults)."),
+    budget_ms: float = typer.Option(1.0, help="Latency gate: p99 budget in milliseconds."),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[List[str]] = OverrideArg,
+):
+    """ingest → label → train (→ tune) → export → check-latency → evaluate, as one MLflow run."""
+    from .run import run as run_all
+
+    run_all(data, out=out, name=name, trials=trials, budget_ms=budget_ms, config=_config(config, overrides))
+
+
+
+def main() -> None:
+    """Console entry point: user-facing errors become a red line and their exit code, not a traceback."""
+    try:
+        app(standalone_mode=False)
+    except PrerouterError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("[yellow]aborted[/]")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

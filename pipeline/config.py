@@ -1,0 +1,144 @@
+"""One validated configuration object: defaults < YAML file < `section.key=value` overrides.
+
+Unknown keys, wrong types and impossible values fail here, before any work starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .common import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LabelConfig(_Section):
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    score_range: Optional[tuple[float, float]] = None  # None: inferred (1-10 judges, 0-1, ...)
+    threshold: Optional[float] = Field(None, ge=0.0, le=1.0)  # binarise normalised scores
+    relaxation: float = Field(0.0, ge=0.0, le=1.0)  # Hybrid-LLM t in P[q(weak) >= q(strong) - t]
+    tiers: int = Field(2, ge=2)  # strength tiers for pairwise data (RouteLLM strong/weak)
+    weak: Optional[str] = None  # routing pair; default: weakest and strongest model
+    strong: Optional[str] = None
+
+
+class TeacherConfig(_Section):
+    path: Optional[str] = None  # local checkpoint dir or hub id; None: packaged all-MiniLM-L6-v2
+    max_tokens: int = Field(256, ge=8, le=512)
+    batch_size: int = Field(64, ge=1)
+    head_hidden: int = Field(256, ge=1)
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class StudentConfig(_Section):
+    family: Literal["static", "transformer"] = "static"
+    dim: int = Field(256, ge=8, le=1024)  # static: embedding width; transformer: hidden size
+    layers: int = Field(2, ge=1, le=12)  # transformer only
+    heads: int = Field(4, ge=1, le=16)  # transformer only
+    max_tokens: int = Field(128, ge=8, le=512)
+    truncation: Literal["head_tail", "head"] = "head_tail"
+    head_fraction: float = Field(0.75, gt=0.0, le=1.0)  # share of max_tokens kept from the start
+    hidden: int = Field(256, ge=8)  # MLP head width
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self):
+        if self.family == "transformer" and self.dim % self.heads:
+            raise ValueError(f"student.dim={self.dim} must be divisible by student.heads={self.heads}")
+        return self
+
+
+class TrainConfig(_Section):
+    lr: float = Field(2e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    batch_size: int = Field(64, ge=1)
+    max_epochs: int = Field(20, ge=1)
+    patience: int = Field(3, ge=1)
+    distill_weight: float = Field(0.5, ge=0.0, le=1.0)  # soft-target share of the label loss
+    repr_weight: float = Field(0.1, ge=0.0)  # representation regression onto teacher embeddings
+    seed: int = 0
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = Field(1, ge=1)
+    strategy: str = "auto"
+    num_workers: int = Field(0, ge=0)
+    limit_train_prompts: Optional[int] = Field(None, ge=1)  # for smoke runs
+
+
+class ExportConfig(_Section):
+    opset: int = Field(17, ge=17)
+    parity_atol: float = Field(1e-4, gt=0)
+    min_int8_agreement: float = Field(0.99, ge=0, le=1)
+    max_int8_apgr_drop: float = Field(0.01, ge=0)
+    budget_ms: float = Field(1.0, gt=0)
+    latency_decisions: int = Field(1000, ge=10)
+
+
+class TuneConfig(_Section):
+    trials: int = Field(20, ge=0)
+    timeout: Optional[float] = Field(None, gt=0)
+    objective: Literal["quality", "pareto"] = "quality"
+    pruner: Literal["median", "hyperband"] = "median"
+    seed: int = 0
+    space: dict[str, Any] = Field(default_factory=dict)  # narrows the search space, see tune.py
+
+
+class Config(_Section):
+    label: LabelConfig = Field(default_factory=LabelConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides (values parsed as YAML)."""
+    tree: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree.update(loaded)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"{loc}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err else ""))
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
