@@ -114,3 +114,27 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def mlruns_root() -> Path:
+    return Path(os.environ.get("PREROUTER_MLRUNS_DIR", "mlruns"))
+
+
+def setup_mlflow(experiment: str = "prerouter") -> str:
+    """Point MLflow at the team server in MLFLOW_TRACKING_URI, else a SQLite store under mlruns/.
+
+    SQLite (not the deprecated file store) so the model registry works locally too; artifacts go to
+    mlruns/artifacts. Returns the experiment id.
+    """
+    import mlflow
+
+    artifact_location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        root = mlruns_root().resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        artifact_location = (root / "artifacts").as_uri()
+    exp = mlflow.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
