@@ -1,0 +1,653 @@
+"""Read preference data in any of three layouts into the canonical dataset (docs/contracts.md, section 1).
+
+Input goes through the `datasets` library (csv, json/jsonl, parquet, or `hf:org/name`), so big files
+are memory-mapped Arrow; the merge is done on whole columns with pyarrow compute and numpy
+(`pc.unique`/`pc.index_in` to number prompts and models, `np.bincount` to average duplicates),
+never with per-row Python objects for the whole file.
+
+Layouts, detected from the columns (`layout=` overrides):
+
+- pairwise: `prompt, model_a, model_b` and either `winner` (model_a | model_b | tie | tie (bothbad))
+  or the Chatbot-Arena-55k 0/1 columns `winner_model_a, winner_model_b, winner_tie` (there the
+  prompt is a JSON list of turns, joined with blank lines). Optional per-side `cost_a`, `cost_b`.
+  A model's outcome on a prompt is its mean battle score (win 1, tie 0.5, loss 0).
+- long: `prompt, model, score`, optional `cost`; an input `prompt_id` is kept as `source_prompt_id`.
+- wide: `prompt` plus one outcome column per model. `<model>|total_cost` columns (RouterBench) are
+  that model's per-row cost and `<model>|model_response` columns are ignored. Without `models=`,
+  the model columns are: the `|total_cost` prefixes when any exist; otherwise every boolean
+  column, every integer column whose values are all 0 or 1, and every float column - except
+  id-like names (`id`, `*_id`, `idx`, `index`, `qid`...). Everything else is metadata. Integer
+  scores on another scale (e.g. 1-10 judges) therefore need `models=`.
+
+Bad input. The whole file fails with a `DataError` naming the file (and the row or line where
+there is one) when: it is missing, unreadable or not UTF-8 (text formats); a required column is
+missing; a winner value is not one of the four known ones (or Arena flags are not exactly one
+set), because an unknown encoding cannot be guessed and dropping it would bias the data; no row
+is usable; fewer than two models remain. A single row is dropped, counted by reason in the
+manifest (`dropped`, first rows in `dropped_rows`) and printed, when its prompt is empty or not
+text, its model or winner is missing, both sides are the same model, its score is missing or not
+numeric (long), a wide model cell is not numeric, or it has no outcome at all (wide). A missing
+cell in the wide layout only means "not observed" (mask false). Row numbers are 1-based data rows
+(the header does not count).
+
+Re-ingest is skipped when `manifest.json` holds the same `content_hash` (input bytes + options).
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import __version__ as PIPELINE_VERSION
+from .common import (ConfigError, DataError, atomic_dir, console, data_root, processed_dir, read_json,
+                     sha256_json, write_json)
+
+SCHEMA_VERSION = 1
+INGEST_VERSION = 1  # bump when the output for the same input changes, so old artifacts are redone
+LAYOUTS = ("pairwise", "wide", "long")
+WINNERS = {"model_a": (1.0, False), "model_b": (0.0, False), "tie": (0.5, False), "tie (bothbad)": (0.5, True)}
+ARENA_FLAGS = ("winner_model_a", "winner_model_b", "winner_tie")
+RESERVED = ("prompt_id", "outcome", "mask", "count", "cost")  # output columns an input column may not shadow
+IGNORED_PAIRWISE = ("response_a", "response_b")  # per-side answers are not prompt metadata
+_ID_LIKE = re.compile(r"(?i)^(.*[_\-\s.])?(id|ids|idx|index|uid|qid|pid|row)$|^.*[a-z]Id$")
+_NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+_TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
+_TEXT_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class _Source:
+    """Where the data comes from and how `datasets` reads it."""
+
+    text: str  # as given by the user
+    path: Optional[Path]  # local file, None for a hub dataset
+    builder: str  # csv | json | parquet | hub id
+    split: str
+
+    @property
+    def stem(self) -> str:
+        if self.path is not None:
+            return self.path.stem
+        return self.builder.rstrip("/").split("/")[-1]
+
+
+@dataclass
+class _Observations:
+    """The layout-independent middle: one entry per usable (row, model) outcome."""
+
+    models: list[str]
+    row: np.ndarray  # input row of each observation (int64)
+    model: np.ndarray  # model index (int64)
+    value: np.ndarray  # raw outcome (float64)
+    cost: Optional[np.ndarray] = None  # per-observation cost, NaN unknown
+    battles: Optional[dict] = None  # pairwise: rows, a, b, score_a, bothbad
+    metadata: list[str] = field(default_factory=list)
+    dropped: np.ndarray = None  # per input row: index into `reasons`, -1 = kept
+    reasons: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _resolve(source: str, split: str) -> _Source:
+    if source.startswith("hf:"):
+        return _Source(source, None, source[3:], split)
+    path = Path(source)
+    builder = _TEXT_SUFFIXES.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"unsupported file type {path.suffix or '(none)'!r}: use .csv, .jsonl, .json, "
+                        ".parquet or hf:org/name", file=path)
+    if not path.is_file():
+        raise DataError("file not found", file=path)
+    return _Source(source, path, builder, split)
+
+
+def _hash_input(src: _Source) -> str:
+    """sha256 of the input bytes; text formats are checked to be UTF-8 on the same pass."""
+    h = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")() if src.builder != "parquet" else None
+    try:
+        with open(src.path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+                if decoder is not None:
+                    decoder.decode(block)
+            if decoder is not None:
+                decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"not valid UTF-8 text (line {_first_bad_line(src.path)}); re-save the file as UTF-8",
+                        file=src.path) from None
+    except OSError as e:
+        raise DataError(f"cannot read file: {e.strerror or e}", file=src.path) from None
+    return h.hexdigest()
+
+
+def _first_bad_line(path: Path) -> int:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
+@contextlib.contextmanager
+def _load(src: _Source) -> Iterator[tuple[pa.Table, str]]:
+    """Yield the input as a memory-mapped Arrow table (and a fingerprint); temporary caches are removed after."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    if src.path is None:
+        try:
+            ds = datasets.load_dataset(src.builder, split=src.split)
+        except Exception as e:  # network, unknown id, unknown split: all are "cannot read"
+            raise DataError(f"cannot load hub dataset split {src.split!r}: {e}", file=src.text) from None
+        yield ds.data.table, ds._fingerprint
+        return
+    root = data_root()
+    root.mkdir(parents=True, exist_ok=True)
+    cache = Path(tempfile.mkdtemp(prefix=".ingest-cache-", dir=root))
+    try:
+        kwargs = {}
+        if src.builder == "csv":
+            # Every column as text, then typed over the whole column below: pandas infers types per
+            # 10k-row chunk, which fails when a later chunk differs (ints, then a 0.5), and its
+            # default NA strings would turn a prompt like "None" into a missing value.
+            import pandas as pd
+
+            try:
+                header = list(pd.read_csv(src.path, nrows=0, encoding="utf-8").columns)
+            except Exception as e:
+                raise DataError(f"cannot read the CSV header: {e}", file=src.path) from None
+            kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
+                          keep_default_na=False, na_values=[""])
+        try:
+            ds = datasets.load_dataset(src.builder, data_files=str(src.path), split="train",
+                                       cache_dir=str(cache), **kwargs)
+        except Exception as e:
+            cause = e.__cause__ or e
+            line = _first_bad_json_line(src.path) if src.builder == "json" else None
+            raise DataError(f"cannot read as {src.builder}" + (f" (line {line})" if line else "")
+                            + f": {type(cause).__name__}: {cause}", file=src.path) from None
+        table = ds.data.table
+        if src.builder == "csv":
+            table = pa.table({c: table.column(c) if c in _TEXT_COLUMNS else _infer_type(table.column(c))
+                              for c in table.column_names})
+        yield table, ""
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _first_bad_json_line(path: Path) -> Optional[int]:
+    """Line of the first JSON syntax error (whole-document JSON or JSON lines), for the message."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except ValueError as e:
+            return getattr(e, "lineno", None)
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except ValueError:
+                return number
+    return None
+
+
+def _infer_type(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A text column as int64, float64 or bool when every non-empty value parses, else unchanged."""
+    if col.null_count == len(col):
+        return col
+    for typ in (pa.int64(), pa.float64(), pa.bool_()):
+        try:
+            return pc.cast(col, typ)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+    return col
+
+
+# ---------------------------------------------------------------------------------------------
+# Column helpers (whole columns, never per-row Python except for mixed-type JSON columns)
+
+
+def _is_json_ext(typ: pa.DataType) -> bool:
+    return isinstance(typ, pa.ExtensionType) and typ.extension_name == "arrow.json"
+
+
+def _json_values(col: pa.ChunkedArray) -> list:
+    """Python values of a mixed-type JSON column (`datasets` keeps them JSON-encoded)."""
+    encoded = [v for chunk in col.chunks for v in chunk.storage.to_pylist()]
+    return [None if v is None else json.loads(v) for v in encoded]
+
+
+def _as_text(col: pa.ChunkedArray, turns_json: bool = False) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """(text column, non-text mask). Lists of turns, and JSON-encoded lists when `turns_json`,
+    are joined with blank lines; anything that is not text becomes null and is flagged."""
+    n = len(col)
+    typ = col.type
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        if not turns_json:
+            return col, np.zeros(n, bool)
+        values = col.to_pylist()
+        out, bad = [], np.zeros(n, bool)
+        for i, v in enumerate(values):
+            text = v
+            if v is not None and v.lstrip().startswith("["):
+                try:
+                    text = _join_turns(json.loads(v))
+                except ValueError:
+                    text = v
+            if text is None and v is not None:
+                bad[i] = True
+            out.append(text)
+        return pa.chunked_array([pa.array(out, pa.string())]), bad
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or _is_json_ext(typ):
+        values = _json_values(col) if _is_json_ext(typ) else col.to_pylist()
+    elif pa.types.is_null(typ):
+        return pa.chunked_array([pa.nulls(n, pa.string())]), np.zeros(n, bool)
+    else:  # numbers, bools...: not text at all
+        return pa.chunked_array([pa.nulls(n, pa.string())]), ~np.asarray(col.is_null())
+    out, bad = [], np.zeros(n, bool)
+    for i, v in enumerate(values):
+        text = v if isinstance(v, str) else _join_turns(v) if isinstance(v, list) else None
+        bad[i] = v is not None and text is None
+        out.append(text)
+    return pa.chunked_array([pa.array(out, pa.string())]), bad
+
+
+def _join_turns(turns) -> Optional[str]:
+    if not isinstance(turns, list) or not all(t is None or isinstance(t, str) for t in turns):
+        return None
+    return "\n\n".join(t for t in turns if t is not None)
+
+
+def _as_float(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 values with NaN for missing, non-numeric mask) of a score/cost column."""
+    typ = col.type
+    n = len(col)
+    if pa.types.is_null(typ):
+        return np.full(n, np.nan), np.zeros(n, bool)
+    if pa.types.is_boolean(typ) or pa.types.is_integer(typ) or pa.types.is_floating(typ) \
+            or pa.types.is_decimal(typ):
+        values = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+        return values, np.zeros(n, bool)
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        lowered = pc.utf8_lower(pc.utf8_trim_whitespace(col))
+        is_bool = pc.is_in(lowered, value_set=pa.array(["true", "false"]))
+        is_num = pc.match_substring_regex(col, _NUMBER)
+        ok = pc.fill_null(pc.or_(is_bool, is_num), False)
+        numbers = pc.cast(pc.if_else(is_num, col, pa.scalar(None, pa.string())), pa.float64())
+        bools = pc.cast(pc.if_else(is_bool, lowered, pa.scalar(None, pa.string())), pa.bool_())
+        values = pc.coalesce(numbers, pc.cast(bools, pa.float64())).to_numpy(zero_copy_only=False)
+        bad = ~np.asarray(ok) & ~np.asarray(col.is_null())
+        return values.astype(np.float64), bad
+    values = _json_values(col) if _is_json_ext(typ) else col.to_pylist()
+    out = np.full(n, np.nan)
+    bad = np.zeros(n, bool)
+    for i, v in enumerate(values):
+        if isinstance(v, (bool, int, float)):
+            out[i] = float(v)
+        elif v is not None:
+            bad[i] = True
+    return out, bad
+
+
+def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """Small categorical column (model names, winners) as int64 codes (-1 for null) and sorted names."""
+    col = pc.cast(col, pa.string()) if not pa.types.is_string(col.type) else col
+    names = sorted(v for v in pc.unique(col).to_pylist() if v is not None)
+    codes = pc.index_in(col, value_set=pa.array(names, pa.string()))
+    return pc.fill_null(codes, -1).to_numpy(zero_copy_only=False).astype(np.int64), names
+
+
+class _Drops:
+    """Per-row drop reasons; the first reason that applies to a row is the one counted."""
+
+    def __init__(self, n: int):
+        self.code = np.full(n, -1, np.int64)
+        self.reasons: list[str] = []
+
+    def add(self, mask: np.ndarray, reason: str) -> None:
+        mask = np.asarray(mask, bool) & (self.code < 0)
+        if mask.any():
+            if reason not in self.reasons:
+                self.reasons.append(reason)
+            self.code[mask] = self.reasons.index(reason)
+
+    @property
+    def kept(self) -> np.ndarray:
+        return self.code < 0
+
+
+def _require(table: pa.Table, columns, layout: str, path) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DataError(f"missing required column {missing[0]!r} for the {layout} layout "
+                        f"(columns: {', '.join(table.column_names)})", file=path)
+
+
+def detect_layout(columns: list[str]) -> str:
+    """pairwise when model_a/model_b are there, long when model/score are, otherwise wide."""
+    cols = set(columns)
+    if {"model_a", "model_b"} <= cols:
+        return "pairwise"
+    if {"model", "score"} <= cols:
+        return "long"
+    return "wide"
+
+
+# ---------------------------------------------------------------------------------------------
+# The three layouts -> _Observations
+
+
+def _pairwise(table: pa.Table, drops: _Drops, where) -> _Observations:
+    arena = all(c in table.column_names for c in ARENA_FLAGS)
+    _require(table, ["prompt", "model_a", "model_b"] + ([] if arena else ["winner"]), "pairwise", where)
+    a, names_a = _codes(table.column("model_a"))
+    b, names_b = _codes(table.column("model_b"))
+    models = sorted(set(names_a) | set(names_b))
+    remap_a = np.array([models.index(m) for m in names_a] + [-1], np.int64)
+    remap_b = np.array([models.index(m) for m in names_b] + [-1], np.int64)
+    a, b = remap_a[a], remap_b[b]  # -1 stays -1 through the appended sentinel
+    drops.add((a < 0) | (b < 0), "missing model")
+    drops.add(a == b, "same model on both sides")
+    n = table.num_rows
+    if arena:
+        flags = np.stack([_as_float(table.column(c))[0] for c in ARENA_FLAGS], axis=1)
+        missing = np.isnan(flags).any(axis=1)
+        drops.add(missing, "missing winner")
+        valid = np.isin(np.nan_to_num(flags), (0.0, 1.0)).all(axis=1) & (np.nan_to_num(flags).sum(axis=1) == 1)
+        bad = np.flatnonzero(~missing & ~valid & drops.kept)
+        if bad.size:
+            raise DataError(f"winner flags {', '.join(ARENA_FLAGS)} must have exactly one 1, got "
+                            f"{flags[bad[0]].tolist()}", file=where, row=int(bad[0]) + 1)
+        score_a = np.where(flags[:, 0] == 1, 1.0, np.where(flags[:, 1] == 1, 0.0, 0.5))
+        bothbad = np.zeros(n, bool)
+    else:
+        codes, values = _codes(pc.utf8_lower(pc.utf8_trim_whitespace(pc.cast(table.column("winner"), pa.string()))))
+        unknown = [v for v in values if v not in WINNERS]
+        if unknown:
+            first = np.flatnonzero(codes == values.index(unknown[0]))[0]
+            raise DataError(f"unknown winner value {unknown[0]!r} (expected one of {', '.join(WINNERS)}"
+                            + (f"; other unknown values: {', '.join(map(repr, unknown[1:6]))}" if len(unknown) > 1 else "")
+                            + ")", file=where, row=int(first) + 1)
+        drops.add(codes < 0, "missing winner")
+        lut = np.array([WINNERS[v][0] for v in values] + [np.nan])
+        score_a = lut[codes]
+        bothbad = np.array([WINNERS[v][1] for v in values] + [False])[codes]
+    cost_a = _as_float(table.column("cost_a"))[0] if "cost_a" in table.column_names else None
+    cost_b = _as_float(table.column("cost_b"))[0] if "cost_b" in table.column_names else None
+    rows = np.arange(n, dtype=np.int64)
+    obs = _Observations(models=models, row=np.concatenate([rows, rows]), model=np.concatenate([a, b]),
+                        value=np.concatenate([score_a, 1.0 - score_a]))
+    if cost_a is not None or cost_b is not None:
+        nan = np.full(n, np.nan)
+        obs.cost = np.concatenate([cost_a if cost_a is not None else nan, cost_b if cost_b is not None else nan])
+    obs.battles = {"row": rows, "a": a, "b": b, "score_a": score_a, "bothbad": bothbad}
+    skip = {"prompt", "model_a", "model_b", "winner", "cost_a", "cost_b", *ARENA_FLAGS, *IGNORED_PAIRWISE}
+    obs.metadata = [c for c in table.column_names if c not in skip]
+    return obs
+
+
+def _long(table: pa.Table, drops: _Drops, where) -> _Observations:
+    _require(table, ["prompt", "model", "score"], "long", where)
+    model, models = _codes(table.column("model"))
+    drops.add(model < 0, "missing model")
+    score, non_numeric = _as_float(table.column("score"))
+    drops.add(non_numeric, "non-numeric score")
+    drops.add(np.isnan(score), "missing score")
+    drops.add(~np.isfinite(score), "infinite score")
+    obs = _Observations(models=models, row=np.arange(table.num_rows, dtype=np.int64), model=model, value=score)
+    if "cost" in table.column_names:
+        obs.cost = _as_float(table.column("cost"))[0]
+    obs.metadata = [c for c in table.column_names if c not in ("prompt", "model", "score", "cost")]
+    return obs
+
+
+def _wide_models(table: pa.Table) -> list[str]:
+    """The documented detection rule for model columns (module docstring)."""
+    names = table.column_names
+    cost_prefixes = [c[: -len("|total_cost")] for c in names if c.endswith("|total_cost")]
+    if any(p in names for p in cost_prefixes):
+        return [p for p in cost_prefixes if p in names]
+    models = []
+    for c in names:
+        if c == "prompt" or "|" in c or _ID_LIKE.match(c):
+            continue
+        typ = table.column(c).type
+        if pa.types.is_boolean(typ) or pa.types.is_floating(typ):
+            models.append(c)
+        elif pa.types.is_integer(typ):
+            lo_hi = pc.min_max(table.column(c))
+            lo, hi = lo_hi["min"].as_py(), lo_hi["max"].as_py()
+            if lo is not None and lo >= 0 and hi <= 1:
+                models.append(c)
+    return models
+
+
+def _wide(table: pa.Table, drops: _Drops, where, models: Optional[list[str]]) -> _Observations:
+    _require(table, ["prompt"], "wide", where)
+    if models:
+        _require(table, models, "wide", where)
+        if len(set(models)) != len(models):
+            raise ConfigError(f"models listed twice: {', '.join(models)}")
+    else:
+        models = _wide_models(table)
+    if len(models) < 2:
+        found = f"only {models[0]!r}" if models else "none"
+        raise DataError(f"need at least two model outcome columns, found {found}; numeric or boolean columns "
+                        f"are models unless id-like (columns: {', '.join(table.column_names)}); "
+                        "name them with --models a,b", file=where)
+    n = table.num_rows
+    values = np.empty((n, len(models)))
+    costs = np.full((n, len(models)), np.nan)
+    non_numeric = np.zeros(n, bool)
+    for j, m in enumerate(models):
+        values[:, j], bad = _as_float(table.column(m))
+        non_numeric |= bad
+        if f"{m}|total_cost" in table.column_names:
+            costs[:, j] = _as_float(table.column(f"{m}|total_cost"))[0]
+    drops.add(non_numeric, "non-numeric score")
+    values[~np.isfinite(values)] = np.nan
+    drops.add(np.isnan(values).all(axis=1), "no outcome")
+    rows, model = np.nonzero(~np.isnan(values))
+    obs = _Observations(models=list(models), row=rows.astype(np.int64), model=model.astype(np.int64),
+                        value=values[rows, model])
+    if any(f"{m}|total_cost" in table.column_names for m in models):
+        obs.cost = costs[rows, model]
+    used = set(models) | {f"{m}|total_cost" for m in models}
+    obs.metadata = [c for c in table.column_names
+                    if c != "prompt" and c not in used and not c.endswith("|model_response")
+                    and not c.endswith("|total_cost")]
+    return obs
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge and write
+
+
+def _prompt_ids(prompts: list[str]) -> list[str]:
+    return [hashlib.sha256(p.encode("utf-8")).hexdigest()[:16] for p in prompts]
+
+
+def _list_column(matrix: np.ndarray, typ: pa.DataType) -> pa.ListArray:
+    p, m = matrix.shape
+    offsets = pa.array(np.arange(0, (p + 1) * m, m, dtype=np.int32) if p else np.zeros(1, np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(matrix.ravel(), typ))
+
+
+def _save(table: pa.Table, path: Path) -> None:
+    import datasets
+
+    datasets.Dataset(table).save_to_disk(str(path))
+
+
+def ingest(source: str, layout: Optional[str] = None, name: Optional[str] = None,
+           models: Optional[list[str]] = None, split: str = "train", force: bool = False) -> Path:
+    """Read `source` into data/processed/NAME/ (dataset/, battles/ for pairwise, manifest.json)."""
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    src = _resolve(source, split)
+    name = name or src.stem
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"invalid dataset name {name!r}")
+    out = processed_dir(name)
+    options = {"layout": layout, "models": models, "split": split if src.path is None else None,
+               "ingest_version": INGEST_VERSION}
+    where = src.path if src.path is not None else src.text
+
+    def unchanged(content_hash: str) -> bool:
+        try:
+            return not force and read_json(out / "manifest.json").get("content_hash") == content_hash
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    # Local files are hashed before loading so an unchanged input costs one read; a hub dataset
+    # is identified by the fingerprint `datasets` gives it after loading.
+    content_hash = sha256_json({"input": _hash_input(src), "options": options}) if src.path else None
+    if content_hash and unchanged(content_hash):
+        console.print(f"{name}: unchanged, skipping")
+        return out
+    with _load(src) as (table, fingerprint):
+        if content_hash is None:
+            content_hash = sha256_json({"input": fingerprint, "options": options})
+            if unchanged(content_hash):
+                console.print(f"{name}: unchanged, skipping")
+                return out
+        fields, dataset, battles = _build(table, layout, models, where)
+        manifest = {"schema_version": SCHEMA_VERSION, "name": name, "layout": fields.pop("layout"),
+                    "source": src.text, "options": options, "content_hash": content_hash, **fields,
+                    "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "pipeline_version": PIPELINE_VERSION}
+        with atomic_dir(out) as tmp:
+            _save(dataset, tmp / "dataset")
+            if battles is not None:
+                _save(battles, tmp / "battles")
+            write_json(tmp / "manifest.json", manifest)
+    _print_summary(manifest, out)
+    return out
+
+
+def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], where):
+    """Parse one layout, merge duplicate prompts, and return (manifest fields, dataset, battles)."""
+    layout = layout or detect_layout(table.column_names)
+    n = table.num_rows
+    if n == 0:
+        raise DataError("the file has no rows", file=where)
+    _require(table, ["prompt"], layout, where)
+    drops = _Drops(n)
+    arena = layout == "pairwise" and all(c in table.column_names for c in ARENA_FLAGS)
+    prompt_col, non_text = _as_text(table.column("prompt"), turns_json=arena)
+    drops.add(non_text, "non-text prompt")
+    # Prompts are numbered once (C++ hash table), so emptiness and hashing are per unique prompt.
+    uniq = pc.unique(prompt_col)
+    uniq = uniq.filter(pc.is_valid(uniq))
+    pidx = pc.fill_null(pc.index_in(prompt_col, value_set=uniq), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    empty_uniq = np.asarray(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(uniq)), 0).fill_null(True))
+    drops.add((pidx < 0) | np.append(empty_uniq, True)[pidx], "empty prompt")
+
+    if layout == "pairwise":
+        obs = _pairwise(table, drops, where)
+    elif layout == "long":
+        obs = _long(table, drops, where)
+    else:
+        obs = _wide(table, drops, where, models)
+
+    kept_rows = drops.kept
+    dropped = {r: int((drops.code == i).sum()) for i, r in enumerate(drops.reasons)}
+    dropped_rows = {r: (np.flatnonzero(drops.code == i)[:5] + 1).tolist() for i, r in enumerate(drops.reasons)}
+    keep = kept_rows[obs.row]
+    if not keep.any():
+        summary = "; ".join(f"{r}: {c} (first row {dropped_rows[r][0]})" for r, c in dropped.items())
+        raise DataError(f"no usable rows: all {n} dropped ({summary})", file=where)
+    used_models = np.unique(obs.model[keep])
+    if used_models.size < 2:
+        only = obs.models[used_models[0]] if used_models.size else "none"
+        raise DataError(f"only one model ({only}) has usable outcomes; routing needs at least two", file=where)
+
+    # Compact prompts to those with a usable row, in order of first appearance.
+    kept_prompts, first_row, inverse = np.unique(pidx[kept_rows], return_index=True, return_inverse=True)
+    row_to_prompt = np.full(n, -1, np.int64)
+    row_to_prompt[np.flatnonzero(kept_rows)] = inverse.ravel()
+    first_row = np.flatnonzero(kept_rows)[first_row]
+    P, M = kept_prompts.size, len(obs.models)
+    prompts = uniq.take(pa.array(kept_prompts))
+
+    key = row_to_prompt[obs.row[keep]] * M + obs.model[keep]
+    value = obs.value[keep]
+    count = np.bincount(key, minlength=P * M).reshape(P, M)
+    total = np.bincount(key, weights=value, minlength=P * M).reshape(P, M)
+    mask = count > 0
+    outcome = np.where(mask, total / np.maximum(count, 1), 0.0)
+
+    ids = _prompt_ids(prompts.to_pylist())
+    columns = {"prompt_id": pa.array(ids, pa.string()), "prompt": prompts.cast(pa.string()),
+               "outcome": _list_column(outcome, pa.float32()), "mask": _list_column(mask, pa.bool_()),
+               "count": _list_column(count, pa.int32())}
+    costs = {m: None for m in obs.models}
+    if obs.cost is not None:
+        c = obs.cost[keep]
+        known = np.isfinite(c)
+        cn = np.bincount(key[known], minlength=P * M).reshape(P, M)
+        cs = np.bincount(key[known], weights=c[known], minlength=P * M).reshape(P, M)
+        columns["cost"] = _list_column(np.where(cn > 0, cs / np.maximum(cn, 1), np.nan), pa.float32())
+        per_model_n = np.bincount(obs.model[keep][known], minlength=M)
+        per_model_sum = np.bincount(obs.model[keep][known], weights=c[known], minlength=M)
+        costs = {m: (float(per_model_sum[j] / per_model_n[j]) if per_model_n[j] else None)
+                 for j, m in enumerate(obs.models)}
+    take = pa.array(first_row)
+    meta_names = []
+    for col in obs.metadata:
+        out_name = f"source_{col}" if col in RESERVED or col in ("prompt",) else col
+        columns[out_name] = table.column(col).take(take)
+        meta_names.append(out_name)
+    dataset = pa.table(columns)
+
+    battles = None
+    if obs.battles is not None:
+        bt = obs.battles
+        ok = kept_rows[bt["row"]]
+        battles = pa.table({
+            "prompt_id": pa.array(ids, pa.string()).take(pa.array(row_to_prompt[bt["row"][ok]])),
+            "model_a": pa.array(bt["a"][ok].astype(np.int32)), "model_b": pa.array(bt["b"][ok].astype(np.int32)),
+            "score_a": pa.array(bt["score_a"][ok].astype(np.float32)), "bothbad": pa.array(bt["bothbad"][ok]),
+        })
+
+    binary = bool(np.isin(value, (0.0, 1.0)).all())
+    manifest = {
+        "layout": layout, "models": obs.models, "costs": costs,
+        "outcome_kind": "winrate" if layout == "pairwise" else "binary" if binary else "score",
+        "outcome_range": [float(value.min()), float(value.max())],
+        "n_rows_in": n, "n_rows_used": int(kept_rows.sum()), "dropped": dropped, "dropped_rows": dropped_rows,
+        "n_prompts": P, "n_battles": int(battles.num_rows) if battles is not None else None,
+        "metadata_columns": meta_names,
+    }
+    return manifest, dataset, battles
+
+
+def _print_summary(manifest: dict, out: Path) -> None:
+    m = manifest
+    console.print(f"[green]ingested[/] {m['name']} ({m['layout']}): {m['n_rows_used']:,} of {m['n_rows_in']:,} rows, "
+                  f"{m['n_prompts']:,} prompts, {len(m['models'])} models, outcome {m['outcome_kind']} "
+                  f"in [{m['outcome_range'][0]:g}, {m['outcome_range'][1]:g}] -> {out}")
+    for reason, count in m["dropped"].items():
+        rows = ", ".join(map(str, m["dropped_rows"][reason]))
+        console.print(f"[yellow]dropped[/] {count:,} rows: {reason} (rows {rows}{', ...' if count > 5 else ''})")
