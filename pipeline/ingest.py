@@ -497,6 +497,7 @@ def _list_column(matrix: np.ndarray, typ: pa.DataType) -> pa.ListArray:
 def _save(table: pa.Table, path: Path) -> None:
     import datasets
 
+    datasets.disable_progress_bars()
     datasets.Dataset(table).save_to_disk(str(path))
 
 

@@ -1,0 +1,266 @@
+"""Turn the canonical dataset's outcomes into training targets (docs/contracts.md, "Labels").
+
+Per prompt and model, `target` in [0, 1]:
+- 0/1 correctness (or its mean over duplicate prompts) is kept;
+- numeric scores are normalised to [0, 1] with `score_range` when given, else with an inferred
+  scale: values already in [0, 1] are kept, values in [1, 10] are a 1-10 judge (MT-Bench:
+  (s - 1) / 9), anything else is min-max scaled (printed as a note); `threshold` then binarises;
+- pairwise outcomes are already the mean battle score on the prompt (win 1, tie 0.5, loss 0).
+
+Per dataset: Bradley-Terry strengths for pairwise data (ties count half a win each way), tiers
+(models ranked by strength, or by mean target without battles, cut into `tiers` equal groups:
+weak, mid1..., strong), and the routing pair (`weak`/`strong`, or the lowest and highest ranked).
+Per prompt: `difficulty` = 1 - mean target over observed models, and the Hybrid-LLM soft label
+P[q(weak) >= q(strong) - t], which with one (averaged) observation per model is the indicator
+target_weak >= target_strong - t. Splits follow the hash rule of docs/contracts.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+
+from .common import (ConfigError, DataError, atomic_dir, console, labels_dir, processed_dir, prompt_hash,
+                     read_json, sha256_json, write_json)
+from .config import LabelConfig
+
+LABEL_VERSION = 1  # bump when labels for the same dataset and options change
+JUDGE_SCALE = (1.0, 10.0)
+
+
+def split_of(prompt: str, test_fraction: float = 0.2, val_fraction: float = 0.1) -> str:
+    """train | val | test for one prompt, by its sha256 (the rule in docs/contracts.md)."""
+    h = prompt_hash(prompt)
+    if int(h[:8], 16) / 0xFFFFFFFF < test_fraction:
+        return "test"
+    return "val" if int(h[8:16], 16) / 0xFFFFFFFF < val_fraction else "train"
+
+
+def _splits(prompt_ids: list[str], test_fraction: float, val_fraction: float) -> np.ndarray:
+    """`split_of` for many prompts at once: prompt_id is the first 16 hex digits of the same sha256."""
+    words = np.frombuffer(bytes.fromhex("".join(prompt_ids)), dtype=">u4").reshape(-1, 2).astype(np.float64)
+    test = words[:, 0] / 0xFFFFFFFF < test_fraction
+    val = words[:, 1] / 0xFFFFFFFF < val_fraction
+    return np.where(test, "test", np.where(val, "val", "train"))
+
+
+def bradley_terry(a: np.ndarray, b: np.ndarray, score_a: np.ndarray, n_models: int,
+                  max_iter: int = 1000, tol: float = 1e-9) -> np.ndarray:
+    """Log Bradley-Terry strengths (mean 0) from battles a vs b with a's score 1 / 0.5 / 0.
+
+    The battles are summed once into an n_models x n_models table with `np.bincount`, so each MM
+    iteration (Hunter 2004) costs O(n_models^2) whatever the number of battles. Each model also
+    plays one virtual tie against a fixed reference of strength 1: it keeps strengths finite for a
+    model that never wins (or never loses) and pins the scale; with real data it is negligible.
+    """
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    score_a = np.asarray(score_a, np.float64)
+    m = n_models
+    wins = np.bincount(a, weights=score_a, minlength=m) + np.bincount(b, weights=1 - score_a, minlength=m) + 0.5
+    games = np.bincount(a * m + b, minlength=m * m).reshape(m, m).astype(np.float64)
+    games += games.T
+    p = np.ones(m)
+    for _ in range(max_iter):
+        new = wins / ((games / (p[:, None] + p[None, :])).sum(axis=1) + 1.0 / (p + 1.0))
+        done = np.max(np.abs(np.log(new) - np.log(p))) < tol
+        p = new
+        if done:
+            break
+    log_p = np.log(p)
+    return log_p - log_p.mean()
+
+
+def _matrix(table: pa.Table, column: str, dtype) -> np.ndarray:
+    col = table.column(column).combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(len(col), -1)
+
+
+def _list_column(matrix: np.ndarray, typ: pa.DataType) -> pa.ListArray:
+    p, m = matrix.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(p + 1, dtype=np.int32) * m), pa.array(matrix.ravel(), typ))
+
+
+def _normalise(outcome: np.ndarray, mask: np.ndarray, manifest: dict, cfg: LabelConfig, where) -> tuple[np.ndarray, dict]:
+    """Targets in [0, 1] and a description of the scale used."""
+    kind = manifest["outcome_kind"]
+    seen = outcome[mask]
+    lo, hi = float(seen.min()), float(seen.max())
+    if kind == "winrate":
+        scale = {"range": [0.0, 1.0], "rule": "mean battle score"}
+    elif cfg.score_range is not None:
+        rlo, rhi = cfg.score_range
+        if rhi <= rlo:
+            raise ConfigError(f"label.score_range must be increasing, got {list(cfg.score_range)}")
+        if lo < rlo or hi > rhi:
+            bad = np.flatnonzero(((outcome < rlo) | (outcome > rhi)).any(axis=1) & mask.any(axis=1))[0]
+            raise DataError(f"outcome {lo:g}..{hi:g} outside label.score_range {list(cfg.score_range)} "
+                            f"(first at prompt row {bad + 1})", file=where)
+        scale = {"range": [rlo, rhi], "rule": "declared"}
+    elif lo >= 0.0 and hi <= 1.0:
+        scale = {"range": [0.0, 1.0], "rule": "already in [0, 1]"}
+    elif lo >= JUDGE_SCALE[0] and hi <= JUDGE_SCALE[1]:
+        scale = {"range": list(JUDGE_SCALE), "rule": "1-10 judge scale, (s - 1) / 9"}
+    else:
+        if hi == lo:
+            raise DataError(f"every outcome is {lo:g}: nothing to learn", file=where)
+        scale = {"range": [lo, hi], "rule": "min-max over the data"}
+        console.print(f"[yellow]note:[/] scores in [{lo:g}, {hi:g}] are neither 0-1 nor a 1-10 judge scale; "
+                      "min-max scaled (set label.score_range to declare the scale)")
+    rlo, rhi = scale["range"]
+    target = (outcome - rlo) / (rhi - rlo)
+    if cfg.threshold is not None:
+        target = (target >= cfg.threshold).astype(np.float64)
+        scale["threshold"] = cfg.threshold
+    return np.where(mask, target, 0.0), scale
+
+
+def _tiers(rank: np.ndarray, models: list[str], n_tiers: int) -> dict[str, str]:
+    """Models ranked by `rank` cut into equal groups: weak, mid1, ..., strong."""
+    n_tiers = min(n_tiers, len(models))
+    names = ["weak"] + [f"mid{i}" for i in range(1, n_tiers - 1)] + ["strong"]
+    tiers = {}
+    for name, group in zip(names, np.array_split(np.argsort(rank, kind="stable"), n_tiers)):
+        tiers.update({models[j]: name for j in group})
+    return {m: tiers[m] for m in models}
+
+
+def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig) -> tuple[int, int]:
+    for chosen in (cfg.weak, cfg.strong):
+        if chosen is not None and chosen not in models:
+            raise ConfigError(f"label pair model {chosen!r} is not in the dataset (models: {', '.join(models)})")
+    weak = models.index(cfg.weak) if cfg.weak is not None else None
+    strong = models.index(cfg.strong) if cfg.strong is not None else None
+    if weak is not None and weak == strong:
+        raise ConfigError(f"label.weak and label.strong are the same model {cfg.weak!r}")
+    order = [int(j) for j in np.argsort(rank, kind="stable")]
+    if strong is None:
+        strong = next(j for j in reversed(order) if j != weak)
+    if weak is None:
+        weak = next(j for j in order if j != strong)
+    return weak, strong
+
+
+def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> dict:
+    """Write data/processed/NAME/labels/ (dataset/, label_stats.json) and return the statistics."""
+    cfg = cfg or LabelConfig()
+    src = processed_dir(name)
+    if not (src / "manifest.json").is_file():
+        raise DataError(f"no ingested dataset {name!r} (run `prerouter ingest` first)", file=src)
+    manifest = read_json(src / "manifest.json")
+    options = cfg.model_dump(mode="json")
+    content_hash = sha256_json({"dataset": manifest["content_hash"], "options": options, "version": LABEL_VERSION})
+    stats_path = labels_dir(name) / "label_stats.json"
+    if not force and stats_path.is_file():
+        try:
+            old = read_json(stats_path)
+        except (OSError, ValueError):
+            old = {}
+        if old.get("content_hash") == content_hash:
+            console.print(f"{name}: labels unchanged, skipping")
+            return old
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    table = datasets.load_from_disk(str(src / "dataset")).data.table
+    models = manifest["models"]
+    outcome = _matrix(table, "outcome", np.float64)
+    mask = _matrix(table, "mask", bool)
+    target, scale = _normalise(outcome, mask, manifest, cfg, src / "dataset")
+
+    observed = mask.sum(axis=0)
+    mean_target = target.sum(axis=0) / np.maximum(observed, 1)
+    strengths = None
+    per_model = {m: {"rate": float(mean_target[j]), "n": int(observed[j])} for j, m in enumerate(models)}
+    rank = mean_target
+    if manifest["layout"] == "pairwise":
+        bt = datasets.load_from_disk(str(src / "battles")).data.table
+        a, b = (bt.column(c).to_numpy().astype(np.int64) for c in ("model_a", "model_b"))
+        score_a = bt.column("score_a").to_numpy().astype(np.float64)
+        log_p = bradley_terry(a, b, score_a, len(models))
+        strengths = {m: float(log_p[j]) for j, m in enumerate(models)}
+        # Pairwise rate: the share of its battles a model won, ties counting half.
+        n = np.bincount(a, minlength=len(models)) + np.bincount(b, minlength=len(models))
+        won = np.bincount(a, weights=score_a, minlength=len(models)) + np.bincount(b, weights=1 - score_a,
+                                                                                minlength=len(models))
+        per_model = {m: {"rate": float(won[j] / max(n[j], 1)), "n": int(n[j])} for j, m in enumerate(models)}
+        rank = log_p
+    tiers = _tiers(rank, models, cfg.tiers)
+    weak, strong = _pair(rank, models, cfg)
+
+    n_obs = mask.sum(axis=1)
+    difficulty = 1.0 - target.sum(axis=1) / np.maximum(n_obs, 1)
+    both = mask[:, weak] & mask[:, strong]
+    tw, ts = target[:, weak], target[:, strong]
+    soft = np.where(both, (tw >= ts - cfg.relaxation - 1e-9).astype(np.float64), np.nan)
+    # Fractions treat (possibly averaged) targets as success probabilities; exact for 0/1 data.
+    balance = None
+    if both.any():
+        w, s = tw[both], ts[both]
+        balance = {"both_right": float(np.mean(w * s)), "both_wrong": float(np.mean((1 - w) * (1 - s))),
+                   "strong_only": float(np.mean(s * (1 - w))), "weak_only": float(np.mean(w * (1 - s))),
+                   "n": int(both.sum()), "soft_label_mean": float(np.nanmean(soft))}
+
+    ids = table.column("prompt_id").to_pylist()
+    split = _splits(ids, cfg.test_fraction, cfg.val_fraction)
+    columns = {"prompt_id": table.column("prompt_id"), "prompt": table.column("prompt"),
+               "target": _list_column(target, pa.float32()), "mask": table.column("mask"),
+               "split": pa.array(split, pa.string()), "difficulty": pa.array(difficulty.astype(np.float32)),
+               "soft_label": pa.array(soft.astype(np.float32))}
+    for col in manifest.get("metadata_columns", []):
+        columns[col] = table.column(col)
+
+    stats = {
+        "name": name, "models": models, "n_prompts": int(len(ids)),
+        "splits": {s: int((split == s).sum()) for s in ("train", "val", "test")},
+        "per_model": per_model, "strengths": strengths, "tiers": tiers,
+        "pair": {"weak": models[weak], "strong": models[strong]}, "balance": balance,
+        "outcome_kind": manifest["outcome_kind"], "scale": scale,
+        "dropped": manifest.get("dropped", {}), "costs": manifest.get("costs", {}),
+        "options": options, "content_hash": content_hash,
+    }
+    with atomic_dir(labels_dir(name)) as tmp:
+        datasets.Dataset(pa.table(columns)).save_to_disk(str(tmp / "dataset"))
+        write_json(tmp / "label_stats.json", stats)
+    print_stats(stats)
+    return stats
+
+
+def load_labels(name: str):
+    """(datasets.Dataset of labels, label_stats dict) written by `label(name)`."""
+    import datasets
+
+    path = labels_dir(name)
+    if not (path / "label_stats.json").is_file():
+        raise DataError(f"no labels for {name!r} (run `prerouter label {name}` first)", file=path)
+    return datasets.load_from_disk(str(path / "dataset")), read_json(path / "label_stats.json")
+
+
+def print_stats(stats: dict) -> None:
+    from rich.table import Table
+
+    pair = stats["pair"]
+    table = Table(title=f"labels: {stats['name']} ({stats['n_prompts']:,} prompts, {stats['outcome_kind']})")
+    for col in ("model", "n", "rate", "cost", "tier") + (("BT strength",) if stats["strengths"] else ()):
+        table.add_column(col, justify="left" if col in ("model", "tier") else "right")
+    order = sorted(stats["models"], key=lambda m: (stats["strengths"] or {}).get(m, stats["per_model"][m]["rate"]))
+    for m in order:
+        cost = stats["costs"].get(m)
+        role = " (weak)" if m == pair["weak"] else " (strong)" if m == pair["strong"] else ""
+        row = [m + role, f"{stats['per_model'][m]['n']:,}", f"{stats['per_model'][m]['rate']:.3f}",
+               "-" if cost is None else f"{cost:.3g}", stats["tiers"][m]]
+        if stats["strengths"]:
+            row.append(f"{stats['strengths'][m]:+.3f}")
+        table.add_row(*row)
+    console.print(table)
+    console.print("splits: " + ", ".join(f"{k} {v:,}" for k, v in stats["splits"].items())
+                  + f"; scale: {stats['scale']['rule']}")
+    if stats["balance"]:
+        b = stats["balance"]
+        console.print(f"pair {pair['weak']} -> {pair['strong']} on {b['n']:,} prompts: both right {b['both_right']:.1%}, "
+                      f"both wrong {b['both_wrong']:.1%}, strong only {b['strong_only']:.1%}, "
+                      f"weak only {b['weak_only']:.1%}; soft label mean {b['soft_label_mean']:.3f}")
+    if stats["dropped"]:
+        console.print("dropped at ingest: " + ", ".join(f"{r} {c:,}" for r, c in stats["dropped"].items()))
