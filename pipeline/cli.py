@@ -83,11 +83,12 @@ def train(
     name: str = typer.Argument(..., help="Labeled dataset name."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = OverrideArg,
+    force: bool = typer.Option(False, help="Retrain even when labels and config are unchanged."),
 ):
     """Train the teacher head and distil the compact student (Lightning, tracked in MLflow)."""
     from .train import train as run_train
 
-    run_train(name, _config(config, overrides))
+    run_train(name, _config(config, overrides), force=force)
 
 
 @app.command()

@@ -1,0 +1,452 @@
+"""Train stage: labeled dataset -> teacher head -> distilled compact student -> models/NAME/checkpoint.
+
+One LightningModule (`RouterModule`) trains every network here, one LightningDataModule
+(`RouterData`) feeds it. The loss is BCE on observed targets only (masked), so a 2-model table, an
+N-model table and sparse pairwise win rates train the same way. The student additionally learns from
+the teacher: soft targets (the teacher head's probabilities, on every model, observed or not) and
+representation regression (its pooled features, projected, onto the teacher's sentence embedding).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pyarrow as pa
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .common import (DataError, atomic_dir, console, labels_dir, model_dir, processed_dir, read_json, sha256_json,
+                     write_json)
+from .config import Config, load_config
+from .encoders import (EmbeddingRouter, build_student, teacher_embeddings, teacher_path,
+                       tokenizer_file)
+from .runtime import encode, load_tokenizer, make_spec
+
+CHECKPOINT = "checkpoint"
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners per fit
+
+
+# ----------------------------------------------------------------------------- data
+
+def _list_column(table: pa.Table, name: str, dtype) -> np.ndarray:
+    col = table.column(name).combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(len(table), -1)
+
+
+@dataclass
+class Prepared:
+    """Everything the networks train on, aligned by row (one row per labeled prompt)."""
+
+    name: str
+    models: list[str]
+    costs: list[float | None]
+    pair: tuple[int, int] | None  # (weak index, strong index)
+    prompts: list[str]
+    prompt_ids: list[str]
+    target: np.ndarray  # [n, m] float32 in [0, 1]
+    mask: np.ndarray  # [n, m] bool
+    split: np.ndarray  # [n] str
+    teacher_emb: np.ndarray  # [n, d]
+    data_hash: str
+    stats: dict
+    teacher_prob: np.ndarray | None = None  # [n, m], filled by the teacher head
+    tokens: dict = field(default_factory=dict)  # spec key -> (ids list, spec)
+
+    def rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.split == split)
+
+
+def prepare(name: str, cfg: Config) -> Prepared:
+    """Load the labels and the (cached) teacher embeddings; fit the teacher head."""
+    from .label import load_labels
+
+    ds, stats = load_labels(name)
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    models = list(stats["models"])
+    manifest = read_json(processed_dir(name) / "manifest.json")
+    costs = [manifest.get("costs", {}).get(m) for m in models]
+    pair = None
+    if stats.get("pair"):
+        pair = (models.index(stats["pair"]["weak"]), models.index(stats["pair"]["strong"]))
+    prompts = table.column("prompt").to_pylist()
+    prompt_ids = table.column("prompt_id").to_pylist()
+    split = np.asarray(table.column("split").to_pylist())
+    if cfg.train.limit_train_prompts:
+        train_rows = np.flatnonzero(split == "train")
+        split[train_rows[cfg.train.limit_train_prompts:]] = "unused"
+    for s in ("train", "val"):
+        if not (split == s).any():
+            raise DataError(f"the {s} split of {name!r} is empty: need more prompts or other split fractions")
+    prep = Prepared(
+        name=name, models=models, costs=costs, pair=pair, prompts=prompts, prompt_ids=prompt_ids,
+        target=_list_column(table, "target", np.float32), mask=_list_column(table, "mask", bool),
+        split=split, teacher_emb=teacher_embeddings(prompts, prompt_ids, cfg.teacher.path,
+                                                    cfg.teacher.max_tokens, cfg.teacher.batch_size),
+        data_hash=stats.get("content_hash", manifest.get("content_hash", "")), stats=stats,
+    )
+    return prep
+
+
+class _Rows(Dataset):
+    def __init__(self, prep: Prepared, rows: np.ndarray, ids: list[np.ndarray] | None):
+        self.prep, self.rows, self.ids = prep, rows, ids
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        item = {"target": self.prep.target[r], "mask": self.prep.mask[r], "emb": self.prep.teacher_emb[r]}
+        if self.prep.teacher_prob is not None:
+            item["soft"] = self.prep.teacher_prob[r]
+        if self.ids is not None:
+            item["ids"] = self.ids[r]
+        return item
+
+
+def _collate(items: list[dict]) -> dict:
+    batch = {k: torch.as_tensor(np.stack([it[k] for it in items])) for k in items[0] if k != "ids"}
+    if "ids" in items[0]:
+        width = max(len(it["ids"]) for it in items)
+        ids = np.zeros((len(items), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for j, it in enumerate(items):
+            ids[j, : len(it["ids"])] = it["ids"]
+            mask[j, : len(it["ids"])] = 1
+        batch["input_ids"], batch["attention_mask"] = torch.from_numpy(ids), torch.from_numpy(mask)
+    return batch
+
+
+class RouterData(pl.LightningDataModule):
+    """Train/val/test loaders over a Prepared dataset; token ids (if any) are per-prompt arrays."""
+
+    def __init__(self, prep: Prepared, batch_size: int, ids: list[np.ndarray] | None = None,
+                 num_workers: int = 0):
+        super().__init__()
+        self.prep, self.ids, self.batch_size, self.num_workers = prep, ids, batch_size, num_workers
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(_Rows(self.prep, self.prep.rows(split), self.ids), batch_size=self.batch_size,
+                          shuffle=shuffle, collate_fn=_collate, num_workers=self.num_workers)
+
+    def train_dataloader(self):
+        return self._loader("train", True)
+
+    def val_dataloader(self):
+        return self._loader("val", False)
+
+    def test_dataloader(self):
+        return self._loader("test", False)
+
+
+# ----------------------------------------------------------------------------- model
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    m = mask.to(loss.dtype)
+    return (loss * m).sum() / m.sum().clamp(min=1.0)
+
+
+def pair_score(p: np.ndarray, pair: tuple[int, int]) -> np.ndarray:
+    """Routing score for a weak/strong pair: expected quality gain of the strong model, mapped to [0, 1]."""
+    weak, strong = pair
+    return (1.0 + p[:, strong] - p[:, weak]) / 2.0
+
+
+class RouterModule(pl.LightningModule):
+    """Masked BCE on observed targets, plus distillation from the teacher when the net is a student."""
+
+    def __init__(self, net: nn.Module, lr: float, weight_decay: float, distill_weight: float = 0.0,
+                 repr_weight: float = 0.0, teacher_dim: int | None = None, pair=None, uses_tokens=True):
+        super().__init__()
+        self.net, self.lr, self.weight_decay = net, lr, weight_decay
+        self.distill_weight, self.repr_weight, self.pair, self.uses_tokens = (
+            distill_weight, repr_weight, pair, uses_tokens)
+        self.proj = nn.Linear(net.feature_dim, teacher_dim) if repr_weight > 0 and teacher_dim else None
+        self._val: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def _features(self, batch):
+        if self.uses_tokens:
+            return self.net.features(batch["input_ids"], batch["attention_mask"])
+        return self.net.features(batch["emb"])
+
+    def _loss(self, batch, h, logits):
+        hard = masked_bce(logits, batch["target"], batch["mask"])
+        loss = hard
+        if self.distill_weight > 0 and "soft" in batch:
+            soft = nn.functional.binary_cross_entropy_with_logits(logits, batch["soft"])
+            loss = (1 - self.distill_weight) * hard + self.distill_weight * soft
+        if self.proj is not None:
+            cos = nn.functional.cosine_similarity(self.proj(h), batch["emb"], dim=-1)
+            loss = loss + self.repr_weight * (1 - cos).mean()
+        return loss, hard
+
+    def forward(self, batch):
+        return self.net.head(self._features(batch))
+
+    def training_step(self, batch, _):
+        h = self._features(batch)
+        loss, hard = self._loss(batch, h, self.net.head(h))
+        self.log("train_loss", loss, prog_bar=True, batch_size=len(batch["target"]))
+        return loss
+
+    def validation_step(self, batch, _):
+        h = self._features(batch)
+        logits = self.net.head(h)
+        _, hard = self._loss(batch, h, logits)
+        self.log("val_loss", hard, prog_bar=True, batch_size=len(batch["target"]))
+        self._val.append((torch.sigmoid(logits).numpy(), batch["target"].numpy(), batch["mask"].numpy()))
+
+    def on_validation_epoch_end(self):
+        if self._val and self.pair is not None:
+            p, t, m = (np.concatenate(x) for x in zip(*self._val))
+            weak, strong = self.pair
+            both = m[:, weak] & m[:, strong]
+            if both.sum() > 1:
+                from .metrics import apgr
+
+                self.log("val_apgr", float(apgr(pair_score(p[both], self.pair), t[both, weak], t[both, strong])),
+                         prog_bar=True)
+        self._val.clear()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+# ----------------------------------------------------------------------------- fitting
+
+def token_spec(cfg: Config) -> dict:
+    s = cfg.student
+    return make_spec(s.max_tokens, s.truncation, s.head_fraction)
+
+
+def tokenize(prep: Prepared, cfg: Config) -> list[np.ndarray]:
+    """Token ids per prompt with the runtime's own encoder, so training sees what serving sees."""
+    spec = token_spec(cfg)
+    key = json.dumps(spec, sort_keys=True)
+    if key not in prep.tokens:
+        tok = load_tokenizer(tokenizer_file(cfg.teacher.path))
+        ids = []
+        for i in range(0, len(prep.prompts), 1024):
+            batch_ids, batch_mask = encode(tok, prep.prompts[i:i + 1024], spec)
+            ids += [row[: int(m.sum())] for row, m in zip(batch_ids, batch_mask)]
+        prep.tokens[key] = ids
+    return prep.tokens[key]
+
+
+def _trainer(cfg: Config, workdir: Path, callbacks=(), logger=False, monitor="val_loss",
+             max_epochs: int | None = None) -> tuple[pl.Trainer, ModelCheckpoint]:
+    t = cfg.train
+    mode = "max" if monitor.endswith("apgr") else "min"
+    ckpt = ModelCheckpoint(dirpath=workdir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                           save_weights_only=True)
+    trainer = pl.Trainer(
+        max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, strategy=t.strategy, deterministic=True, logger=logger,
+        callbacks=[EarlyStopping(monitor, patience=t.patience, mode=mode), ckpt, *callbacks],
+        enable_model_summary=False, enable_progress_bar=console.is_terminal, log_every_n_steps=10,
+        num_sanity_val_steps=0, default_root_dir=workdir,
+    )
+    return trainer, ckpt
+
+
+def fit_teacher(prep: Prepared, cfg: Config, workdir: Path) -> EmbeddingRouter:
+    """The teacher's head over frozen sentence embeddings; fills `prep.teacher_prob`."""
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    tc = cfg.teacher
+    net = EmbeddingRouter(prep.teacher_emb.shape[1], tc.head_hidden, len(prep.models), cfg.student.dropout)
+    module = RouterModule(net, tc.lr, cfg.train.weight_decay, pair=prep.pair, uses_tokens=False)
+    trainer, ckpt = _trainer(cfg, workdir / "teacher", max_epochs=tc.epochs)
+    saved, prep.teacher_prob = prep.teacher_prob, None  # the teacher learns from hard labels only
+    trainer.fit(module, datamodule=RouterData(prep, cfg.train.batch_size))
+    module.load_state_dict(torch.load(ckpt.best_model_path, weights_only=True)["state_dict"])
+    net.eval()
+    with torch.no_grad():
+        prep.teacher_prob = torch.sigmoid(net(torch.from_numpy(prep.teacher_emb))).numpy()
+    return net
+
+
+def fit_student(prep: Prepared, cfg: Config, workdir: Path, callbacks=(), logger=False,
+                monitor: str = "val_loss") -> tuple[nn.Module, ModelCheckpoint]:
+    """Distil the configured student from the teacher. Returns the best (lowest val loss) net."""
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    net = build_student(cfg.student, vocab_size=load_tokenizer(tokenizer_file(cfg.teacher.path)).get_vocab_size(),
+                        n_models=len(prep.models), teacher=cfg.teacher.path)
+    t = cfg.train
+    module = RouterModule(net, t.lr, t.weight_decay, t.distill_weight, t.repr_weight,
+                          prep.teacher_emb.shape[1], prep.pair)
+    trainer, ckpt = _trainer(cfg, workdir / "student", callbacks, logger, monitor)
+    trainer.fit(module, datamodule=RouterData(prep, t.batch_size, tokenize(prep, cfg), t.num_workers))
+    module.load_state_dict(torch.load(ckpt.best_model_path, weights_only=True)["state_dict"])
+    return net.eval(), ckpt
+
+
+@torch.inference_mode()
+def predict(net: nn.Module, prep: Prepared, cfg: Config, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Student probabilities [len(rows), n_models]."""
+    ids = tokenize(prep, cfg)
+    out = []
+    for i in range(0, len(rows), batch_size):
+        batch = _collate([{"ids": ids[r], "target": prep.target[r]} for r in rows[i:i + batch_size]])
+        out.append(torch.sigmoid(net(batch["input_ids"], batch["attention_mask"])).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(prep.models)), np.float32)
+
+
+# ----------------------------------------------------------------------------- decisions + metrics
+
+def decision_rules(prep: Prepared, p_val: np.ndarray) -> dict:
+    """Thresholds for strong-call fractions (pair) and λ for cost budgets (N models), from validation."""
+    from .metrics import calibrate_lambdas, calibrate_thresholds
+
+    rules: dict = {"kind": "pair" if len(prep.models) == 2 else "multi"}
+    if prep.pair is not None:
+        rules.update(weak=prep.models[prep.pair[0]], strong=prep.models[prep.pair[1]],
+                     score="(1 + p_strong - p_weak) / 2",
+                     thresholds=calibrate_thresholds(pair_score(p_val, prep.pair)),
+                     default_strong_fraction=0.5)
+    if len(prep.models) > 2:
+        costs = np.array([c if c is not None else i + 1.0 for i, c in enumerate(prep.costs)], dtype=float)
+        rules["costs_assumed"] = any(c is None for c in prep.costs)
+        rules["cost_lambdas"] = calibrate_lambdas(p_val, costs)
+    return rules
+
+
+def split_metrics(prep: Prepared, p: np.ndarray, rows: np.ndarray) -> dict:
+    """Routing metrics of probabilities `p` (aligned with `rows`) for the pair, plus mean BCE."""
+    from .metrics import routing_metrics
+
+    t, m = prep.target[rows], prep.mask[rows]
+    eps = 1e-6
+    bce = -(t * np.log(p + eps) + (1 - t) * np.log(1 - p + eps))
+    out = {"bce": float((bce * m).sum() / max(m.sum(), 1))}
+    if prep.pair is not None:
+        weak, strong = prep.pair
+        both = m[:, weak] & m[:, strong]
+        if both.sum() > 1:
+            out.update(routing_metrics(pair_score(p[both], prep.pair), t[both, weak], t[both, strong]))
+    return out
+
+
+# ----------------------------------------------------------------------------- entry point
+
+@dataclass
+class Trained:
+    student: nn.Module
+    meta: dict
+    checkpoint_dir: Path
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:
+        return None
+
+
+def fingerprint(name: str, cfg: Config) -> str:
+    """What a checkpoint was trained from: the labels' content hash and the full config."""
+    stats_file = labels_dir(name) / "label_stats.json"
+    labels = read_json(stats_file).get("content_hash") if stats_file.is_file() else None
+    return sha256_json({"labels": labels, "config": cfg.to_dict(), "version": __version__})
+
+
+def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, force: bool = False) -> Path:
+    """Teacher head + distilled student on the train split; writes models/NAME/checkpoint atomically.
+
+    Skipped when the checkpoint was trained from the same labels and config (unless `force`)."""
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from .common import setup_mlflow
+    from .metrics import apgr  # noqa: F401  (fail early if the metrics module is missing)
+
+    cfg = cfg or load_config()
+    final = model_dir(name) / CHECKPOINT
+    fp = fingerprint(name, cfg)
+    if not force and (final / "meta.json").is_file() and read_json(final / "meta.json").get("fingerprint") == fp:
+        console.print(f"[dim]train: {final} is up to date (same labels and config), skipping[/]")
+        return final
+    prep = prep or prepare(name, cfg)
+    setup_mlflow()
+    with atomic_dir(final) as tmp, mlflow.start_run(run_name=f"train-{name}",
+                                                   nested=mlflow.active_run() is not None) as run:
+        mlflow.log_params(_flatten(cfg.to_dict()))
+        mlflow.set_tags({"data_hash": prep.data_hash, "git_commit": _git_commit() or "unknown",
+                         "dataset": name, "student": cfg.student.family})
+        mlflow.log_dict(prep.stats, "label_stats.json")
+        console.print(f"[bold]teacher[/] head on {prep.teacher_emb.shape[1]}-d embeddings")
+        teacher = fit_teacher(prep, cfg, tmp)
+        logger = MLFlowLogger(run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri())
+        console.print(f"[bold]student[/] {cfg.student.family} dim={cfg.student.dim}")
+        student, _ = fit_student(prep, cfg, tmp, logger=logger)
+        val, test = prep.rows("val"), prep.rows("test")
+        p_val, p_test = predict(student, prep, cfg, val), predict(student, prep, cfg, test)
+        metrics = {"val": split_metrics(prep, p_val, val), "test": split_metrics(prep, p_test, test),
+                   "teacher_test": split_metrics(prep, prep.teacher_prob[test], test)}
+        for split, values in metrics.items():
+            mlflow.log_metrics({f"{split}_{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+        spec = token_spec(cfg) | {"source": str(tokenizer_file(cfg.teacher.path))}
+        meta = {
+            "name": name, "pipeline_version": __version__,
+            "models": [{"name": m, "cost": c, "index": i} for i, (m, c) in enumerate(zip(prep.models, prep.costs))],
+            "tokenizer": spec, "decision": decision_rules(prep, p_val), "metrics": metrics,
+            "data_hash": prep.data_hash, "config": cfg.to_dict(), "teacher": teacher_path(cfg.teacher.path),
+            "mlflow_run_id": run.info.run_id, "fingerprint": fp,
+        }
+        torch.save(student.state_dict(), tmp / "student.pt")
+        torch.save(teacher.state_dict(), tmp / "teacher_head.pt")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_json(tmp / "meta.json", meta)
+        for sub in ("teacher", "student"):  # Lightning's own best checkpoints, kept for resuming/inspection
+            shutil.rmtree(tmp / sub / "lightning_logs", ignore_errors=True)
+        mlflow.log_artifacts(str(tmp), artifact_path="checkpoint")
+        _print_metrics(metrics)
+    return final
+
+
+def load_trained(name_or_dir: str | Path) -> Trained:
+    """The trained student (eval mode) and its metadata, from models/NAME/checkpoint or a directory."""
+    path = Path(name_or_dir)
+    if not (path / "meta.json").is_file():
+        path = model_dir(str(name_or_dir)) / CHECKPOINT
+    if not (path / "meta.json").is_file():
+        raise DataError(f"no trained model at {path}: run `prerouter train {name_or_dir}` first")
+    meta = read_json(path / "meta.json")
+    cfg = load_config(base=meta["config"])
+    vocab = load_tokenizer(meta["tokenizer"]["source"]).get_vocab_size()
+    student = build_student(cfg.student, vocab, len(meta["models"]), cfg.teacher.path, pretrained_init=False)
+    student.load_state_dict(torch.load(path / "student.pt", weights_only=True))
+    return Trained(student.eval(), meta, path)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _print_metrics(metrics: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="router metrics")
+    keys = sorted({k for v in metrics.values() for k in v})
+    table.add_column("split")
+    for k in keys:
+        table.add_column(k, justify="right")
+    for split, values in metrics.items():
+        table.add_row(split, *[f"{values[k]:.3f}" if isinstance(values.get(k), float) else str(values.get(k, ""))
+                               for k in keys])
+    console.print(table)

@@ -1,0 +1,88 @@
+"""Training stage: masked loss, distillation, the Lightning fit, checkpoint round trip."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.encoders import StaticRouter, TransformerRouter, build_student
+from pipeline.train import Prepared, fit_student, fit_teacher, masked_bce, pair_score, predict, split_metrics
+
+from .tiny import make_tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PREROUTER_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def planted(n: int = 300, seed: int = 0) -> Prepared:
+    """Prompts whose keyword decides which of two models succeeds: a router must find the keyword."""
+    rng = np.random.default_rng(seed)
+    hard = rng.random(n) < 0.5
+    prompts = [("prove the theorem about primes " if h else "name the capital city of ") + f"case {i}"
+               for i, h in enumerate(hard)]
+    target = np.stack([np.where(hard, 0.0, 1.0), np.ones(n)], 1).astype(np.float32)  # weak fails hard ones
+    split = np.array(["train"] * n, dtype=object)
+    split[: n // 5] = "test"
+    split[n // 5: n // 5 + n // 10] = "val"
+    emb = rng.normal(size=(n, 16)).astype(np.float32)
+    emb[:, 0] += np.where(hard, 2.0, -2.0)
+    return Prepared(name="planted", models=["weak", "strong"], costs=[1.0, 10.0], pair=(0, 1),
+                    prompts=prompts, prompt_ids=[str(i) for i in range(n)], target=target,
+                    mask=np.ones((n, 2), bool), split=split.astype(str), teacher_emb=emb, data_hash="x",
+                    stats={})
+
+
+def test_masked_bce_ignores_unobserved_targets():
+    logits = torch.tensor([[0.0, 5.0], [0.0, -5.0]])
+    target = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    only_first = masked_bce(logits, target, torch.tensor([[True, False], [True, False]]))
+    assert only_first.item() == pytest.approx(np.log(2), rel=1e-5)  # the wrong column-1 logits never count
+    assert masked_bce(logits, target, torch.ones(2, 2, dtype=torch.bool)).item() > only_first.item()
+
+
+def test_pair_score_orders_by_expected_gain():
+    p = np.array([[0.9, 0.95], [0.2, 0.9], [0.5, 0.5]])
+    s = pair_score(p, (0, 1))
+    assert s.argmax() == 1 and s[2] == pytest.approx(0.5) and ((0 <= s) & (s <= 1)).all()
+
+
+@pytest.mark.parametrize("family", ["static", "transformer"])
+def test_students_map_tokens_to_one_logit_per_model(family, tiny_teacher, cache):
+    cfg = load_config(overrides=[f"student.family={family}", "student.dim=32", "student.heads=2",
+                                 "student.layers=1", "student.hidden=16", "student.max_tokens=16",
+                                 f"teacher.path={tiny_teacher}"])
+    net = build_student(cfg.student, 30522, 3, str(tiny_teacher))
+    assert isinstance(net, StaticRouter if family == "static" else TransformerRouter)
+    ids = torch.tensor([[101, 2054, 2003, 102, 0], [101, 7592, 102, 0, 0]])
+    mask = (ids > 0).long()
+    out = net.eval()(ids, mask)
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    # padding must not change the decision: same prompt, more padding, same logits
+    padded = torch.nn.functional.pad(ids[:1], (0, 4))
+    assert torch.allclose(net(padded, (padded > 0).long()), out[:1], atol=1e-5)
+
+
+def test_teacher_then_student_learn_a_planted_signal(tiny_teacher, cache):
+    torch.set_num_threads(1)
+    prep = planted()
+    cfg = load_config(overrides=["student.dim=32", "student.hidden=32", "student.max_tokens=16",
+                                 "train.max_epochs=15", "train.patience=5", "train.lr=0.01",
+                                 "teacher.epochs=15", "teacher.lr=0.01", f"teacher.path={tiny_teacher}"])
+    fit_teacher(prep, cfg, cache / "work")
+    test = prep.rows("test")
+    teacher = split_metrics(prep, prep.teacher_prob[test], test)
+    assert teacher["apgr"] > 0.9  # the embedding carries the signal in dimension 0
+    student, ckpt = fit_student(prep, cfg, cache / "work")
+    assert ckpt.best_model_path
+    p = predict(student, prep, cfg, test)
+    assert p.shape == (len(test), 2)
+    assert split_metrics(prep, p, test)["apgr"] > 0.9  # the keyword decides; random would be ~0.5
