@@ -229,7 +229,7 @@ def _infer_type(col: pa.ChunkedArray) -> pa.ChunkedArray:
 
 
 def _is_json_ext(typ: pa.DataType) -> bool:
-    return isinstance(typ, pa.ExtensionType) and typ.extension_name == "arrow.json"
+    return isinstance(typ, pa.BaseExtensionType) and typ.extension_name == "arrow.json"
 
 
 def _json_values(col: pa.ChunkedArray) -> list:
@@ -382,17 +382,17 @@ def _pairwise(table: pa.Table, drops: _Drops, where) -> _Observations:
         score_a = np.where(flags[:, 0] == 1, 1.0, np.where(flags[:, 1] == 1, 0.0, 0.5))
         bothbad = np.zeros(n, bool)
     else:
-        codes, values = _codes(pc.utf8_lower(pc.utf8_trim_whitespace(pc.cast(table.column("winner"), pa.string()))))
-        unknown = [v for v in values if v not in WINNERS]
+        codes, values = _codes(pc.utf8_trim_whitespace(pc.cast(table.column("winner"), pa.string())))
+        unknown = [v for v in values if v.lower() not in WINNERS]
         if unknown:
             first = np.flatnonzero(codes == values.index(unknown[0]))[0]
-            raise DataError(f"unknown winner value {unknown[0]!r} (expected one of {', '.join(WINNERS)}"
-                            + (f"; other unknown values: {', '.join(map(repr, unknown[1:6]))}" if len(unknown) > 1 else "")
-                            + ")", file=where, row=int(first) + 1)
+            others = f"; other unknown values: {', '.join(map(repr, unknown[1:6]))}" if len(unknown) > 1 else ""
+            raise DataError(f"unknown winner value {unknown[0]!r} (expected one of {', '.join(WINNERS)}{others})",
+                            file=where, row=int(first) + 1)
         drops.add(codes < 0, "missing winner")
-        lut = np.array([WINNERS[v][0] for v in values] + [np.nan])
-        score_a = lut[codes]
-        bothbad = np.array([WINNERS[v][1] for v in values] + [False])[codes]
+        known = [WINNERS[v.lower()] for v in values] + [(np.nan, False)]
+        score_a = np.array([k[0] for k in known])[codes]
+        bothbad = np.array([k[1] for k in known])[codes]
     cost_a = _as_float(table.column("cost_a"))[0] if "cost_a" in table.column_names else None
     cost_b = _as_float(table.column("cost_b"))[0] if "cost_b" in table.column_names else None
     rows = np.arange(n, dtype=np.int64)

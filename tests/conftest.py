@@ -1,0 +1,44 @@
+"""Shared fixtures: an isolated data root, the CLI entry point, and a small demo set."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch) -> Path:
+    """PREROUTER_DATA_DIR pointed at an empty folder of this test."""
+    root = tmp_path / "data"
+    monkeypatch.setenv("PREROUTER_DATA_DIR", str(root))
+    return root
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run `prerouter ARGS...` through the console entry point; returns (exit code, stdout + stderr)."""
+    from pipeline.cli import main
+    from pipeline.common import console
+
+    monkeypatch.setattr(console, "_width", 400)  # no line wrapping inside messages under test
+
+    def run(*args: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["prerouter", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out + out.err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def demo_files(tmp_path_factory) -> dict[str, Path]:
+    """The demo set in its three layouts (600 prompts, seed 0), written once per test session."""
+    from pipeline.demo import generate
+
+    return generate(tmp_path_factory.mktemp("demo"), n_prompts=600, seed=0)

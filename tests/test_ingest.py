@@ -1,0 +1,357 @@
+import json
+
+import datasets
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.common import DataError, prompt_hash, read_json
+from pipeline.ingest import detect_layout, ingest
+
+
+def load(out, part="dataset"):
+    return datasets.load_from_disk(str(out / part)).to_pandas()
+
+
+def write(df: pd.DataFrame, path):
+    """One frame in the format the suffix names."""
+    suffix = path.suffix
+    if suffix == ".csv":
+        df.to_csv(path, index=False)
+    elif suffix == ".jsonl":
+        df.to_json(path, orient="records", lines=True)
+    elif suffix == ".json":
+        df.to_json(path, orient="records")
+    else:
+        df.to_parquet(path, index=False)
+    return path
+
+
+LONG = pd.DataFrame({
+    "prompt": ["what is 2+2", "what is 2+2", "name a bird", "name a bird", "say hi", "say hi", "what is 2+2"],
+    "model": ["a", "b", "a", "b", "a", "b", "a"],
+    "score": [3, 9, 7, 8, 10, 10, 5],
+    "topic": ["math", "math", "animals", "animals", "chat", "chat", "other"],
+})
+
+
+# --- layouts -------------------------------------------------------------------------------------
+
+
+def test_wide_demo_models_costs_metadata_and_merge(data_dir, demo_files):
+    out = ingest(str(demo_files["wide"]))
+    m = read_json(out / "manifest.json")
+    raw = pd.read_csv(demo_files["wide"])
+    models = ["small-7b", "medium-34b", "large-70b"]
+    assert out == data_dir / "processed" / "demo_wide"
+    assert m["layout"] == "wide" and m["models"] == models and m["outcome_kind"] == "binary"
+    assert m["metadata_columns"] == ["sample_id", "family"]
+    assert m["n_rows_in"] == m["n_rows_used"] == 600 and m["dropped"] == {}
+    for model in models:
+        assert m["costs"][model] == pytest.approx(raw[f"{model}|total_cost"].mean())
+    ds = load(out)
+    assert m["n_prompts"] == len(ds) == raw.prompt.nunique()
+    assert list(ds.columns) == ["prompt_id", "prompt", "outcome", "mask", "count", "cost", "sample_id", "family"]
+    expected = raw.groupby("prompt", sort=False)[models].mean()
+    got = np.stack(ds.outcome.to_list())
+    np.testing.assert_allclose(got, expected.loc[ds.prompt].to_numpy(float), atol=1e-6)
+    counts = np.stack(ds["count"].to_list())
+    assert (counts == raw.groupby("prompt").size().loc[ds.prompt].to_numpy()[:, None]).all()
+    assert ds.prompt_id.tolist() == [prompt_hash(p)[:16] for p in ds.prompt]
+    assert ds.prompt.tolist() == list(dict.fromkeys(raw.prompt))  # order of first appearance
+    # Metadata is the first value per prompt.
+    first = raw.drop_duplicates("prompt").set_index("prompt")
+    assert (ds.sample_id.to_numpy() == first.loc[ds.prompt, "sample_id"].to_numpy()).all()
+
+
+def test_long_demo_scores_and_costs(data_dir, demo_files):
+    out = ingest(str(demo_files["long"]), name="demo_long")
+    m = read_json(out / "manifest.json")
+    raw = pd.read_json(demo_files["long"], lines=True)
+    assert m["layout"] == "long" and m["outcome_kind"] == "score" and m["outcome_range"] == [1.0, 10.0]
+    assert m["models"] == sorted(raw.model.unique())
+    assert m["costs"]["large-70b"] == pytest.approx(raw[raw.model == "large-70b"].cost.mean())
+    ds = load(out)
+    table = raw.pivot_table(index="prompt", columns="model", values="score", aggfunc="mean")
+    np.testing.assert_allclose(np.stack(ds.outcome.to_list()), table.loc[ds.prompt, m["models"]].to_numpy(), atol=1e-5)
+    assert np.stack(ds["mask"].to_list()).all()
+
+
+def test_pairwise_demo_battles_and_mean_scores(data_dir, demo_files):
+    out = ingest(str(demo_files["pairwise"]))
+    m = read_json(out / "manifest.json")
+    raw = pq.read_table(demo_files["pairwise"]).to_pandas()
+    assert m["layout"] == "pairwise" and m["outcome_kind"] == "winrate" and m["n_battles"] == len(raw)
+    models = m["models"]
+    battles = load(out, "battles")
+    assert list(battles.columns) == ["prompt_id", "model_a", "model_b", "score_a", "bothbad"]
+    assert [models[i] for i in battles.model_a] == raw.model_a.tolist()
+    score = raw.winner.map({"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5})
+    assert battles.score_a.tolist() == score.tolist()
+    assert battles.bothbad.tolist() == (raw.winner == "tie (bothbad)").tolist()
+    sides = pd.concat([pd.DataFrame({"prompt": raw.prompt, "model": raw.model_a, "s": score}),
+                       pd.DataFrame({"prompt": raw.prompt, "model": raw.model_b, "s": 1 - score})])
+    expected = sides.groupby(["prompt", "model"]).s.agg(["mean", "size"])
+    ds = load(out)
+    for _, row in ds.sample(50, random_state=0).iterrows():
+        for j, model in enumerate(models):
+            key = (row.prompt, model)
+            assert row["mask"][j] == (key in expected.index)
+            if row["mask"][j]:
+                assert row.outcome[j] == pytest.approx(expected.loc[key, "mean"])
+                assert row["count"][j] == expected.loc[key, "size"]
+    assert m["costs"]["small-7b"] < m["costs"]["large-70b"]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
+def test_every_file_type_gives_the_same_dataset(data_dir, tmp_path, suffix):
+    out = ingest(str(write(LONG, tmp_path / f"long{suffix}")), name="x")
+    ds = load(out)
+    assert read_json(out / "manifest.json")["models"] == ["a", "b"]
+    assert ds.prompt.tolist() == ["what is 2+2", "name a bird", "say hi"]
+    np.testing.assert_allclose(np.stack(ds.outcome.to_list()), [[4, 9], [7, 8], [10, 10]])
+    assert np.stack(ds["count"].to_list()).tolist() == [[2, 1], [1, 1], [1, 1]]
+    assert ds.topic.tolist() == ["math", "animals", "chat"]
+
+
+def test_arena_55k_variant(data_dir, tmp_path):
+    arena = pd.DataFrame({
+        "id": [11, 12, 13, 14],
+        "model_a": ["gpt-4", "llama", "gpt-4", "llama"],
+        "model_b": ["llama", "gpt-4", "claude", "claude"],
+        "prompt": [json.dumps(["Hi", "Tell me a joke"]), json.dumps(["Hi", "Tell me a joke"]),
+                   json.dumps(["What is [x]?", None]), json.dumps(["solo"])],
+        "response_a": ["r"] * 4, "response_b": ["r"] * 4,
+        "winner_model_a": [1, 0, 0, 0], "winner_model_b": [0, 1, 0, 0], "winner_tie": [0, 0, 1, 1],
+    })
+    out = ingest(str(write(arena, tmp_path / "arena.csv")))
+    m = read_json(out / "manifest.json")
+    assert m["layout"] == "pairwise" and m["models"] == ["claude", "gpt-4", "llama"]
+    ds = load(out)
+    assert ds.prompt.tolist() == ["Hi\n\nTell me a joke", "What is [x]?", "solo"]
+    assert m["metadata_columns"] == ["id"]  # responses are not prompt metadata
+    np.testing.assert_allclose(ds.outcome[0], [0, 1, 0])  # gpt-4 won both battles on this prompt
+    assert ds["count"][0].tolist() == [0, 2, 2]
+    assert load(out, "battles").score_a.tolist() == [1.0, 0.0, 0.5, 0.5]
+
+
+def test_routerbench_cost_and_response_columns(data_dir, tmp_path):
+    rb = pd.DataFrame({
+        "sample_id": ["mmlu.1", "mmlu.2", "gsm.3"],
+        "prompt": ["p1", "p2", "p3"],
+        "eval_name": ["mmlu", "mmlu", "gsm8k"],
+        "gpt-4": [1.0, 1.0, 0.0], "gpt-4|model_response": ["A", "B", "12"], "gpt-4|total_cost": [0.01, 0.03, 0.02],
+        "mistral": [0.0, 1.0, 0.0], "mistral|model_response": ["C", "B", "7"], "mistral|total_cost": [0.001, 0.001, 0.004],
+        "oracle_model_to_route_to": ["gpt-4", "mistral", "gpt-4"],
+    })
+    out = ingest(str(write(rb, tmp_path / "rb.parquet")))
+    m = read_json(out / "manifest.json")
+    assert m["models"] == ["gpt-4", "mistral"]
+    assert m["costs"] == pytest.approx({"gpt-4": 0.02, "mistral": 0.002})
+    assert m["metadata_columns"] == ["sample_id", "eval_name", "oracle_model_to_route_to"]
+    ds = load(out)
+    np.testing.assert_allclose(np.stack(ds.cost.to_list()), [[0.01, 0.001], [0.03, 0.001], [0.02, 0.004]], rtol=1e-6)
+
+
+def test_wide_model_detection_rule_and_explicit_models(data_dir, tmp_path):
+    df = pd.DataFrame({"question_id": [1, 2, 3], "prompt": ["a", "b", "c"], "turn": [1, 2, 1],
+                       "weak": [True, False, True], "strong": [1, 1, 0], "judge": [0.5, 0.7, 0.1]})
+    out = ingest(str(write(df, tmp_path / "w.csv")))
+    m = read_json(out / "manifest.json")
+    assert m["models"] == ["weak", "strong", "judge"]
+    assert m["metadata_columns"] == ["question_id", "turn"]
+    assert m["outcome_kind"] == "score"
+    # Integer 1-10 judge scores are not detected but can be named.
+    df = pd.DataFrame({"prompt": ["a", "b"], "m1": [3, 9], "m2": [10, 1], "m3": [0.5, 0.2]})
+    out = ingest(str(write(df, tmp_path / "j.csv")), models=["m1", "m2"])
+    m = read_json(out / "manifest.json")
+    assert m["models"] == ["m1", "m2"] and m["metadata_columns"] == ["m3"]
+    assert m["outcome_range"] == [1.0, 10.0]
+
+
+def test_wide_missing_cells_are_masked(data_dir, tmp_path):
+    df = pd.DataFrame({"prompt": ["a", "b", "c"], "x": [1.0, None, None], "y": [0.0, 1.0, None]})
+    out = ingest(str(write(df, tmp_path / "w.parquet")))
+    m = read_json(out / "manifest.json")
+    ds = load(out)
+    assert ds.prompt.tolist() == ["a", "b"]
+    assert np.stack(ds["mask"].to_list()).tolist() == [[True, True], [False, True]]
+    assert m["dropped"] == {"no outcome": 1} and m["dropped_rows"] == {"no outcome": [3]}
+
+
+def test_csv_types_are_inferred_over_the_whole_column(data_dir, tmp_path):
+    # pandas infers types per 10k-row chunk; a float after 10k integers must still load.
+    n = 10_500
+    df = pd.DataFrame({"prompt": [f"q{i}" for i in range(n)], "a": [1] * n, "b": [0] * n})
+    df.loc[0, "prompt"] = "None"  # a prompt that pandas would read as missing by default
+    df["a"] = df["a"].astype(float)
+    df.loc[n - 1, "a"] = 0.5
+    path = tmp_path / "big.csv"
+    df.to_csv(path, index=False, float_format="%g")
+    ds = load(ingest(str(path)))
+    assert len(ds) == n and ds.prompt[0] == "None"
+    assert ds.outcome.iloc[-1][0] == pytest.approx(0.5)
+
+
+def test_input_prompt_id_is_kept_as_metadata(data_dir, tmp_path):
+    df = LONG.assign(prompt_id=[f"q{i}" for i in range(len(LONG))])
+    ds = load(ingest(str(write(df, tmp_path / "l.jsonl"))))
+    assert ds.source_prompt_id.tolist() == ["q0", "q2", "q4"]
+    assert ds.prompt_id[0] == prompt_hash("what is 2+2")[:16]
+
+
+def test_layout_detection_and_override(data_dir, tmp_path):
+    assert detect_layout(["prompt", "model_a", "model_b", "winner"]) == "pairwise"
+    assert detect_layout(["prompt", "model", "score", "cost"]) == "long"
+    assert detect_layout(["prompt", "gpt", "llama"]) == "wide"
+    # A long file read as wide: `model` is text metadata and `score` the only numeric column.
+    path = write(LONG, tmp_path / "l.csv")
+    with pytest.raises(DataError, match="need at least two model outcome columns"):
+        ingest(str(path), layout="wide")
+    with pytest.raises(DataError, match="missing required column 'model_a'"):
+        ingest(str(path), layout="pairwise")
+
+
+def test_hub_dataset_goes_through_load_dataset(data_dir, monkeypatch):
+    calls = []
+
+    def fake_load_dataset(path, split=None, **kwargs):
+        calls.append((path, split))
+        return datasets.Dataset.from_pandas(LONG)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    out = ingest("hf:org/prefs", split="test")
+    assert calls == [("org/prefs", "test")] and out.name == "prefs"
+    assert read_json(out / "manifest.json")["source"] == "hf:org/prefs"
+    assert ingest("hf:org/prefs", split="test") == out  # same fingerprint: skipped
+    assert len(calls) == 2
+
+
+# --- skip on unchanged ---------------------------------------------------------------------------
+
+
+def test_skip_when_unchanged_redo_when_input_options_or_force_change(data_dir, tmp_path, cli):
+    path = write(LONG, tmp_path / "l.csv")
+    code, out = cli("ingest", path, "--name", "l")
+    assert code == 0 and "ingested l" in out
+    manifest = data_dir / "processed" / "l" / "manifest.json"
+    first = read_json(manifest)
+    code, out = cli("ingest", path, "--name", "l")
+    assert code == 0 and "unchanged, skipping" in out
+    assert read_json(manifest) == first
+    code, out = cli("ingest", path, "--name", "l", "--force")
+    assert "ingested" in out
+    code, out = cli("ingest", path, "--name", "l", "--layout", "long")
+    assert "ingested" in out and read_json(manifest)["content_hash"] != first["content_hash"]
+    write(LONG.assign(score=LONG.score + 0), tmp_path / "l.csv")  # same bytes: still skipped
+    assert "unchanged, skipping" in cli("ingest", path, "--name", "l", "--layout", "long")[1]
+    write(LONG.assign(score=LONG.score.clip(upper=9)), tmp_path / "l.csv")
+    code, out = cli("ingest", path, "--name", "l", "--layout", "long")
+    assert "ingested" in out
+    assert read_json(manifest)["outcome_range"] == [3.0, 9.0]
+
+
+# --- bad input: whole-file failures (exit 2, nothing written) and dropped rows -----------------
+
+
+def nothing_written(data_dir):
+    return not data_dir.exists() or not any(data_dir.rglob("*"))
+
+
+BAD_FILES = {
+    "missing_column.csv": ("prompt,model_a,model_b\nhi,a,b\n", "missing required column 'winner'", None),
+    "unknown_winner.csv": ("prompt,model_a,model_b,winner\nhi,a,b,model_a\nyo,a,b,A\n",
+                           "unknown winner value 'A'", 2),
+    "arena_flags.csv": ("prompt,model_a,model_b,winner_model_a,winner_model_b,winner_tie\n"
+                        "hi,a,b,1,0,0\nyo,a,b,1,1,0\n", "must have exactly one 1", 2),
+    "all_empty.csv": ('prompt,model,score\n"",a,1\n"  ",b,2\n', "no usable rows", None),
+    "single_model.jsonl": ('{"prompt": "hi", "model": "a", "score": 1}\n{"prompt": "yo", "model": "a", "score": 2}\n',
+                           "only one model (a)", None),
+    "nan_scores.csv": ("prompt,model,score\nhi,a,\nyo,b,n/a\n", "no usable rows", None),
+    "broken.jsonl": ('{"prompt": "hi", "model": "a", "score": 1}\n{"prompt": "yo", "model": \n', "line 2", None),
+    "garbage.parquet": ("this is not parquet", "cannot read as parquet", None),
+    "notes.txt": ("prompt\n", "unsupported file type '.txt'", None),
+}
+
+
+@pytest.mark.parametrize("filename", sorted(BAD_FILES))
+def test_bad_file_fails_with_exit_2_and_writes_nothing(data_dir, tmp_path, cli, filename):
+    text, reason, row = BAD_FILES[filename]
+    path = tmp_path / filename
+    path.write_text(text)
+    code, out = cli("ingest", path)
+    assert code == 2, out
+    assert "error:" in out and str(path) in out and reason in out
+    if row is not None:
+        assert f"row {row}" in out
+    assert nothing_written(data_dir)
+
+
+def test_non_utf8_file_names_the_line(data_dir, tmp_path, cli):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("prompt,a,b\nhello,1,0\ncaf\u00e9,1,0\n".encode("latin-1"))
+    code, out = cli("ingest", path)
+    assert code == 2 and str(path) in out and "not valid UTF-8" in out and "line 3" in out
+    assert nothing_written(data_dir)
+
+
+def test_missing_file(data_dir, tmp_path, cli):
+    code, out = cli("ingest", tmp_path / "nope.csv")
+    assert code == 2 and "nope.csv" in out and "file not found" in out
+    assert nothing_written(data_dir)
+
+
+def test_failed_reingest_keeps_the_previous_dataset(data_dir, tmp_path, cli):
+    path = write(LONG, tmp_path / "l.csv")
+    assert cli("ingest", path)[0] == 0
+    before = read_json(data_dir / "processed" / "l" / "manifest.json")
+    path.write_text("prompt,model,score\nhi,a,1\n")
+    assert cli("ingest", path)[0] == 2
+    assert read_json(data_dir / "processed" / "l" / "manifest.json") == before
+    assert sorted(p.name for p in (data_dir / "processed").iterdir()) == ["l"]
+
+
+def test_unusable_rows_are_dropped_counted_and_printed(data_dir, tmp_path, cli):
+    lines = [
+        {"prompt": "ok 1", "model": "a", "score": 1}, {"prompt": "ok 1", "model": "b", "score": 0},
+        {"prompt": "", "model": "a", "score": 1},  # row 3: empty prompt
+        {"prompt": 42, "model": "a", "score": 1},  # row 4: not text
+        {"prompt": "ok 2", "model": "a", "score": None},  # row 5: missing score
+        {"prompt": "ok 2", "model": "b", "score": "high"},  # row 6: not a number
+        {"prompt": "ok 2", "model": None, "score": 1},  # row 7: no model
+        {"prompt": "ok 3", "model": "b", "score": 0.5},
+    ]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    code, out = cli("ingest", path)
+    assert code == 0, out
+    m = read_json(data_dir / "processed" / "mixed" / "manifest.json")
+    assert m["dropped"] == {"non-text prompt": 1, "empty prompt": 1, "missing model": 1,
+                            "non-numeric score": 1, "missing score": 1}
+    assert m["dropped_rows"]["empty prompt"] == [3] and m["dropped_rows"]["non-text prompt"] == [4]
+    assert m["dropped_rows"]["missing score"] == [5] and m["dropped_rows"]["non-numeric score"] == [6]
+    assert m["n_rows_in"] == 8 and m["n_rows_used"] == 3 and m["n_prompts"] == 2
+    assert "dropped 1 rows: empty prompt (rows 3)" in out and "non-numeric score (rows 6)" in out
+
+
+def test_pairwise_row_drops(data_dir, tmp_path):
+    df = pd.DataFrame({"prompt": ["p", "p", "q", "r", " "], "model_a": ["a", "a", "b", None, "a"],
+                       "model_b": ["b", "a", "a", "b", "b"], "winner": ["tie (bothbad)", "tie", None, "tie", "tie"]})
+    m = read_json(ingest(str(write(df, tmp_path / "p.parquet"))) / "manifest.json")
+    assert m["dropped"] == {"empty prompt": 1, "missing model": 1, "same model on both sides": 1, "missing winner": 1}
+    assert m["n_battles"] == 1 and m["models"] == ["a", "b"]
+
+
+def test_real_entry_point_exit_code(data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "one.csv"
+    path.write_text("prompt,a\nhi,1\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "ingest", str(path)], capture_output=True, text=True,
+                          env={**os.environ, "PREROUTER_DATA_DIR": str(data_dir), "COLUMNS": "300"})
+    assert proc.returncode == 2 and "one.csv" in proc.stderr and "need at least two model" in proc.stderr
+    assert nothing_written(data_dir)
