@@ -1,0 +1,227 @@
+import hashlib
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.common import ConfigError, DataError, labels_dir, read_json
+from pipeline.config import LabelConfig
+from pipeline.ingest import ingest
+from pipeline.label import bradley_terry, label, load_labels, split_of
+
+
+def long_dataset(tmp_path, rows, name="d"):
+    """Ingest (prompt, model, score) tuples as a long-layout dataset."""
+    path = tmp_path / f"{name}.jsonl"
+    pd.DataFrame(rows, columns=["prompt", "model", "score"]).to_json(path, orient="records", lines=True)
+    ingest(str(path))
+    return name
+
+
+def targets(name):
+    ds, stats = load_labels(name)
+    df = ds.to_pandas().set_index("prompt")
+    return df, stats
+
+
+# --- split rule ---------------------------------------------------------------------------------
+
+
+def test_split_rule_by_hand():
+    for prompt in ["hello", "What is 2+2?", "ünïcode ✓", ""]:
+        h = hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+        expected = ("test" if int(h[:8], 16) / 0xFFFFFFFF < 0.2
+                    else "val" if int(h[8:16], 16) / 0xFFFFFFFF < 0.1 else "train")
+        assert split_of(prompt) == expected
+    assert split_of("hello", test_fraction=0.0, val_fraction=0.0) == "train"
+    assert split_of("hello", test_fraction=0.999999, val_fraction=0.0) == "test"
+
+
+def test_split_fractions_and_determinism():
+    prompts = [f"prompt number {i}" for i in range(20_000)]
+    splits = pd.Series([split_of(p) for p in prompts])
+    assert splits.eq("test").mean() == pytest.approx(0.2, abs=0.01)
+    assert splits.eq("val").mean() == pytest.approx(0.8 * 0.1, abs=0.01)
+    assert [split_of(p) for p in prompts[:100]] == splits[:100].tolist()
+
+
+def test_label_splits_follow_split_of_and_fractions(data_dir, demo_files):
+    ingest(str(demo_files["wide"]), name="demo")
+    stats = label("demo", LabelConfig(test_fraction=0.3, val_fraction=0.2))
+    df, _ = targets("demo")
+    assert (df.split == [split_of(p, 0.3, 0.2) for p in df.index]).all()
+    assert stats["splits"] == {s: int((df.split == s).sum()) for s in ("train", "val", "test")}
+    assert sum(stats["splits"].values()) == stats["n_prompts"] == len(df)
+
+
+# --- Bradley-Terry ------------------------------------------------------------------------------
+
+
+def simulate_battles(strength, n, seed=0, tie_rate=0.0):
+    rng = np.random.default_rng(seed)
+    m = len(strength)
+    a = rng.integers(m, size=n)
+    b = (a + rng.integers(1, m, size=n)) % m
+    p_a = 1 / (1 + np.exp(strength[b] - strength[a]))
+    score = (rng.random(n) < p_a).astype(float)
+    score[rng.random(n) < tie_rate] = 0.5
+    return a, b, score
+
+
+def test_bradley_terry_recovers_strengths():
+    true = np.array([-1.0, 0.0, 0.5, 1.5])
+    a, b, score = simulate_battles(true, 40_000)
+    est = bradley_terry(a, b, score, 4)
+    assert list(np.argsort(est)) == [0, 1, 2, 3]
+    np.testing.assert_allclose(est, true - true.mean(), atol=0.08)
+
+
+def test_bradley_terry_ties_and_degenerate_models():
+    a, b = np.array([0, 1, 2] * 100), np.array([1, 2, 0] * 100)
+    np.testing.assert_allclose(bradley_terry(a, b, np.full(300, 0.5), 3), 0, atol=1e-6)  # all ties: equal
+    # Model 2 never wins, model 0 never loses: still finite and ordered.
+    a, b, s = np.array([0, 0, 1]), np.array([1, 2, 2]), np.array([1.0, 1.0, 1.0])
+    est = bradley_terry(a, b, s, 3)
+    assert np.isfinite(est).all() and est[0] > est[1] > est[2]
+
+
+def test_bradley_terry_one_million_battles_is_fast():
+    a, b, score = simulate_battles(np.linspace(-2, 2, 50), 1_000_000, seed=1)
+    start = time.perf_counter()
+    est = bradley_terry(a, b, score, 50)
+    assert time.perf_counter() - start < 5.0
+    assert np.corrcoef(est, np.linspace(-2, 2, 50))[0, 1] > 0.999
+
+
+def test_pairwise_labels_strengths_tiers_and_pair(data_dir, tmp_path):
+    true = np.array([-1.0, -0.3, 0.4, 1.2])
+    names = ["m0", "m1", "m2", "m3"]
+    a, b, score = simulate_battles(true, 4000, seed=2, tie_rate=0.1)
+    df = pd.DataFrame({"prompt": [f"q{i % 500}" for i in range(4000)], "model_a": np.array(names)[a],
+                       "model_b": np.array(names)[b],
+                       "winner": np.where(score == 1, "model_a", np.where(score == 0, "model_b", "tie"))})
+    df.to_parquet(tmp_path / "bt.parquet")
+    ingest(str(tmp_path / "bt.parquet"))
+    stats = label("bt", LabelConfig(tiers=2))
+    assert sorted(stats["strengths"], key=stats["strengths"].get) == names
+    assert stats["tiers"] == {"m0": "weak", "m1": "weak", "m2": "strong", "m3": "strong"}
+    assert stats["pair"] == {"weak": "m0", "strong": "m3"}
+    wins = df.assign(s=score).query("model_a == 'm3'").s.sum() + (1 - df.assign(s=score).query("model_b == 'm3'").s).sum()
+    n = ((df.model_a == "m3") | (df.model_b == "m3")).sum()
+    assert stats["per_model"]["m3"] == {"rate": pytest.approx(wins / n), "n": n}
+    stats = label("bt", LabelConfig(tiers=3))
+    assert stats["tiers"] == {"m0": "weak", "m1": "weak", "m2": "mid1", "m3": "strong"}
+
+
+# --- targets ------------------------------------------------------------------------------------
+
+
+def test_judge_scores_are_normalised(data_dir, tmp_path):
+    name = long_dataset(tmp_path, [("p", "a", 1), ("p", "b", 10), ("q", "a", 4), ("q", "b", 7)])
+    stats = label(name)
+    df, _ = targets(name)
+    assert stats["scale"]["range"] == [1.0, 10.0]
+    np.testing.assert_allclose(np.stack(df.target.loc[["p", "q"]]), [[0, 1], [1 / 3, 2 / 3]], atol=1e-6)
+
+
+def test_unit_scores_kept_and_other_ranges_min_max(data_dir, tmp_path, capsys):
+    name = long_dataset(tmp_path, [("p", "a", 0.25), ("p", "b", 0.75)], name="unit")
+    label(name)
+    np.testing.assert_allclose(targets(name)[0].target["p"], [0.25, 0.75])
+    name = long_dataset(tmp_path, [("p", "a", 20), ("p", "b", 70), ("q", "a", 120), ("q", "b", 45)], name="big")
+    stats = label(name)
+    assert "min-max" in capsys.readouterr().err and stats["scale"]["range"] == [20.0, 120.0]
+    np.testing.assert_allclose(np.stack(targets(name)[0].target.loc[["p", "q"]]), [[0, 0.5], [1, 0.25]])
+
+
+def test_declared_range_and_threshold(data_dir, tmp_path):
+    name = long_dataset(tmp_path, [("p", "a", 2), ("p", "b", 4), ("q", "a", 3), ("q", "b", 5)])
+    label(name, LabelConfig(score_range=(0, 5)))
+    np.testing.assert_allclose(np.stack(targets(name)[0].target.loc[["p", "q"]]), [[0.4, 0.8], [0.6, 1.0]])
+    label(name, LabelConfig(score_range=(0, 5), threshold=0.7))
+    np.testing.assert_allclose(np.stack(targets(name)[0].target.loc[["p", "q"]]), [[0, 1], [0, 1]])
+    with pytest.raises(DataError, match="outside label.score_range"):
+        label(name, LabelConfig(score_range=(0, 4)))
+
+
+def test_difficulty_soft_labels_and_balance(data_dir, tmp_path):
+    rows = [("both", "weak", 1), ("both", "strong", 1), ("neither", "weak", 0), ("neither", "strong", 0),
+            ("strong only", "weak", 0), ("strong only", "strong", 1), ("weak only", "weak", 1),
+            ("weak only", "strong", 0), ("weak only", "mid", 1), ("no weak", "strong", 1), ("no weak", "mid", 0)]
+    name = long_dataset(tmp_path, rows)
+    stats = label(name, LabelConfig(weak="weak", strong="strong"))
+    df, _ = targets(name)
+    assert df.soft_label.loc[["both", "neither", "strong only", "weak only"]].tolist() == [1, 1, 0, 1]
+    assert np.isnan(df.soft_label["no weak"])
+    assert df.difficulty.loc[["both", "neither", "strong only", "weak only", "no weak"]].tolist() == \
+        pytest.approx([0, 1, 0.5, 1 / 3, 0.5])
+    assert stats["balance"] == {"both_right": 0.25, "both_wrong": 0.25, "strong_only": 0.25, "weak_only": 0.25,
+                                "n": 4, "soft_label_mean": 0.75}
+
+
+def test_soft_label_relaxation(data_dir, tmp_path):
+    name = long_dataset(tmp_path, [("p", "w", 6), ("p", "s", 8), ("q", "w", 2), ("q", "s", 9)])
+    label(name, LabelConfig(weak="w", strong="s"))
+    assert targets(name)[0].soft_label.loc[["p", "q"]].tolist() == [0, 0]
+    label(name, LabelConfig(weak="w", strong="s", relaxation=2 / 9))  # p: 5/9 >= 7/9 - 2/9
+    assert targets(name)[0].soft_label.loc[["p", "q"]].tolist() == [1, 0]
+
+
+def test_default_pair_and_pair_errors(data_dir, tmp_path):
+    name = long_dataset(tmp_path, [("p", "x", 0), ("p", "y", 1), ("p", "z", 1), ("q", "x", 0), ("q", "y", 0),
+                                   ("q", "z", 1)])
+    assert label(name)["pair"] == {"weak": "x", "strong": "z"}
+    assert label(name, LabelConfig(strong="x"))["pair"] == {"weak": "y", "strong": "x"}
+    with pytest.raises(ConfigError, match="'nope' is not in the dataset"):
+        label(name, LabelConfig(weak="nope"))
+    with pytest.raises(ConfigError, match="same model"):
+        label(name, LabelConfig(weak="y", strong="y"))
+
+
+# --- artifact, skip, CLI ------------------------------------------------------------------------
+
+
+def test_artifact_columns_and_stats_file(data_dir, demo_files):
+    ingest(str(demo_files["long"]), name="demo")
+    stats = label("demo")
+    ds, saved = load_labels("demo")
+    assert saved == read_json(labels_dir("demo") / "label_stats.json")
+    assert saved["content_hash"] == stats["content_hash"]
+    assert ds.column_names == ["prompt_id", "prompt", "target", "mask", "split", "difficulty", "soft_label", "family"]
+    assert {str(ds.features[c]) for c in ("target",)} == {"List(Value('float32'))"}
+    target = np.stack(ds["target"])
+    assert target.min() >= 0 and target.max() <= 1
+    for key in ("models", "n_prompts", "splits", "per_model", "strengths", "tiers", "pair", "balance", "dropped",
+                "options", "content_hash"):
+        assert key in saved
+
+
+def test_label_skips_when_unchanged(data_dir, tmp_path, cli):
+    long_dataset(tmp_path, [("p", "a", 1), ("p", "b", 0), ("q", "a", 0), ("q", "b", 1)])
+    code, out = cli("label", "d")
+    assert code == 0 and "labels: d" in out
+    first = read_json(labels_dir("d") / "label_stats.json")
+    code, out = cli("label", "d")
+    assert code == 0 and "unchanged, skipping" in out
+    code, out = cli("label", "d", "--set", "label.relaxation=0.5")
+    assert "labels: d" in out and read_json(labels_dir("d") / "label_stats.json")["content_hash"] != first["content_hash"]
+    assert "labels: d" in cli("label", "d", "--set", "label.relaxation=0.5", "--force")[1]
+
+
+def test_label_of_unknown_dataset_exits_2(data_dir, cli):
+    code, out = cli("label", "missing")
+    assert code == 2 and "no ingested dataset 'missing'" in out
+
+
+def test_demo_end_to_end_from_the_cli(data_dir, tmp_path, cli):
+    raw = tmp_path / "raw"
+    assert cli("demo-data", "--out", raw, "--n-prompts", "400")[0] == 0
+    for file in ("demo_wide.csv", "demo_long.jsonl", "demo_pairwise.parquet"):
+        code, out = cli("ingest", raw / file)
+        assert code == 0, out
+        code, out = cli("label", file.split(".")[0])
+        assert code == 0, out
+        stats = read_json(labels_dir(file.split(".")[0]) / "label_stats.json")
+        assert stats["pair"] == {"weak": "small-7b", "strong": "large-70b"}
+        assert stats["costs"]["small-7b"] < stats["costs"]["medium-34b"] < stats["costs"]["large-70b"]
