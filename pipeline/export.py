@@ -22,7 +22,7 @@ import numpy as np
 from . import __version__
 from .common import GateError, DataError, atomic_dir, console, model_dir, read_json, sha256_file, write_json
 from .config import Config, ExportConfig
-from .runtime import SCHEMA_VERSION, encode, load_tokenizer
+from .runtime import SCHEMA_VERSION, encode, load_tokenizer, relative_costs
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "logits"
@@ -148,23 +148,24 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
 
-def _choices(p: np.ndarray, decision: dict, names: list[str], costs: np.ndarray) -> dict[str, np.ndarray]:
+def _choices(p: np.ndarray, decision: dict, names: list[str], rel_cost: np.ndarray) -> dict[str, np.ndarray]:
     """Routing decisions at every calibrated operating point: {key: bool or index array}."""
-    if decision["kind"] == "pair":
+    out = {}
+    if "weak" in decision and "strong" in decision:
         weak, strong = names.index(decision["weak"]), names.index(decision["strong"])
         score = (1.0 + p[:, strong] - p[:, weak]) / 2.0
-        thresholds = decision.get("thresholds") or {}
-        return {f"threshold@{k}": score >= float(t) for k, t in thresholds.items()}
-    rel = costs / costs.max() if costs.max() > 0 else np.zeros_like(costs)
-    return {f"lambda@{k}": np.argmax(p - float(lam) * rel, axis=1) for k, lam in (decision.get("cost_lambdas") or {}).items()}
+        out.update({f"threshold@{k}": score >= float(t) for k, t in (decision.get("thresholds") or {}).items()})
+    if decision["kind"] == "multi":
+        out.update({f"lambda@{k}": np.argmax(p - float(lam) * rel_cost, axis=1)
+                    for k, lam in (decision.get("cost_lambdas") or {}).items()})
+    return out
 
 
 def check_parity(student, fp32: Path, int8: Path, batches: list[tuple[np.ndarray, np.ndarray]], meta: dict,
                  outcomes: np.ndarray | None, config: ExportConfig) -> dict:
     """Measure PyTorch↔fp32 and fp32↔int8 parity; raise GateError with the numbers when out of bounds."""
     ordered = sorted(meta["models"], key=lambda m: m["index"])
-    names = [m["name"] for m in ordered]
-    costs = np.array([m.get("cost") or 0.0 for m in ordered], dtype=np.float64)
+    names, costs = [m["name"] for m in ordered], relative_costs(ordered)
     ref, l32, l8 = torch_logits(student, batches), onnx_logits(fp32, batches), onnx_logits(int8, batches)
     p32, p8 = _sigmoid(l32), _sigmoid(l8)
     c32, c8 = _choices(p32, meta["decision"], names, costs), _choices(p8, meta["decision"], names, costs)
@@ -176,7 +177,7 @@ def check_parity(student, fp32: Path, int8: Path, batches: list[tuple[np.ndarray
         "int8_agreement": agreement,
         "int8_min_agreement": min(agreement.values(), default=1.0),
     }
-    if outcomes is not None and meta["decision"]["kind"] == "pair":
+    if outcomes is not None and "weak" in meta["decision"]:
         report.update(_apgr_pair(p32, p8, outcomes, meta["decision"], names))
     failures = []
     if not report["fp32_max_abs_diff"] <= config.parity_atol:

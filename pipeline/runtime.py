@@ -157,6 +157,14 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float:
     return points[-1][1]
 
 
+def relative_costs(models: list[dict]) -> np.ndarray:
+    """cost_j / max cost in index order; an unknown cost counts as index + 1, as calibration assumed."""
+    ordered = sorted(models, key=lambda m: m["index"])
+    costs = np.array([m["cost"] if m.get("cost") is not None else i + 1.0 for i, m in enumerate(ordered)],
+                     dtype=np.float64)
+    return costs / costs.max() if costs.max() > 0 else np.zeros_like(costs)
+
+
 class Router:
     """Route prompts with an exported bundle: `Router.load(path).route(prompt) -> model name`."""
 
@@ -166,8 +174,7 @@ class Router:
         self.decision = config["decision"]
         ordered = sorted(config["models"], key=lambda m: m["index"])
         self.models: list[str] = [m["name"] for m in ordered]
-        costs = np.array([m.get("cost") or 0.0 for m in ordered], dtype=np.float64)
-        self._rel_cost = costs / costs.max() if costs.max() > 0 else np.zeros_like(costs)
+        self._rel_cost = relative_costs(ordered)
         self._special = special_ids(tokenizer)
         self._inputs = {i.name for i in session.get_inputs()}  # the exporter drops unused inputs
         self._outputs = [session.get_outputs()[0].name]
