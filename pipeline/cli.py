@@ -61,8 +61,8 @@ def ingest(
     """Read preference data in any layout into the canonical Arrow dataset data/processed/NAME/."""
     from .ingest import ingest as run_ingest
 
-    run_ingest(data, layout=layout, name=name, models=models.split(",") if models else None,
-               split=split, force=force)
+    chosen = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    run_ingest(data, layout=layout, name=name, models=chosen, split=split, force=force)
 
 
 @app.command()

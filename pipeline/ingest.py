@@ -42,7 +42,6 @@ import json
 import re
 import shutil
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -62,10 +61,9 @@ WINNERS = {"model_a": (1.0, False), "model_b": (0.0, False), "tie": (0.5, False)
 ARENA_FLAGS = ("winner_model_a", "winner_model_b", "winner_tie")
 RESERVED = ("prompt_id", "outcome", "mask", "count", "cost")  # output columns an input column may not shadow
 IGNORED_PAIRWISE = ("response_a", "response_b")  # per-side answers are not prompt metadata
-_ID_LIKE = re.compile(r"(?i)^(.*[_\-\s.])?(id|ids|idx|index|uid|qid|pid|row)$|^.*[a-z]Id$")
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
-_TEXT_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 @dataclass
@@ -95,8 +93,6 @@ class _Observations:
     cost: Optional[np.ndarray] = None  # per-observation cost, NaN unknown
     battles: Optional[dict] = None  # pairwise: rows, a, b, score_a, bothbad
     metadata: list[str] = field(default_factory=list)
-    dropped: np.ndarray = None  # per input row: index into `reasons`, -1 = kept
-    reasons: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,12 +103,14 @@ def _resolve(source: str, split: str) -> _Source:
     if source.startswith("hf:"):
         return _Source(source, None, source[3:], split)
     path = Path(source)
-    builder = _TEXT_SUFFIXES.get(path.suffix.lower())
+    builder = _BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"unsupported file type {path.suffix or '(none)'!r}: use .csv, .jsonl, .json, "
                         ".parquet or hf:org/name", file=path)
     if not path.is_file():
         raise DataError("file not found", file=path)
+    if path.stat().st_size == 0:
+        raise DataError("the file is empty", file=path)
     return _Source(source, path, builder, split)
 
 
@@ -172,9 +170,12 @@ def _load(src: _Source) -> Iterator[tuple[pa.Table, str]]:
             import pandas as pd
 
             try:
-                header = list(pd.read_csv(src.path, nrows=0, encoding="utf-8").columns)
+                head = pd.read_csv(src.path, nrows=1, encoding="utf-8", dtype=str)
             except Exception as e:
                 raise DataError(f"cannot read the CSV header: {e}", file=src.path) from None
+            if head.empty:
+                raise DataError("the file has a header but no rows", file=src.path)
+            header = list(head.columns)
             kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
                           keep_default_na=False, na_values=[""])
         try:
@@ -422,6 +423,12 @@ def _long(table: pa.Table, drops: _Drops, where) -> _Observations:
     return obs
 
 
+def _id_like(name: str) -> bool:
+    """`id`, `sample_id`, `question-idx`, `qid`, `sampleId`...: identifiers, not outcomes."""
+    return bool(re.fullmatch(r"(.*[_\-\s.])?(id|ids|idx|index|uid|qid|pid|row)", name.lower())
+                or re.search(r"[a-z]Id$", name))
+
+
 def _wide_models(table: pa.Table) -> list[str]:
     """The documented detection rule for model columns (module docstring)."""
     names = table.column_names
@@ -430,7 +437,7 @@ def _wide_models(table: pa.Table) -> list[str]:
         return [p for p in cost_prefixes if p in names]
     models = []
     for c in names:
-        if c == "prompt" or "|" in c or _ID_LIKE.match(c):
+        if c == "prompt" or "|" in c or _id_like(c):
             continue
         typ = table.column(c).type
         if pa.types.is_boolean(typ) or pa.types.is_floating(typ):
@@ -465,8 +472,8 @@ def _wide(table: pa.Table, drops: _Drops, where, models: Optional[list[str]]) ->
         non_numeric |= bad
         if f"{m}|total_cost" in table.column_names:
             costs[:, j] = _as_float(table.column(f"{m}|total_cost"))[0]
+    non_numeric |= np.isinf(values).any(axis=1)
     drops.add(non_numeric, "non-numeric score")
-    values[~np.isfinite(values)] = np.nan
     drops.add(np.isnan(values).all(axis=1), "no outcome")
     rows, model = np.nonzero(~np.isnan(values))
     obs = _Observations(models=list(models), row=rows.astype(np.int64), model=model.astype(np.int64),
@@ -550,6 +557,8 @@ def ingest(source: str, layout: Optional[str] = None, name: Optional[str] = None
 def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], where):
     """Parse one layout, merge duplicate prompts, and return (manifest fields, dataset, battles)."""
     layout = layout or detect_layout(table.column_names)
+    if models and layout != "wide":
+        raise ConfigError(f"--models chooses outcome columns of the wide layout; this file is {layout}")
     n = table.num_rows
     if n == 0:
         raise DataError("the file has no rows", file=where)
@@ -583,6 +592,16 @@ def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], 
     if used_models.size < 2:
         only = obs.models[used_models[0]] if used_models.size else "none"
         raise DataError(f"only one model ({only}) has usable outcomes; routing needs at least two", file=where)
+    if used_models.size < len(obs.models):
+        # A model seen only in dropped rows would be an all-masked column: leave it out, say so.
+        unused = [m for j, m in enumerate(obs.models) if j not in set(used_models.tolist())]
+        console.print(f"[yellow]note:[/] no usable outcome for {', '.join(unused)}: left out of the models")
+        remap = np.full(len(obs.models) + 1, -1, np.int64)
+        remap[used_models] = np.arange(used_models.size)
+        obs.model = remap[obs.model]
+        if obs.battles is not None:
+            obs.battles["a"], obs.battles["b"] = remap[obs.battles["a"]], remap[obs.battles["b"]]
+        obs.models = [obs.models[j] for j in used_models]
 
     # Compact prompts to those with a usable row, in order of first appearance.
     kept_prompts, first_row, inverse = np.unique(pidx[kept_rows], return_index=True, return_inverse=True)

@@ -155,7 +155,7 @@ def test_routerbench_cost_and_response_columns(data_dir, tmp_path):
     np.testing.assert_allclose(np.stack(ds.cost.to_list()), [[0.01, 0.001], [0.03, 0.001], [0.02, 0.004]], rtol=1e-6)
 
 
-def test_wide_model_detection_rule_and_explicit_models(data_dir, tmp_path):
+def test_wide_model_detection_rule_and_explicit_models(data_dir, tmp_path, cli):
     df = pd.DataFrame({"question_id": [1, 2, 3], "prompt": ["a", "b", "c"], "turn": [1, 2, 1],
                        "weak": [True, False, True], "strong": [1, 1, 0], "judge": [0.5, 0.7, 0.1]})
     out = ingest(str(write(df, tmp_path / "w.csv")))
@@ -165,8 +165,9 @@ def test_wide_model_detection_rule_and_explicit_models(data_dir, tmp_path):
     assert m["outcome_kind"] == "score"
     # Integer 1-10 judge scores are not detected but can be named.
     df = pd.DataFrame({"prompt": ["a", "b"], "m1": [3, 9], "m2": [10, 1], "m3": [0.5, 0.2]})
-    out = ingest(str(write(df, tmp_path / "j.csv")), models=["m1", "m2"])
-    m = read_json(out / "manifest.json")
+    code, out = cli("ingest", write(df, tmp_path / "j.csv"), "--models", "m1, m2")
+    assert code == 0, out
+    m = read_json(data_dir / "processed" / "j" / "manifest.json")
     assert m["models"] == ["m1", "m2"] and m["metadata_columns"] == ["m3"]
     assert m["outcome_range"] == [1.0, 10.0]
 
@@ -273,6 +274,10 @@ BAD_FILES = {
     "broken.jsonl": ('{"prompt": "hi", "model": "a", "score": 1}\n{"prompt": "yo", "model": \n', "line 2", None),
     "garbage.parquet": ("this is not parquet", "cannot read as parquet", None),
     "notes.txt": ("prompt\n", "unsupported file type '.txt'", None),
+    "empty.jsonl": ("", "the file is empty", None),
+    "header_only.csv": ("prompt,a,b\n", "has a header but no rows", None),
+    "int_prompts.jsonl": ('{"prompt": 1, "a": 1, "b": 0}\n{"prompt": 2, "a": 0, "b": 0}\n',
+                          "no usable rows: all 2 dropped (non-text prompt: 2 (first row 1))", None),
 }
 
 
@@ -338,10 +343,19 @@ def test_unusable_rows_are_dropped_counted_and_printed(data_dir, tmp_path, cli):
 
 def test_pairwise_row_drops(data_dir, tmp_path):
     df = pd.DataFrame({"prompt": ["p", "p", "q", "r", " "], "model_a": ["a", "a", "b", None, "a"],
-                       "model_b": ["b", "a", "a", "b", "b"], "winner": ["tie (bothbad)", "tie", None, "tie", "tie"]})
+                       "model_b": ["b", "a", "a", "b", "c"], "winner": ["tie (bothbad)", "tie", None, "tie", "tie"]})
     m = read_json(ingest(str(write(df, tmp_path / "p.parquet"))) / "manifest.json")
     assert m["dropped"] == {"empty prompt": 1, "missing model": 1, "same model on both sides": 1, "missing winner": 1}
-    assert m["n_battles"] == 1 and m["models"] == ["a", "b"]
+    assert m["n_battles"] == 1
+    assert m["models"] == ["a", "b"]  # "c" only played in a dropped row
+
+
+def test_wide_infinite_cell_drops_the_row_and_models_option_is_wide_only(data_dir, tmp_path, cli):
+    df = pd.DataFrame({"prompt": ["a", "b"], "x": [1.0, float("inf")], "y": [0.0, 1.0]})
+    m = read_json(ingest(str(write(df, tmp_path / "w.parquet"))) / "manifest.json")
+    assert m["dropped"] == {"non-numeric score": 1} and m["n_prompts"] == 1
+    code, out = cli("ingest", write(LONG, tmp_path / "l.csv"), "--models", "a,b")
+    assert code == 2 and "wide layout" in out and not (data_dir / "processed" / "l").exists()
 
 
 def test_real_entry_point_exit_code(data_dir, tmp_path):
