@@ -4,8 +4,9 @@ Per prompt and model, `target` in [0, 1]:
 - 0/1 correctness (or its mean over duplicate prompts) is kept;
 - numeric scores are normalised to [0, 1] with `score_range` when given, else with an inferred
   scale: values already in [0, 1] are kept, values in [1, 10] are a 1-10 judge (MT-Bench:
-  (s - 1) / 9), anything else is min-max scaled (printed as a note); `threshold` then binarises;
-- pairwise outcomes are already the mean battle score on the prompt (win 1, tie 0.5, loss 0).
+  (s - 1) / 9), anything else is min-max scaled (printed as a note);
+- pairwise outcomes are already the mean battle score on the prompt (win 1, tie 0.5, loss 0);
+- `threshold`, when set, then binarises every target (target >= threshold -> 1).
 
 Per dataset: Bradley-Terry strengths for pairwise data (ties count half a win each way), tiers
 (models ranked by strength, or by mean target without battles, cut into `tiers` equal groups:
@@ -16,7 +17,6 @@ target_weak >= target_strong - t. Splits follow the hash rule of docs/contracts.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
