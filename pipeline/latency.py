@@ -10,9 +10,16 @@ import numpy as np
 from .common import GateError, console
 from .runtime import Router
 
-# (name, fewest tokens, most tokens + 1) before truncation; "max" is the bundle's max_tokens.
-BUCKETS = (("short", 1, 32), ("medium", 32, "max"), ("long", "max", 2000), ("very long", 2000, 4000))
+BUCKETS = ("short", "medium", "long", "very long")
 PUNCT = [".", ",", "?", "!", ":", ";", "(", ")", "\n", "-", "'", "\""]
+
+
+def bucket_ranges(max_tokens: int) -> dict[str, tuple[int, int]]:
+    """Content tokens before truncation per bucket, [low, high); medium is empty when max_tokens <= 32."""
+    short = min(32, max_tokens)
+    ranges = {"short": (1, short), "medium": (short, max_tokens), "long": (max_tokens, 2000),
+              "very long": (2000, 4000)}
+    return {b: r for b, r in ranges.items() if r[0] < r[1]}
 
 
 def prompt_mix(router: Router, n: int, seed: int = 0) -> list[tuple[str, str, int]]:
@@ -23,26 +30,22 @@ def prompt_mix(router: Router, n: int, seed: int = 0) -> list[tuple[str, str, in
     rng = np.random.default_rng(seed)
     tok = router.tokenizer
     words = np.array(sorted(w for w in tok.get_vocab() if w.isalpha() and w.isascii() and len(w) >= 2))
-    max_tokens = router.spec["max_tokens"]
+    ranges = bucket_ranges(router.spec["max_tokens"])
     mix = []
     for i in range(n):
-        _, lo, hi = BUCKETS[i % len(BUCKETS)]
-        lo, hi = (max_tokens if b == "max" else b for b in (lo, hi))
-        units = rng.choice(words, size=int(rng.integers(lo, hi))).astype(object)
+        name = list(ranges)[i % len(ranges)]
+        units = rng.choice(words, size=int(rng.integers(*ranges[name]))).astype(object)
         punct = rng.random(units.size) < 0.1
         units[punct] = rng.choice(PUNCT, size=int(punct.sum()))
         prompt = " ".join(units)
         tokens = len(tok.encode(prompt, add_special_tokens=False).ids)
-        mix.append((bucket_of(tokens, max_tokens), prompt, tokens))
+        mix.append((bucket_of(tokens, ranges), prompt, tokens))
     return [mix[i] for i in rng.permutation(n)]
 
 
-def bucket_of(tokens: int, max_tokens: int) -> str:
-    """The length bucket of a prompt with `tokens` content tokens before truncation."""
-    for name, _, hi in BUCKETS[:-1]:
-        if tokens < (max_tokens if hi == "max" else hi):
-            return name
-    return BUCKETS[-1][0]
+def bucket_of(tokens: int, ranges: dict[str, tuple[int, int]]) -> str:
+    """The bucket of a prompt with `tokens` content tokens (a dropped "\\n" can move it down one)."""
+    return next((b for b, (_, hi) in ranges.items() if tokens < hi), list(ranges)[-1])
 
 
 def _percentiles(ms: np.ndarray) -> dict:
@@ -52,7 +55,7 @@ def _percentiles(ms: np.ndarray) -> dict:
 
 def time_decisions(router: Router, prompts: list[str], warmup: int = 200) -> np.ndarray:
     """Milliseconds per `router.route(prompt)`, one call at a time, after `warmup` untimed calls."""
-    for i in range(min(warmup, len(prompts)) or 0):
+    for i in range(warmup if prompts else 0):
         router.route(prompts[i % len(prompts)])
     ms = np.empty(len(prompts))
     clock = time.perf_counter_ns
@@ -68,14 +71,14 @@ def check_latency(bundle: str | Path, budget_ms: float = 1.0, decisions: int = 1
     """Time `decisions` single routing decisions; raise GateError when the overall p99 exceeds `budget_ms`."""
     router = Router.load(bundle, threads=threads, quantized=quantized)
     mix = prompt_mix(router, decisions, seed)
-    ms = time_decisions(router, [p for _, p, _ in mix])
+    ms = time_decisions(router, [p for _, p, _ in mix], warmup=min(200, decisions))
     names = np.array([b for b, _, _ in mix])
     tokens = np.array([t for _, _, t in mix])
     figures = {
         "model": "int8" if quantized else "fp32", "threads": threads, "batch": 1, "decisions": decisions,
         "budget_ms": budget_ms, "max_tokens": router.spec["max_tokens"],
         "buckets": {b: {**_percentiles(ms[names == b]), "median_tokens": int(np.median(tokens[names == b]))}
-                    for b, *_ in BUCKETS if (names == b).any()},
+                    for b in BUCKETS if (names == b).any()},
         "overall": _percentiles(ms),
     }
     figures["passed"] = figures["overall"]["p99"] <= budget_ms

@@ -1,0 +1,178 @@
+"""ONNX export: real students trace with dynamic axes, the parity gate measures and refuses, bundles register."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.common import GateError
+from pipeline.config import ExportConfig, StudentConfig
+from pipeline.encoders import build_student
+from pipeline.export import QUANT_RECIPES, export_module, log_bundle, onnx_logits, quantize, to_onnx
+from pipeline.runtime import Router, encode, load_tokenizer
+
+from .test_runtime import TOKENIZER, VOCAB, make_meta, tiny_bundle
+
+torch.set_num_threads(1)
+FAST = ExportConfig(latency_decisions=40)
+WORDS = sorted(w for w in load_tokenizer(TOKENIZER).get_vocab() if w.isalpha() and w.isascii())
+
+
+def prompts(n: int, seed: int = 0, longest: int = 60) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, longest)))) for _ in range(n)]
+
+
+def student(family: str) -> nn.Module:
+    torch.manual_seed(0)
+    cfg = StudentConfig(family=family, dim=16, layers=1, heads=2, max_tokens=32, hidden=16)
+    return build_student(cfg, VOCAB, 2, pretrained_init=False).eval()
+
+
+class MeanPool(nn.Module):
+    """The simplest student: embedding, masked mean, linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.out = nn.Embedding(VOCAB, 8), nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask):
+        m = attention_mask.unsqueeze(-1).float()
+        return self.out((self.embed(input_ids) * m).sum(1) / m.sum(1).clamp(min=1))
+
+
+class Untraceable(MeanPool):
+    """`.item()` freezes the traced example's token count into the graph: ONNX and PyTorch then disagree."""
+
+    def forward(self, input_ids, attention_mask):
+        return super().forward(input_ids, attention_mask) * attention_mask.sum().item()
+
+
+def torch_probs(net: nn.Module, texts: list[str], spec: dict) -> np.ndarray:
+    ids, mask = encode(load_tokenizer(TOKENIZER), texts, spec)
+    with torch.no_grad():
+        return torch.sigmoid(net(torch.from_numpy(ids), torch.from_numpy(mask))).double().numpy()
+
+
+def calibrated_meta(net: nn.Module, held: list[str]) -> dict:
+    """Meta whose thresholds are the quantiles of the student's own held-out routing scores."""
+    meta = make_meta()
+    p = torch_probs(net, held, meta["tokenizer"])
+    s = (1 + p[:, 1] - p[:, 0]) / 2
+    meta["decision"]["thresholds"] = {f"{f:.1f}": float(np.quantile(s, 1 - f)) for f in np.arange(0.1, 1.0, 0.1)}
+    return meta
+
+
+@pytest.mark.parametrize("family", ["static", "transformer"])
+def test_export_module_writes_a_faithful_bundle(tmp_path, family):
+    net, held = student(family), prompts(120)
+    bundle = export_module(net, calibrated_meta(net, held), tmp_path / "bundle", held, config=FAST)
+    config = json.loads((bundle / "router.json").read_text())
+    parity = config["metrics"]["parity"]
+    assert parity["n_prompts"] == 120 and parity["fp32_max_abs_diff"] <= 1e-4
+    assert parity["int8_min_agreement"] >= 0.99 and len(parity["int8_agreement"]) == 9
+    assert config["latency"]["decisions"] == 40 and config["latency"]["overall"]["p99"] > 0
+    assert config["onnx"]["opset"] == 17 and config["metrics"]["val_apgr"] == 0.5
+    # New prompts, other batch sizes and lengths (some past max_tokens): the axes really are dynamic.
+    fresh = prompts(50, seed=1, longest=120)
+    expected = torch_probs(net, fresh, config["tokenizer"])
+    fp32 = Router.load(bundle, quantized=False)
+    assert np.abs(fp32.scores(fresh, batch_size=7) - expected).max() < 1e-4
+    assert np.abs(np.array([fp32.scores([q])[0] for q in fresh[:10]]) - expected[:10]).max() < 1e-4
+    int8 = Router.load(bundle)
+    assert np.abs(int8.scores(fresh) - expected).max() < 0.02
+    assert parity["int8_recipe"] in dict(QUANT_RECIPES)
+
+
+def test_quantize_shrinks_embeddings_only_when_asked(tmp_path):
+    to_onnx(student("static"), tmp_path / "fp32.onnx")
+    size = (tmp_path / "fp32.onnx").stat().st_size
+    assert quantize(tmp_path / "fp32.onnx", tmp_path / "a.onnx", embeddings=True).stat().st_size < size / 3
+    assert quantize(tmp_path / "fp32.onnx", tmp_path / "b.onnx", embeddings=False).stat().st_size > size * 0.9
+
+
+def test_fp32_parity_failure_leaves_the_old_bundle(tmp_path):
+    out, _ = tiny_bundle(tmp_path / "bundle")
+    before = (out / "router.json").read_text()
+    held = prompts(40)
+    with pytest.raises(GateError, match=r"fp32 ONNX vs PyTorch max \|Δlogit\|") as e:
+        export_module(Untraceable(), make_meta(), out, held, config=FAST)
+    assert e.value.exit_code == 1
+    assert (out / "router.json").read_text() == before
+    assert not list(tmp_path.glob(".bundle.tmp-*"))
+    fresh = tmp_path / "never"
+    with pytest.raises(GateError):
+        export_module(Untraceable(), make_meta(), fresh, held, config=FAST)
+    assert not fresh.exists()
+
+
+def routing_scores(tmp_path, net: nn.Module, held: list[str], meta: dict) -> dict[str, np.ndarray]:
+    """Pair routing scores of the fp32 graph and of each int8 recipe."""
+    batches = [encode(load_tokenizer(TOKENIZER), held, meta["tokenizer"])]
+    to_onnx(net, tmp_path / "fp32.onnx")
+    paths = {"fp32": tmp_path / "fp32.onnx"}
+    for recipe, embeddings in QUANT_RECIPES:
+        paths[recipe] = quantize(tmp_path / "fp32.onnx", tmp_path / f"{recipe}.onnx", embeddings)
+    out = {}
+    for name, path in paths.items():
+        p = 1 / (1 + np.exp(-onnx_logits(path, batches).astype(np.float64)))
+        out[name] = (1 + p[:, 1] - p[:, 0]) / 2
+    return out
+
+
+def flip_threshold(s: dict[str, np.ndarray], recipe: str, keep: str | None = None) -> float:
+    """A threshold at which `recipe` routes some prompt unlike fp32 (and, if given, `keep` routes all alike)."""
+    for i in np.argsort(-np.abs(s[recipe] - s["fp32"])):
+        t = float((s[recipe][i] + s["fp32"][i]) / 2)
+        if keep is None or ((s[keep] >= t) == (s["fp32"] >= t)).all():
+            return t
+    raise AssertionError(f"no threshold separates {recipe} from {keep}")
+
+
+def test_int8_agreement_gate_tries_each_recipe(tmp_path):
+    net, held = student("static"), prompts(60)
+    meta = make_meta()
+    s = routing_scores(tmp_path, net, held, meta)
+    compact, plain = (r for r, _ in QUANT_RECIPES)
+    strict = ExportConfig(min_int8_agreement=1.0, latency_decisions=40)
+    # Every recipe flips a decision somewhere: the gate fails and names both.
+    meta["decision"]["thresholds"] = {"0.3": flip_threshold(s, compact), "0.7": flip_threshold(s, plain)}
+    with pytest.raises(GateError, match="every int8 recipe") as e:
+        export_module(net, meta, tmp_path / "bundle", held, config=strict)
+    assert f"{compact}: int8 vs fp32 routing agreement" in str(e.value) and f"{plain}: " in str(e.value)
+    assert not (tmp_path / "bundle").exists()
+    # Only the compact recipe flips one: the fallback keeps embeddings in fp32 and passes.
+    meta["decision"]["thresholds"] = {"0.5": flip_threshold(s, compact, keep=plain)}
+    bundle = export_module(net, meta, tmp_path / "bundle", held, config=strict)
+    parity = json.loads((bundle / "router.json").read_text())["metrics"]["parity"]
+    assert parity["int8_recipe"] == plain and parity["int8_min_agreement"] == 1.0
+    # A looser requirement accepts the compact recipe.
+    loose = ExportConfig(min_int8_agreement=0.9, latency_decisions=40)
+    parity = json.loads((export_module(net, meta, tmp_path / "b2", held, config=loose) / "router.json")
+                        .read_text())["metrics"]["parity"]
+    assert parity["int8_recipe"] == compact and parity["int8_min_agreement"] < 1.0
+
+
+def test_log_bundle_registers_versions(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)  # default artifact root lands here
+    bundle, _ = tiny_bundle(tmp_path / "bundle")
+    meta = make_meta()
+    assert log_bundle(bundle, meta, "tiny") == "1"
+    with mlflow.start_run() as run:  # a training run to log into
+        pass
+    assert log_bundle(bundle, {**meta, "mlflow_run_id": run.info.run_id}, "tiny") == "2"
+    client = MlflowClient()
+    version = client.get_model_version("prerouter-tiny", "2")
+    assert version.run_id == run.info.run_id
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "bundle")}
+    assert {"bundle/router.json", "bundle/model.int8.onnx", "bundle/tokenizer.json"} <= files
+    local = mlflow.artifacts.download_artifacts(f"models:/prerouter-tiny/2")
+    assert Router.load(local).route("hello") in ("weak", "strong")
