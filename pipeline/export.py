@@ -7,10 +7,7 @@ torch is imported inside the functions that need it, so writing and reading bund
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.util
 import logging
-import math
-import os
 import shutil
 import tempfile
 import warnings
@@ -20,9 +17,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import __version__
-from .common import GateError, DataError, atomic_dir, console, model_dir, read_json, sha256_file, write_json
+from .common import DataError, GateError, atomic_dir, console, model_dir, read_json, sha256_file, write_json
 from .config import Config, ExportConfig
-from .runtime import SCHEMA_VERSION, encode, load_tokenizer, relative_costs
+from .runtime import SCHEMA_VERSION, choose, encode, load_tokenizer, relative_costs
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "logits"
@@ -83,13 +80,8 @@ def export_module(student, meta: dict, out: str | Path, holdout_prompts: list[st
         else:
             raise GateError(f"parity gate failed on {len(ref)} held-out prompts, for every int8 recipe:\n  "
                             + "\n  ".join(tried))
-        bundle = write_bundle(out, fp32, int8, meta, opset=config.opset, parity=parity)
-    from .latency import check_latency
-
-    # Recorded for the model card and MLflow; the latency gate itself is `prerouter check-latency`.
-    figures = check_latency(bundle, budget_ms=math.inf, decisions=config.latency_decisions, show=False)
-    update_router_json(bundle, latency=figures)
-    return bundle
+        return write_bundle(out, fp32, int8, meta, opset=config.opset, parity=parity,
+                            latency_decisions=config.latency_decisions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +193,7 @@ def _choices(p: np.ndarray, decision: dict, names: list[str], rel_cost: np.ndarr
         score = (1.0 + p[:, strong] - p[:, weak]) / 2.0
         out.update({f"threshold@{k}": score >= float(t) for k, t in (decision.get("thresholds") or {}).items()})
     if decision["kind"] == "multi":
-        out.update({f"lambda@{k}": np.argmax(p - float(lam) * rel_cost, axis=1)
+        out.update({f"lambda@{k}": choose(p, rel_cost, float(lam))
                     for k, lam in (decision.get("cost_lambdas") or {}).items()})
     return out
 
@@ -277,14 +269,24 @@ def router_config(meta: dict, *, opset: int, parity: dict | None = None) -> dict
 
 
 def write_bundle(out: str | Path, fp32: Path, int8: Path, meta: dict, *, opset: int = 17,
-                 parity: dict | None = None) -> Path:
-    """Write the bundle directory atomically: both graphs, the tokenizer, the model card, router.json."""
+                 parity: dict | None = None, latency_decisions: int | None = None) -> Path:
+    """Write the bundle directory atomically: both graphs, the tokenizer, the model card, router.json.
+
+    With `latency_decisions`, single-decision latency is measured on the finished files and recorded
+    (for the model card and MLflow; the latency gate itself is `prerouter check-latency`).
+    """
+    from .latency import check_latency
+    from .report import write_model_card
+
     out = Path(out)
     router = router_config(meta, opset=opset, parity=parity)
     with atomic_dir(out) as tmp:
         shutil.copyfile(fp32, tmp / FP32)
         shutil.copyfile(int8, tmp / INT8)
         shutil.copyfile(_tokenizer_file(meta["tokenizer"]["source"]), tmp / TOKENIZER)
+        if latency_decisions:
+            write_json(tmp / ROUTER, router)  # what Router.load reads; `files` is filled in below
+            router["latency"] = check_latency(tmp, budget_ms=None, decisions=latency_decisions, show=False)
         write_model_card(tmp, router)
         router["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != ROUTER}
         write_json(tmp / ROUTER, router)
@@ -294,28 +296,6 @@ def write_bundle(out: str | Path, fp32: Path, int8: Path, meta: dict, *, opset: 
 def _tokenizer_file(source: str | Path) -> Path:
     source = Path(source)
     return source / TOKENIZER if source.is_dir() else source
-
-
-def write_model_card(bundle: Path, router: dict) -> None:
-    """MODEL_CARD.md, written by the report stage (`pipeline.report.write_model_card`) when present."""
-    if importlib.util.find_spec("pipeline.report") is None:
-        return
-    from . import report
-
-    writer = getattr(report, "write_model_card", None)
-    if writer is not None:
-        writer(bundle, router)
-
-
-def update_router_json(bundle: Path, **fields: Any) -> dict:
-    """Set top-level fields of router.json (not hashed: it lists the hashes) with one atomic rename."""
-    path = Path(bundle) / ROUTER
-    router = read_json(path)
-    router.update(fields)
-    tmp = path.with_name(f".{ROUTER}.tmp")
-    write_json(tmp, router)
-    os.replace(tmp, path)
-    return router
 
 
 # ---------------------------------------------------------------------------------------------

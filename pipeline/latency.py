@@ -1,7 +1,6 @@
 """The latency gate: single decisions (batch 1, one thread, tokenization included) per prompt-length bucket."""
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -66,26 +65,30 @@ def time_decisions(router: Router, prompts: list[str], warmup: int = 200) -> np.
     return ms
 
 
-def check_latency(bundle: str | Path, budget_ms: float = 1.0, decisions: int = 1000, quantized: bool = True,
+def check_latency(bundle: str | Path, budget_ms: float | None = 1.0, decisions: int = 1000, quantized: bool = True,
                   threads: int = 1, seed: int = 0, show: bool = True) -> dict:
-    """Time `decisions` single routing decisions; raise GateError when the overall p99 exceeds `budget_ms`."""
+    """Time `decisions` single routing decisions; raise GateError when the overall p99 exceeds `budget_ms`.
+
+    `budget_ms=None` only measures. Returns the figures (ms) per bucket and overall.
+    """
     router = Router.load(bundle, threads=threads, quantized=quantized)
     mix = prompt_mix(router, decisions, seed)
     ms = time_decisions(router, [p for _, p, _ in mix], warmup=min(200, decisions))
     names = np.array([b for b, _, _ in mix])
     tokens = np.array([t for _, _, t in mix])
+    overall = _percentiles(ms)
     figures = {
         "model": "int8" if quantized else "fp32", "threads": threads, "batch": 1, "decisions": decisions,
-        "budget_ms": budget_ms, "max_tokens": router.spec["max_tokens"],
+        "max_tokens": router.spec["max_tokens"], "budget_ms": budget_ms,
+        "passed": None if budget_ms is None else overall["p99"] <= budget_ms,
         "buckets": {b: {**_percentiles(ms[names == b]), "median_tokens": int(np.median(tokens[names == b]))}
                     for b in BUCKETS if (names == b).any()},
-        "overall": _percentiles(ms),
+        "overall": overall,
     }
-    figures["passed"] = figures["overall"]["p99"] <= budget_ms
     if show:
         _print(figures, Path(bundle))
-    if not figures["passed"]:
-        raise GateError(f"latency gate failed: p99 {figures['overall']['p99']:.3f} ms > budget {budget_ms:g} ms "
+    if figures["passed"] is False:
+        raise GateError(f"latency gate failed: p99 {overall['p99']:.3f} ms > budget {budget_ms:g} ms "
                         f"({figures['model']}, batch 1, {threads} thread{'s' * (threads > 1)})")
     return figures
 
@@ -95,13 +98,12 @@ def _print(figures: dict, bundle: Path) -> None:
 
     budget = figures["budget_ms"]
     table = Table(title=f"{bundle} · {figures['model']} · batch 1 · {figures['threads']} thread(s) · ms per decision",
-                  caption=None if math.isinf(budget) else f"budget: p99 ≤ {budget:g} ms")
+                  caption=None if budget is None else f"budget: p99 ≤ {budget:g} ms")
     for col in ("bucket", "n", "median tokens", "p50", "p95", "p99", "max"):
         table.add_column(col, justify="left" if col == "bucket" else "right")
-    rows = [(b, f) for b, f in figures["buckets"].items()] + [("overall", figures["overall"])]
-    for b, f in rows:
+    for b, f in [*figures["buckets"].items(), ("overall", figures["overall"])]:
         p99 = f"{f['p99']:.3f}"
-        if b == "overall" and not math.isinf(budget):
+        if b == "overall" and budget is not None:
             p99 = f"[{'green' if f['p99'] <= budget else 'red'}]{p99}[/]"
         table.add_row(b, str(f["n"]), str(f.get("median_tokens", "")), f"{f['p50']:.3f}", f"{f['p95']:.3f}",
                       p99, f"{f['max']:.3f}")

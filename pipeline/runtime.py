@@ -165,6 +165,12 @@ def relative_costs(models: list[dict]) -> np.ndarray:
     return costs / costs.max() if costs.max() > 0 else np.zeros_like(costs)
 
 
+def choose(p: np.ndarray, rel_cost: np.ndarray, lam: float) -> np.ndarray:
+    """argmax_j p_j − λ·rel_cost_j over the last axis; ties go to the cheaper model (as in calibration)."""
+    by_cost = np.argsort(rel_cost, kind="stable")
+    return by_cost[np.argmax(p[..., by_cost] - lam * rel_cost[by_cost], axis=-1)]
+
+
 class Router:
     """Route prompts with an exported bundle: `Router.load(path).route(prompt) -> model name`."""
 
@@ -263,7 +269,7 @@ class Router:
                 threshold = self.threshold_for(fraction)
             return np.where(self.routing_score(p) >= threshold, self._strong, self._weak)
         lam = self.default_cost_weight() if cost_weight is None else cost_weight
-        return np.argmax(p - lam * self._rel_cost, axis=-1)
+        return choose(p, self._rel_cost, lam)
 
     def default_cost_weight(self) -> float:
         """N models: λ from router.json (`default_cost_weight`, else the calibrated λ nearest budget 0.5)."""
