@@ -301,3 +301,28 @@ def test_score_file_rejects_bad_lines(bundle, tmp_path, line, reason):
     with pytest.raises(DataError, match=reason) as e:
         score_file(bundle[0], src, dst)
     assert e.value.row == 2 and not dst.exists()
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def test_cli_route_and_score(bundle, cli, tmp_path):
+    path, _ = bundle
+    r = Router.load(path)
+    code, out = cli("route", path, "Prove Fermat's little theorem.", "--threshold", "0")
+    assert code == 0 and out.strip() == "strong"
+    code, out = cli("route", path, "hello", "--strong-fraction", "0.0")
+    assert code == 0 and out.strip() == "weak" == r.route("hello", strong_fraction=0.0)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert cli("score", path, "--input", src, "--output", dst)[0] == 0
+    assert len(dst.read_text().splitlines()) == 2
+    src.write_text('{"prompt": "a"}\nnot json\n')
+    code, out = cli("score", path, "--input", src, "--output", dst)
+    assert code == 2 and "row 2" in out and "not valid JSON" in out
+
+
+def test_cli_refuses_altered_bundle(tmp_path, cli):
+    path, _ = tiny_bundle(tmp_path / "b")
+    (path / "model.int8.onnx").write_bytes(b"not a model")
+    code, out = cli("route", path, "hello")
+    assert code == 2 and "model.int8.onnx" in out and "sha256 mismatch" in out
