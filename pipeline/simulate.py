@@ -353,7 +353,8 @@ def plot_economics(result: dict, path: str | Path, title: str | None = None) -> 
     for name, s in result["strategies"].items():
         marker = "s" if s["kind"] == "single" else _STYLE[s["kind"]][0]
         x, y = 1000 * s["cost"], s["quality"]
-        ax.scatter([x], [y], marker=marker, color=colors[name], s=110 if s["kind"] == "router" else 60, zorder=3,
+        ax.scatter([x], [y], marker=marker, color=colors[name], s=110 if s["kind"] == "router" else 60,
+                   zorder=6 if s["kind"] == "router" else 3,
                    edgecolor="black", linewidth=0.5, label=name)
         ax.annotate(f"p50 {s['p50_s']:.1f}s", (x, y), textcoords="offset points", xytext=(7, -12), fontsize=7.5,
                     color="0.25")

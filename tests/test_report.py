@@ -1,0 +1,224 @@
+"""Routing report: tables and figures on synthetic arrays, the model card, and the whole report on a tiny bundle."""
+import numpy as np
+import pytest
+
+from pipeline.report import (breakdown_rows, breakdown_table, drift_table, multi_table, pair_table,
+                             plot_cost_quality, plot_pair_curves, write_model_card)
+
+
+def _is_real_png(path, min_bytes=15_000):
+    import matplotlib.image as mpimg
+
+    img = mpimg.imread(path)
+    # Non-trivial: big enough, and not one flat colour.
+    return path.stat().st_size > min_bytes and img.shape[0] > 400 and img[..., :3].std() > 0.05
+
+
+def test_pair_table_lists_each_method_with_its_numbers():
+    rows = {"router": {"apgr": 0.6789, "cpt50": 0.4213, "cpt80": None, "q50": 0.7512},
+            "random": {"apgr": 0.5012, "cpt50": 0.5, "cpt80": 0.8, "q50": 0.7001}}
+    t = pair_table(rows).splitlines()
+    assert len(t) == 4
+    assert t[2] == "| router | 0.679 | 42.1% | not reached | 0.751 |"
+    assert t[3].startswith("| random | 0.501 | 50.0% | 80.0% |")
+
+
+def test_pair_curves_figure(tmp_path):
+    f = np.linspace(0, 1, 101)
+    curves = {"router": 0.6 + 0.2 * np.sqrt(f), "random": 0.6 + 0.2 * f, "oracle": np.minimum(0.6 + f, 0.9)}
+    png = plot_pair_curves(curves, 0.6, 0.8, tmp_path / "pair.png", costs=(0.1, 1.0), title="t")
+    assert _is_real_png(png)
+
+
+def test_multi_table_and_figure(tmp_path):
+    t = multi_table({"router": {"aiq": 0.7123, "at_budget": [0.61, None]}}, [0.25, 0.5])
+    assert "≤25% cost" in t and "≤50% cost" in t and "| router | 0.712 | 0.610 | n/a |" in t
+    sweep = np.array([[0.1, 0.5], [0.3, 0.6], [0.5, 0.58], [1.0, 0.7]])
+    hull = np.array([[0.1, 0.5], [0.3, 0.6], [1.0, 0.7]])
+    png = plot_cost_quality(sweep, hull, {"a": (0.1, 0.5), "b": (0.4, 0.55), "c": (1.0, 0.7)}, (0.4, 0.85),
+                            tmp_path / "multi.png")
+    assert _is_real_png(png)
+
+
+def test_drift_table_shows_the_gap():
+    t = drift_table([{"target": 0.5, "setting": 0.4321, "realised": 0.62}], "target", "threshold")
+    assert t.splitlines()[2] == "| 50% | 0.4321 | 62.0% | +12.0 |"
+
+
+def test_breakdown_per_group():
+    values = ["math", "math", "art", "math", None]
+    outcomes = np.array([[0, 1], [1, 1], [1, 0], [0, 0], [1, 1]], float)
+    choices = np.array([1, 0, 0, 1, 1])
+    rows = breakdown_rows(values, choices, outcomes, weak=0, strong=1)
+    by = {r["group"]: r for r in rows}
+    assert [r["group"] for r in rows][0] == "math"  # largest first
+    assert by["math"] == {"group": "math", "n": 3, "strong_share": pytest.approx(2 / 3),
+                          "router": pytest.approx(2 / 3), "weak": pytest.approx(1 / 3), "strong": pytest.approx(2 / 3)}
+    assert by["(missing)"]["n"] == 1 and by["art"]["router"] == 1.0
+    merged = breakdown_rows(values, choices, outcomes, 0, 1, max_groups=1)
+    assert merged[-1]["group"] == "(other 2 groups)" and merged[-1]["n"] == 2
+    assert "| math | 3 | 67% | 0.667 | 0.333 | 0.667 |" in breakdown_table("subject", rows)
+
+
+def _router_json(kind="pair"):
+    decision = {"kind": "pair", "weak": "w", "strong": "s", "score": "(1 + p_strong - p_weak) / 2",
+                "thresholds": {"0.5": 0.51, "0.1": 0.73}, "default_strong_fraction": 0.5}
+    if kind == "multi":
+        decision = {"kind": "multi", "cost_lambdas": {"0.25": 0.8, "1.0": 0.0}}
+    return {"schema_version": 1, "pipeline_version": "0.1.0", "created_at": "2026-01-01T00:00:00+00:00",
+            "name": "demo", "models": [{"name": "w", "cost": 0.1, "index": 0}, {"name": "s", "cost": 1.0, "index": 1}],
+            "tokenizer": {"file": "tokenizer.json", "max_tokens": 128, "truncation": "head_tail", "head_tokens": 95,
+                          "tail_tokens": 31}, "onnx": {"fp32": "model.onnx", "int8": "model.int8.onnx", "opset": 17},
+            "decision": decision, "metrics": {"val": {"apgr": 0.61, "bce": 0.5}, "test": {"apgr": 0.59}},
+            "latency": {"overall": {"p50": 0.21, "p99": 0.4}, "buckets": {"short": {"p50": 0.1}}},
+            "data_hash": "abc123", "training_config": {"label": {"relaxation": 0.1, "tiers": 2},
+                                                       "student": {"family": "static", "dim": 256}}}
+
+
+def test_model_card_is_a_pure_function_of_router_json(tmp_path):
+    r = _router_json()
+    (tmp_path / "a").mkdir()
+    a = write_model_card(tmp_path / "a", r)
+    text = a.read_text()
+    assert a.name == "MODEL_CARD.md"
+    for needle in ("`demo`", "abc123", "| 1 | s | 1 | strong |", "| 0.1 | 0.73 |", "q(strong) − 0.1",
+                   "| apgr | 0.61 | 0.59 |", "| p99 | 0.4 |", "static encoder, width 256", "## Intended use",
+                   "## Limits"):
+        assert needle in text, needle
+    (tmp_path / "b").mkdir()
+    assert write_model_card(tmp_path / "b", r).read_text() == text  # deterministic
+    multi = write_model_card(tmp_path / "b", _router_json("multi")).read_text()
+    assert "argmax_j" in multi and "| 0.25 | 0.8 |" in multi and "Pair routing" not in multi
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole report on a tiny bundle (real ONNX graph, real demo data, real MLflow store)
+# ---------------------------------------------------------------------------------------------
+
+DEMO_MODELS = ["small-7b", "medium-34b", "large-70b"]
+
+
+def _demo_bundle(out, models, costs, decision, teacher):
+    from pipeline.export import quantize, write_bundle
+    from tests.test_runtime import make_meta, mean_pool_graph
+
+    stage = out.parent / f"{out.name}-stage"
+    stage.mkdir(parents=True)
+    mean_pool_graph(stage / "model.onnx", len(models))
+    quantize(stage / "model.onnx", stage / "model.int8.onnx")
+    meta = make_meta(len(models), decision)
+    meta["models"] = [{"name": n, "cost": c, "index": i} for i, (n, c) in enumerate(zip(models, costs))]
+    meta["config"] = {"teacher": {"path": str(teacher)}, "student": {"family": "static", "dim": 8}}
+    return write_bundle(out, stage / "model.onnx", stage / "model.int8.onnx", meta)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, demo_files):
+    """Demo data ingested and labeled, a tiny teacher, and MLflow, all under one temporary root."""
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+    from tests.tiny import make_tiny_teacher
+
+    root = tmp_path_factory.mktemp("report")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, sub in (("PREROUTER_DATA_DIR", "data"), ("PREROUTER_MLRUNS_DIR", "mlruns"),
+                         ("PREROUTER_CACHE_DIR", "cache"), ("PREROUTER_MODELS_DIR", "models")):
+            mp.setenv(var, str(root / sub))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        ingest(str(demo_files["wide"]), name="demo")
+        label("demo")
+        yield {"root": root, "teacher": make_tiny_teacher(root / "teacher"), "wide": demo_files["wide"]}
+
+
+def _test_split(name, models):
+    from pipeline.label import load_labels
+
+    ds, stats = load_labels(name)
+    test = ds.filter(lambda r: r["split"] == "test")
+    cols = [stats["models"].index(m) for m in models]
+    return test, np.array(test["target"])[:, cols], np.array(test["mask"])[:, cols]
+
+
+def test_report_on_a_three_model_bundle(env):
+    import json
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.common import setup_mlflow
+    from pipeline.metrics import apgr, choose
+    from pipeline.report import report
+    from pipeline.runtime import Router
+
+    decision = {"kind": "multi", "weak": "small-7b", "strong": "large-70b",
+                "thresholds": {"0.2": 0.6, "0.5": 0.5, "0.8": 0.4}, "default_strong_fraction": 0.5,
+                "cost_lambdas": {"0.25": 0.5, "0.5": 0.2, "1": 0.0}}
+    bundle = _demo_bundle(env["root"] / "models" / "demo" / "bundle", DEMO_MODELS, [0.2, 0.8, 2.5], decision,
+                          env["teacher"])
+    assert "large-70b" in (bundle / "MODEL_CARD.md").read_text()  # the exporter's writer calls ours
+    md = report(bundle, "demo")
+    out = md.parent
+    assert out == bundle.parent / "report"
+    text = md.read_text()
+    for section in ("## Pair routing", "## 3 models: cost vs quality", "## Calibration drift", "### by `family`",
+                    "## Router vs cascade vs ensemble"):
+        assert section in text, section
+    for png in ("quality_curves.png", "cost_quality.png", "economics.png"):
+        assert _is_real_png(out / png) and f"({png})" in text
+
+    # The numbers are those of the runtime's scores on the test split, recomputed here independently.
+    test, y, mask = _test_split("demo", DEMO_MODELS)
+    p = Router.load(bundle).scores(test["prompt"])
+    score = (1 + p[:, 2] - p[:, 0]) / 2
+    router_row = next(ln for ln in text.splitlines() if ln.startswith("| router | "))
+    assert router_row.startswith(f"| router | {apgr(score, y[:, 0], y[:, 2]):.3f} |")
+    numbers = json.loads((out / "report.json").read_text())
+    assert numbers["n_test"] == len(test)
+    assert [d["realised"] for d in numbers["drift"]["thresholds"]] == pytest.approx(
+        [np.mean(score >= t) for t in (0.6, 0.5, 0.4)])
+    c = np.array([0.2, 0.8, 2.5]) / 2.5
+    assert numbers["drift"]["cost_lambdas"][0]["realised"] == pytest.approx(c[choose(p, c, 0.5)].mean())
+    families = numbers["breakdown"]["family"]
+    assert sum(r["n"] for r in families) == len(test) and {r["group"] for r in families} <= set(test["family"])
+    strategies = {r["strategy"]: r for r in numbers["economics"]["rows"]}
+    assert {"router", "cascade (judge acc 0.85)", "ensemble (judge pick)"} <= set(strategies)
+    assert strategies["ensemble (judge pick)"]["p50_s"] >= strategies["always large-70b"]["p50_s"]
+    assert numbers["multi"]["methods"]["router"]["aiq"] > 0
+
+    setup_mlflow()
+    runs = mlflow.search_runs(filter_string="tags.mlflow.runName = 'report-demo'", output_format="list")
+    assert len(runs) == 1
+    assert runs[0].data.metrics["pair.methods.router.apgr"] == pytest.approx(apgr(score, y[:, 0], y[:, 2]))
+    logged = {a.path for a in MlflowClient().list_artifacts(runs[0].info.run_id, "report")}
+    assert {"report/report.md", "report/economics.png"} <= logged
+
+
+def test_report_from_a_data_file_on_a_pair_bundle(env, tmp_path):
+    from pipeline.report import report
+
+    decision = {"kind": "pair", "weak": "small-7b", "strong": "large-70b", "thresholds": {"0.5": 0.5},
+                "default_strong_fraction": 0.5}
+    bundle = _demo_bundle(tmp_path / "pair" / "bundle", ["small-7b", "large-70b"], [None, None], decision,
+                          env["teacher"])
+    md = report(bundle, str(env["wide"]), out=tmp_path / "r")  # ingested and labeled under its file stem
+    text = md.read_text()
+    assert "on `demo_wide`" in text and "## Pair routing" in text and "cost vs quality" not in text
+    assert "always small-7b" in text and "strong fraction = " in text  # pair economics: fraction sweep
+    assert _is_real_png(md.parent / "economics.png")
+
+
+def test_report_refuses_mismatched_models_and_foreign_folders(env, tmp_path):
+    from pipeline.common import ConfigError, DataError
+    from pipeline.report import report
+
+    bundle = _demo_bundle(tmp_path / "b" / "bundle", ["alpha", "beta"], [1.0, 2.0],
+                          {"kind": "pair", "weak": "alpha", "strong": "beta", "thresholds": {"0.5": 0.5}}, env["teacher"])
+    with pytest.raises(DataError, match="no outcomes for"):
+        report(bundle, "demo", out=tmp_path / "r")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a report folder"):
+        report(bundle, "demo", out=tmp_path / "busy")
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(DataError, match="neither a data file nor a dataset"):
+        report(bundle, "no-such-dataset", out=tmp_path / "r")
