@@ -310,14 +310,17 @@ def log_bundle(bundle: Path, meta: dict, name: str) -> str:
     which the model registry needs). The bundle is a plain artifact folder, not an MLflow "logged
     model", so the version is created from its artifact URI. Returns the registered version.
     """
+    import time
+
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
 
     from .common import setup_mlflow
 
-    setup_mlflow()
-    client = MlflowClient()
+    experiment = setup_mlflow()
+    client = MlflowClient()  # explicit run ids: the training run may be finished or in another experiment
     router = read_json(Path(bundle) / ROUTER)
     run_id = meta.get("mlflow_run_id")
     if run_id:
@@ -326,22 +329,27 @@ def log_bundle(bundle: Path, meta: dict, name: str) -> str:
         except MlflowException:
             console.print(f"[yellow]MLflow run {run_id} is not in this tracking store; logging to a new run[/]")
             run_id = None
-    parity = router["metrics"].get("parity", {})
-    figures = {f"parity_{k}": v for k, v in parity.items() if isinstance(v, (int, float))}
+    new_run = run_id is None
+    if new_run:
+        parent = mlflow.active_run()
+        run_id = client.create_run(experiment, run_name=f"export-{name}",
+                                   tags={"mlflow.parentRunId": parent.info.run_id} if parent else None).info.run_id
+    now = int(time.time() * 1000)
+    figures = {f"parity_{k}": v for k, v in router["metrics"].get("parity", {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     figures.update({f"latency_{k}_ms": v for k, v in router.get("latency", {}).get("overall", {}).items()
                     if k.startswith("p")})
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else f"export-{name}",
-                          nested=mlflow.active_run() is not None) as run:
-        mlflow.log_metrics(figures)
-        mlflow.log_artifacts(str(bundle), artifact_path="bundle")
-        model = f"prerouter-{name}"
-        try:
-            client.create_registered_model(model, description=f"prerouter bundle for {name}")
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        version = client.create_model_version(model, source=f"{run.info.artifact_uri}/bundle",
-                                              run_id=run.info.run_id,
-                                              tags={"data_hash": str(router.get("data_hash"))})
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in figures.items()])
+    client.log_artifacts(run_id, str(bundle), artifact_path="bundle")
+    if new_run:
+        client.set_terminated(run_id)
+    model = f"prerouter-{name}"
+    try:
+        client.create_registered_model(model, description=f"prerouter bundle for {name}")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(model, source=f"{client.get_run(run_id).info.artifact_uri}/bundle",
+                                          run_id=run_id, tags={"data_hash": str(router.get("data_hash"))})
     console.print(f"[green]registered[/] {model} version {version.version}")
     return str(version.version)

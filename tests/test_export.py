@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from pipeline.common import GateError
-from pipeline.config import ExportConfig, StudentConfig
+from pipeline.config import ExportConfig, StudentConfig, load_config
 from pipeline.encoders import build_student
-from pipeline.export import QUANT_RECIPES, export_module, log_bundle, onnx_logits, quantize, to_onnx
+from pipeline.export import (QUANT_RECIPES, export_module, int8_failures, log_bundle, onnx_logits, quantize,
+                             to_onnx)
 from pipeline.runtime import Router, encode, load_tokenizer
 
 from .test_runtime import TOKENIZER, VOCAB, make_meta, tiny_bundle
@@ -157,22 +158,61 @@ def test_int8_agreement_gate_tries_each_recipe(tmp_path):
     assert parity["int8_recipe"] == compact and parity["int8_min_agreement"] < 1.0
 
 
-def test_log_bundle_registers_versions(tmp_path, monkeypatch):
+def test_int8_failures_names_each_broken_bound():
+    report = {"int8_agreement": {"threshold@0.1": 1.0, "threshold@0.5": 0.97}, "apgr_fp32": 0.61, "apgr_int8": 0.58}
+    failures = int8_failures(report, ExportConfig())
+    assert len(failures) == 2 and "0.9700 at threshold@0.5" in failures[0] and "0.5800" in failures[1]
+    assert int8_failures({**report, "int8_agreement": {"t": 0.995}, "apgr_int8": 0.605}, ExportConfig()) == []
+
+
+def test_export_by_name_gates_logs_and_registers(tmp_path, monkeypatch):
+    import datasets
     import mlflow
     from mlflow import MlflowClient
 
+    import pipeline.label
+    import pipeline.train
+    from pipeline.export import export
+    from pipeline.metrics import apgr
+    from pipeline.train import Trained
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.chdir(tmp_path)  # default artifact root lands here
-    bundle, _ = tiny_bundle(tmp_path / "bundle")
-    meta = make_meta()
-    assert log_bundle(bundle, meta, "tiny") == "1"
-    with mlflow.start_run() as run:  # a training run to log into
+    monkeypatch.setenv("PREROUTER_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.chdir(tmp_path)  # the default artifact root lands here
+    rng = np.random.default_rng(0)
+    n = 200
+    texts = prompts(n)
+    split = rng.choice(["train", "val", "test"], size=n, p=[0.5, 0.2, 0.3])
+    target = rng.integers(0, 2, size=(n, 2)).astype(np.float32)
+    mask = rng.random((n, 2)) > 0.1
+    labels = datasets.Dataset.from_dict({"prompt": texts, "target": target.tolist(), "mask": mask.tolist(),
+                                         "split": split.tolist()})
+    net = student("static")
+    with mlflow.start_run() as training_run:
         pass
-    assert log_bundle(bundle, {**meta, "mlflow_run_id": run.info.run_id}, "tiny") == "2"
+    meta = {**calibrated_meta(net, texts), "mlflow_run_id": training_run.info.run_id}
+    monkeypatch.setattr(pipeline.train, "load_trained", lambda name: Trained(net, meta, tmp_path))
+    monkeypatch.setattr(pipeline.label, "load_labels", lambda name: (labels, {}))
+
+    bundle = export("tiny", config=load_config(overrides=["export.latency_decisions=20"]))
+    assert bundle == tmp_path / "models" / "tiny" / "bundle"
+    parity = json.loads((bundle / "router.json").read_text())["metrics"]["parity"]
+    assert parity["n_prompts"] == int((split != "train").sum())
+    # APGR on the test rows where both models were observed, recomputed here from the fp32 graph.
+    rows = (split == "test") & mask.all(1)
+    assert parity["apgr_n"] == int(rows.sum())
+    p = Router.load(bundle, quantized=False).scores([t for t, r in zip(texts, rows) if r])
+    expected = apgr((1 + p[:, 1] - p[:, 0]) / 2, target[rows, 0], target[rows, 1])
+    assert parity["apgr_fp32"] == pytest.approx(expected, abs=1e-6)
+    assert abs(parity["apgr_int8"] - parity["apgr_fp32"]) <= 0.01
+
     client = MlflowClient()
-    version = client.get_model_version("prerouter-tiny", "2")
-    assert version.run_id == run.info.run_id
-    files = {a.path for a in client.list_artifacts(run.info.run_id, "bundle")}
-    assert {"bundle/router.json", "bundle/model.int8.onnx", "bundle/tokenizer.json"} <= files
-    local = mlflow.artifacts.download_artifacts(f"models:/prerouter-tiny/2")
+    version = client.get_model_version("prerouter-tiny", "1")
+    assert version.run_id == training_run.info.run_id
+    logged = client.get_run(training_run.info.run_id).data.metrics
+    assert logged["parity_fp32_max_abs_diff"] == parity["fp32_max_abs_diff"] and "latency_p99_ms" in logged
+    files = {a.path for a in client.list_artifacts(training_run.info.run_id, "bundle")}
+    assert {"bundle/router.json", "bundle/model.int8.onnx", "bundle/MODEL_CARD.md"} <= files
+    assert log_bundle(bundle, {**meta, "mlflow_run_id": "gone"}, "tiny") == "2"  # unknown run: a new one
+    local = mlflow.artifacts.download_artifacts("models:/prerouter-tiny/2")
     assert Router.load(local).route("hello") in ("weak", "strong")
