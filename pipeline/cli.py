@@ -121,11 +121,16 @@ def check_latency(
     budget_ms: float = typer.Option(1.0, help="Fail (exit 1) when p99 exceeds this many milliseconds."),
     decisions: int = typer.Option(1000, min=10, help="Timed decisions (after warm-up)."),
     fp32: bool = typer.Option(False, help="Time the fp32 model instead of int8."),
+    clock: str = typer.Option("wall", help="p99 the gate reads: wall (what a caller waits) or cpu (the router's "
+                                           "own work, stable on a busy machine)."),
 ):
     """Time single decisions (batch 1, one thread, tokenization included) per prompt-length bucket."""
+    from .common import ConfigError
     from .latency import check_latency as run_check
 
-    run_check(bundle, budget_ms=budget_ms, decisions=decisions, quantized=not fp32)
+    if clock not in ("wall", "cpu"):
+        raise ConfigError(f"--clock must be wall or cpu, got {clock!r}")
+    run_check(bundle, budget_ms=budget_ms, decisions=decisions, quantized=not fp32, clock=clock)
 
 
 @app.command()

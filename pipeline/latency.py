@@ -11,6 +11,9 @@ from .runtime import Router
 
 BUCKETS = ("short", "medium", "long", "very long")
 PUNCT = [".", ",", "?", "!", ":", ";", "(", ")", "\n", "-", "'", "\""]
+# About 12% of real prompts (../shared/data) hold a non-ASCII character; those take the library
+# tokenizer rather than the ASCII fast path, so the mix keeps that share.
+NON_ASCII, NON_ASCII_SHARE = ["café", "naïve", "—", "“quoted”", "über", "日本語", "😀", "…", "µs", "Ω"], 0.12
 
 
 def bucket_ranges(max_tokens: int) -> dict[str, tuple[int, int]]:
@@ -24,7 +27,8 @@ def bucket_ranges(max_tokens: int) -> dict[str, tuple[int, int]]:
 def prompt_mix(router: Router, n: int, seed: int = 0) -> list[tuple[str, str, int]]:
     """`n` seeded prompts spread evenly over the buckets: [(bucket, prompt, tokens before truncation)].
 
-    Prompts are whole-word vocabulary entries with punctuation, so each word is about one token.
+    Prompts are whole-word vocabulary entries with punctuation (each word about one token) and,
+    in 12% of them, a non-ASCII word.
     """
     rng = np.random.default_rng(seed)
     tok = router.tokenizer
@@ -36,8 +40,10 @@ def prompt_mix(router: Router, n: int, seed: int = 0) -> list[tuple[str, str, in
         units = rng.choice(words, size=int(rng.integers(*ranges[name]))).astype(object)
         punct = rng.random(units.size) < 0.1
         units[punct] = rng.choice(PUNCT, size=int(punct.sum()))
+        if rng.random() < NON_ASCII_SHARE:
+            units[rng.integers(units.size)] = rng.choice(NON_ASCII)
         prompt = " ".join(units)
-        tokens = len(tok.encode(prompt, add_special_tokens=False).ids)
+        tokens = len(tok.content_ids(prompt))
         mix.append((bucket_of(tokens, ranges), prompt, tokens))
     return [mix[i] for i in rng.permutation(n)]
 
@@ -47,48 +53,58 @@ def bucket_of(tokens: int, ranges: dict[str, tuple[int, int]]) -> str:
     return next((b for b, (_, hi) in ranges.items() if tokens < hi), list(ranges)[-1])
 
 
-def _percentiles(ms: np.ndarray) -> dict:
-    return {"n": int(ms.size), "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
-            "p99": float(np.percentile(ms, 99)), "mean": float(ms.mean()), "max": float(ms.max())}
+def _percentiles(wall: np.ndarray, cpu: np.ndarray) -> dict:
+    return {"n": int(wall.size), "p50": float(np.percentile(wall, 50)), "p95": float(np.percentile(wall, 95)),
+            "p99": float(np.percentile(wall, 99)), "mean": float(wall.mean()), "max": float(wall.max()),
+            "cpu_p50": float(np.percentile(cpu, 50)), "cpu_p99": float(np.percentile(cpu, 99))}
 
 
-def time_decisions(router: Router, prompts: list[str], warmup: int = 200) -> np.ndarray:
-    """Milliseconds per `router.route(prompt)`, one call at a time, after `warmup` untimed calls."""
+def time_decisions(router: Router, prompts: list[str], warmup: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """(wall, cpu) milliseconds per `router.route(prompt)`, one call at a time, after `warmup` untimed calls.
+
+    With one intra-op thread onnxruntime computes on the calling thread, so the thread's CPU time is
+    the router's own work; wall time also counts time the OS gave to other processes.
+    """
     for i in range(warmup if prompts else 0):
         router.route(prompts[i % len(prompts)])
-    ms = np.empty(len(prompts))
-    clock = time.perf_counter_ns
+    wall, cpu = np.empty(len(prompts)), np.empty(len(prompts))
+    clock, thread_clock = time.perf_counter_ns, time.thread_time_ns
     for i, prompt in enumerate(prompts):
-        t0 = clock()
+        t0, c0 = clock(), thread_clock()
         router.route(prompt)
-        ms[i] = (clock() - t0) / 1e6
-    return ms
+        cpu[i], wall[i] = thread_clock() - c0, clock() - t0
+    return wall / 1e6, cpu / 1e6
 
 
 def check_latency(bundle: str | Path, budget_ms: float | None = 1.0, decisions: int = 1000, quantized: bool = True,
-                  threads: int = 1, seed: int = 0, show: bool = True) -> dict:
+                  threads: int = 1, seed: int = 0, clock: str = "wall", show: bool = True) -> dict:
     """Time `decisions` single routing decisions; raise GateError when the overall p99 exceeds `budget_ms`.
 
-    `budget_ms=None` only measures. Returns the figures (ms) per bucket and overall.
+    `clock` picks the p99 the gate reads: "wall" (what a caller waits) or "cpu" (the router's own
+    work, stable on a busy machine). `budget_ms=None` only measures. Returns the figures in ms.
     """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
     router = Router.load(bundle, threads=threads, quantized=quantized)
     mix = prompt_mix(router, decisions, seed)
-    ms = time_decisions(router, [p for _, p, _ in mix], warmup=min(200, decisions))
+    wall, cpu = time_decisions(router, [p for _, p, _ in mix], warmup=min(200, decisions))
     names = np.array([b for b, _, _ in mix])
     tokens = np.array([t for _, _, t in mix])
-    overall = _percentiles(ms)
+    overall = _percentiles(wall, cpu)
+    p99 = overall["p99" if clock == "wall" else "cpu_p99"]
     figures = {
         "model": "int8" if quantized else "fp32", "threads": threads, "batch": 1, "decisions": decisions,
-        "max_tokens": router.spec["max_tokens"], "budget_ms": budget_ms,
-        "passed": None if budget_ms is None else overall["p99"] <= budget_ms,
-        "buckets": {b: {**_percentiles(ms[names == b]), "median_tokens": int(np.median(tokens[names == b]))}
+        "max_tokens": router.spec["max_tokens"], "budget_ms": budget_ms, "clock": clock,
+        "passed": None if budget_ms is None else p99 <= budget_ms,
+        "buckets": {b: {**_percentiles(wall[names == b], cpu[names == b]),
+                        "median_tokens": int(np.median(tokens[names == b]))}
                     for b in BUCKETS if (names == b).any()},
         "overall": overall,
     }
     if show:
         _print(figures, Path(bundle))
     if figures["passed"] is False:
-        raise GateError(f"latency gate failed: p99 {overall['p99']:.3f} ms > budget {budget_ms:g} ms "
+        raise GateError(f"latency gate failed: {clock} p99 {p99:.3f} ms > budget {budget_ms:g} ms "
                         f"({figures['model']}, batch 1, {threads} thread{'s' * (threads > 1)})")
     return figures
 
@@ -96,15 +112,15 @@ def check_latency(bundle: str | Path, budget_ms: float | None = 1.0, decisions: 
 def _print(figures: dict, bundle: Path) -> None:
     from rich.table import Table
 
-    budget = figures["budget_ms"]
+    budget, gated = figures["budget_ms"], "p99" if figures["clock"] == "wall" else "cpu_p99"
     table = Table(title=f"{bundle} · {figures['model']} · batch 1 · {figures['threads']} thread(s) · ms per decision",
-                  caption=None if budget is None else f"budget: p99 ≤ {budget:g} ms")
-    for col in ("bucket", "n", "median tokens", "p50", "p95", "p99", "max"):
+                  caption=None if budget is None else f"budget: {figures['clock']} p99 ≤ {budget:g} ms")
+    columns = {"p50": "p50", "p95": "p95", "p99": "p99", "max": "max", "cpu_p50": "cpu p50", "cpu_p99": "cpu p99"}
+    for col in ("bucket", "n", "median tokens", *columns.values()):
         table.add_column(col, justify="left" if col == "bucket" else "right")
     for b, f in [*figures["buckets"].items(), ("overall", figures["overall"])]:
-        p99 = f"{f['p99']:.3f}"
+        cells = {k: f"{f[k]:.3f}" for k in columns}
         if b == "overall" and budget is not None:
-            p99 = f"[{'green' if f['p99'] <= budget else 'red'}]{p99}[/]"
-        table.add_row(b, str(f["n"]), str(f.get("median_tokens", "")), f"{f['p50']:.3f}", f"{f['p95']:.3f}",
-                      p99, f"{f['max']:.3f}")
+            cells[gated] = f"[{'green' if f[gated] <= budget else 'red'}]{cells[gated]}[/]"
+        table.add_row(b, str(f["n"]), str(f.get("median_tokens", "")), *cells.values())
     console.print(table)

@@ -25,7 +25,7 @@ def test_prompt_mix_covers_every_bucket_and_is_seeded(bundle):
     for name, prompt, tokens in mix:
         lo, hi = ranges[name]
         assert tokens < hi and (tokens >= lo or name == "short")
-        assert tokens == len(router.tokenizer.encode(prompt, add_special_tokens=False).ids)
+        assert tokens == len(router.tokenizer.encode(prompt, add_special_tokens=False).ids)  # the library's count
     counts = {b: sum(m[0] == b for m in mix) for b in ranges}
     assert min(counts.values()) >= 15 and max(t for *_, t in mix) >= 2000
 
@@ -44,18 +44,21 @@ def test_check_latency_reports_percentiles(bundle):
     assert figures["buckets"]["very long"]["median_tokens"] >= 2000
     for f in [*figures["buckets"].values(), figures["overall"]]:
         assert 0 < f["p50"] <= f["p95"] <= f["p99"] <= f["max"]
+        assert 0 < f["cpu_p50"] <= f["cpu_p99"] <= f["max"] * 1.05  # CPU time fits inside wall time
     json.dumps(figures, allow_nan=False)  # stored in router.json as is
 
 
 def test_over_budget_raises_gate_error(bundle):
-    with pytest.raises(GateError, match=r"p99 .* ms > budget 1e-06 ms") as e:
-        check_latency(bundle, budget_ms=1e-6, decisions=20, show=False)
-    assert e.value.exit_code == 1
+    for clock in ("wall", "cpu"):
+        with pytest.raises(GateError, match=rf"{clock} p99 .* ms > budget 1e-06 ms") as e:
+            check_latency(bundle, budget_ms=1e-6, decisions=20, clock=clock, show=False)
+        assert e.value.exit_code == 1
     assert check_latency(bundle, budget_ms=None, decisions=20, show=False)["passed"] is None
 
 
 def test_cli_check_latency_exit_codes(bundle, cli):
     code, out = cli("check-latency", bundle, "--budget-ms", "10000", "--decisions", "20", "--fp32")
     assert code == 0 and "very long" in out and "fp32" in out
-    code, out = cli("check-latency", bundle, "--budget-ms", "0.000001", "--decisions", "20")
-    assert code == 1 and "latency gate failed" in out
+    code, out = cli("check-latency", bundle, "--budget-ms", "0.000001", "--decisions", "20", "--clock", "cpu")
+    assert code == 1 and "latency gate failed: cpu p99" in out
+    assert cli("check-latency", bundle, "--clock", "sundial")[0] == 2

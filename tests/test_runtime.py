@@ -326,3 +326,41 @@ def test_cli_refuses_altered_bundle(tmp_path, cli):
     (path / "model.int8.onnx").write_bytes(b"not a model")
     code, out = cli("route", path, "hello")
     assert code == 2 and "model.int8.onnx" in out and "sha256 mismatch" in out
+
+
+# -- the ASCII fast path ----------------------------------------------------------------------------
+
+# Every ASCII character, plus pieces that exercise special tokens, subwords and the 100-character word limit.
+ASCII_HEAVY = st.lists(st.sampled_from([chr(c) for c in range(128)] + ["[SEP]", "[MASK]", "##", "ing ", "Hello",
+                                                                      "don't", "x" * 101, "unaffable "]),
+                       max_size=200).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(text=st.one_of(ASCII_HEAVY, st.from_regex(r"[A-Za-z0-9 .,;:'\"()\[\]{}#@_\-+*/\\\n\t]{0,200}", fullmatch=True)))
+def test_fast_path_matches_the_tokenizers_library(text):
+    tok = _TOK
+    assert tok.fast is not None
+    assert tok.content_ids(text) == tok.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def test_fast_path_is_used_only_where_it_is_exact(tok):
+    assert tok.fast.accepts("plain ascii, with punctuation!") and not tok.fast.accepts("café")
+    assert not tok.fast.accepts("contains [SEP] verbatim")  # special tokens are matched before normalising
+    assert tok.content_ids("a [SEP] b") == [1037, tok.sep, 1038]
+
+
+def test_fast_path_on_real_prompts():
+    data = Path(__file__).parent.parent.parent / "shared" / "data" / "routellm_gsm8k.csv"
+    if not data.is_file():
+        pytest.skip("../shared/data is absent")
+    import csv
+
+    prompts = [row["prompt"] for row in csv.DictReader(data.open(encoding="utf-8"))][:600]
+    ascii_prompts = [p for p in prompts if _TOK.fast.accepts(p)]
+    assert len(ascii_prompts) > 300
+    for p in ascii_prompts:
+        assert _TOK.content_ids(p) == _TOK.tokenizer.encode(p, add_special_tokens=False).ids
+
+
+_TOK = load_tokenizer(TOKENIZER)
