@@ -1,0 +1,145 @@
+"""Evaluate stage: the router beside the simple routers an engineer would try first, on the test split.
+
+For a weak/strong pair: APGR, CPT(50%), CPT(80%) of the student (or an exported bundle, scored through
+the runtime exactly as a service would), the teacher, random, prompt length, TF-IDF + logistic
+regression, kNN on teacher embeddings, and the oracle. For pairwise data also per-battle win-prediction
+accuracy against the global Bradley-Terry ranking. One table, printed, written to
+models/NAME/evaluation.json and logged to the training run in MLflow.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import console, model_dir, processed_dir, read_json, write_json
+from .config import load_config
+from .train import Prepared, load_trained, pair_score, predict, prepare
+
+
+def _teacher_probs(checkpoint_dir: Path, prep: Prepared, cfg) -> np.ndarray:
+    from .encoders import EmbeddingRouter
+
+    net = EmbeddingRouter(prep.teacher_emb.shape[1], cfg.teacher.head_hidden, len(prep.models), cfg.student.dropout)
+    net.load_state_dict(torch.load(checkpoint_dir / "teacher_head.pt", weights_only=True))
+    with torch.no_grad():
+        return torch.sigmoid(net.eval()(torch.from_numpy(prep.teacher_emb))).numpy()
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarray]) -> dict | None:
+    """Winner prediction per battle on `rows` (ties excluded): each router's P(a beats b) =
+    sigmoid(logit p_a - logit p_b) from its per-prompt win probabilities, against the global
+    Bradley-Terry ranking (the same winner for every prompt)."""
+    from datasets import load_from_disk
+
+    from .metrics import win_accuracy
+
+    path = processed_dir(prep.name) / "battles"
+    strengths = prep.stats.get("strengths")
+    if not path.exists() or not strengths:
+        return None
+    battles = load_from_disk(str(path)).with_format("numpy")
+    position = {pid: j for j, pid in enumerate(np.asarray(prep.prompt_ids)[rows])}
+    at = np.array([position.get(pid, -1) for pid in battles["prompt_id"]])
+    keep = at >= 0
+    a, b = battles["model_a"][keep], battles["model_b"][keep]
+    score_a, at = battles["score_a"][keep], at[keep]
+    strength = np.array([strengths[m] for m in prep.models])
+    out = {"n_battles": int(keep.sum()),
+           "bradley_terry": win_accuracy(1 / (1 + np.exp(-(strength[a] - strength[b]))), score_a)}
+    for label, p in probs.items():
+        logits = _logit(p)
+        out[label] = win_accuracy(1 / (1 + np.exp(-(logits[at, a] - logits[at, b]))), score_a)
+    return out
+
+
+def evaluate(name: str, bundle: Path | None = None) -> dict:
+    """Routing metrics on the test split for the router, the teacher and the baselines."""
+    from .baselines import baseline_table
+
+    trained = load_trained(name)
+    cfg = load_config(base=trained.meta["config"])
+    prep = prepare(name, cfg)
+    train, test = prep.rows("train"), prep.rows("test")
+    if bundle is not None:
+        from .runtime import Router
+
+        router_p = Router.load(bundle, quantized=True).scores([prep.prompts[r] for r in test])
+        router_label = "router (int8 bundle)"
+    else:
+        router_p = predict(trained.student, prep, cfg, test)
+        router_label = "router (student)"
+    probs = {router_label: router_p, "teacher": _teacher_probs(trained.checkpoint_dir, prep, cfg)[test]}
+    result: dict = {"name": name, "n_test": int(len(test)), "source": str(bundle) if bundle else "checkpoint"}
+
+    if prep.pair is not None:
+        weak, strong = prep.pair
+        both_tr = prep.mask[train][:, [weak, strong]].all(1)
+        both_te = prep.mask[test][:, [weak, strong]].all(1)
+        tr, te = train[both_tr], test[both_te]
+        table = baseline_table(
+            {"prompts": [prep.prompts[r] for r in tr], "weak": prep.target[tr, weak], "strong": prep.target[tr, strong]},
+            {"prompts": [prep.prompts[r] for r in te], "weak": prep.target[te, weak], "strong": prep.target[te, strong]},
+            embeddings=(prep.teacher_emb[tr], prep.teacher_emb[te]),
+        )
+        from .metrics import routing_metrics
+
+        routers = {label: routing_metrics(pair_score(p[both_te], prep.pair), prep.target[te, weak],
+                                          prep.target[te, strong]) for label, p in probs.items()}
+        result["pair"] = {"weak": prep.models[weak], "strong": prep.models[strong], "n": int(len(te))}
+        result["routers"] = routers | table
+    battles = battle_accuracy(prep, test, probs)
+    if battles:
+        result["win_accuracy"] = battles
+    _print(result)
+    write_json(model_dir(name) / "evaluation.json", result)
+    _log(trained.meta.get("mlflow_run_id"), result)
+    return result
+
+
+def _print(result: dict) -> None:
+    from rich.table import Table
+
+    if "routers" in result:
+        pair = result["pair"]
+        table = Table(title=f"{result['name']}: test split, {pair['n']} prompts, {pair['weak']} → {pair['strong']}")
+        for col in ("router", "APGR", "CPT(50%)", "CPT(80%)"):
+            table.add_column(col, justify="left" if col == "router" else "right")
+        for label, m in sorted(result["routers"].items(), key=lambda kv: -kv[1]["apgr"]):
+            style = "bold" if label.startswith("router") else None
+            table.add_row(label, f"{m['apgr']:.3f}", f"{m['cpt50']:.3f}", f"{m['cpt80']:.3f}", style=style)
+        console.print(table)
+    if "win_accuracy" in result:
+        w = result["win_accuracy"]
+        table = Table(title=f"win prediction on {w['n_battles']} test battles (ties excluded)")
+        table.add_column("predictor")
+        table.add_column("accuracy", justify="right")
+        for label, acc in w.items():
+            if label != "n_battles":
+                table.add_row(label, f"{acc:.3f}")
+        console.print(table)
+
+
+def _log(run_id: str | None, result: dict) -> None:
+    import mlflow
+
+    from .common import setup_mlflow
+
+    setup_mlflow()
+    flat = {f"eval_{k.split(' ')[0]}_{metric}": v for k, m in result.get("routers", {}).items()
+            for metric, v in m.items() if isinstance(v, float) and np.isfinite(v)}
+    flat |= {f"eval_win_{k.split(' ')[0]}": v for k, v in result.get("win_accuracy", {}).items() if k != "n_battles"}
+    try:
+        nested = mlflow.active_run() is not None
+        with mlflow.start_run(run_id=run_id, nested=nested) if run_id else mlflow.start_run(run_name="evaluate",
+                                                                                             nested=nested):
+            mlflow.log_metrics(flat)
+            mlflow.log_dict(result, "evaluation.json")
+    except Exception as e:  # the tracking server is a convenience, never a reason to lose the evaluation
+        console.print(f"[yellow]MLflow logging skipped: {e}[/]")
