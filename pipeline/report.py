@@ -52,16 +52,25 @@ def _flatten(d: Mapping, prefix: str = "") -> dict:
 
 
 def _nested_table(d: Mapping, row_label: str = "metric") -> str:
-    """A {column: {row: value}} dict as one table (e.g. splits × metrics), anything else flattened."""
-    if d and all(isinstance(v, Mapping) for v in d.values()) and \
-            all(not isinstance(x, Mapping) for v in d.values() for x in v.values()):
-        cols = list(d)
-        rows = list(dict.fromkeys(k for v in d.values() for k in v))
+    """Entries that are flat {name: value} dicts side by side (e.g. splits × metrics), the rest flattened.
+
+    None values (e.g. an infinite budget written to JSON) are left out.
+    """
+    def scalar(v):
+        return not isinstance(v, (Mapping, list, tuple))
+
+    cols = [k for k, v in d.items() if isinstance(v, Mapping) and v and all(scalar(x) for x in v.values())]
+    parts = []
+    if cols:
+        rows = list(dict.fromkeys(k for c in cols for k, v in d[c].items() if v is not None))
         lines = [f"| {row_label} | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-        lines += [f"| {r} | " + " | ".join(_fmt(d[c].get(r, "")) for c in cols) + " |" for r in rows]
-        return "\n".join(lines)
-    flat = _flatten(d)
-    return "\n".join([f"| {row_label} | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()])
+        lines += [f"| {r} | " + " | ".join(_fmt(d[c][r]) if d[c].get(r) is not None else "" for c in cols) + " |"
+                  for r in rows]
+        parts.append("\n".join(lines))
+    flat = {k: v for k, v in _flatten({k: v for k, v in d.items() if k not in cols}).items() if v is not None}
+    if flat:
+        parts.append("\n".join([f"| {row_label} | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]))
+    return "\n\n".join(parts)
 
 
 def _label_method(cfg: Mapping) -> str:
@@ -108,7 +117,8 @@ def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> P
              "| index | model | cost | role |", "|---:|---|---:|---|"]
     for m in models:
         role = "weak" if m["name"] == decision.get("weak") else "strong" if m["name"] == decision.get("strong") else ""
-        lines.append(f"| {m['index']} | {m['name']} | {_fmt(m.get('cost'))} | {role} |")
+        cost = "unknown" if m.get("cost") is None else _fmt(m["cost"])
+        lines.append(f"| {m['index']} | {m['name']} | {cost} | {role} |")
     if decision.get("costs_assumed"):
         lines.append("\nSome costs were unknown; the N-model decision assumed cost = index + 1 for them.")
 
@@ -134,7 +144,8 @@ def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> P
     lines += ["", "## Latency", ""]
     latency = router.get("latency") or {}
     if latency:
-        lines.append(_nested_table({k: v for k, v in latency.items() if k != "buckets"}, "figure"))
+        lines += ["Single routing decisions (batch 1, tokenization included); times in milliseconds.", "",
+                  _nested_table({k: v for k, v in latency.items() if k != "buckets"}, "figure")]
         if isinstance(latency.get("buckets"), Mapping):
             lines += ["", "Milliseconds per decision by prompt length:", "",
                       _nested_table(latency["buckets"], "figure")]
@@ -424,7 +435,8 @@ def _embeddings(cols: _Columns, training_config: Mapping) -> tuple[np.ndarray, s
         return TruncatedSVD(dim, random_state=0).fit_transform(x), "TF-IDF + SVD features (no torch for the teacher)"
 
 
-def _pair_section(cols, p, train, test, weak, strong, emb, costs, figdir: Path, title: str) -> tuple[list[str], dict]:
+def _pair_section(cols, p, train, test, weak, strong, emb, costs, known_costs: bool, figdir: Path,
+                  title: str) -> tuple[list[str], dict]:
     from . import baselines as bl
     from .metrics import quality_curve, routing_metrics
 
@@ -455,7 +467,7 @@ def _pair_section(cols, p, train, test, weak, strong, emb, costs, figdir: Path, 
         curves[name] = q
         rows[name] = {k: float(np.mean([m[k] for m in ms])) for k in ("apgr", "cpt50", "cpt80")} | {"q50": float(q[50])}
     plot_pair_curves(curves, float(yw.mean()), float(ys.mean()), figdir / "quality_curves.png",
-                     costs=(costs[weak], costs[strong]), title=title, apgr={k: v["apgr"] for k, v in rows.items()})
+                     costs=(costs[weak], costs[strong]) if known_costs else None, title=title, apgr={k: v["apgr"] for k, v in rows.items()})
     md = [f"Test prompts with both models observed: {len(both_te)}. Random is averaged over {RANDOM_SEEDS} seeds; the oracle knows the "
           "outcomes. CPT(x) is the share of strong calls needed to recover x of the weak→strong gap.", "",
           pair_table(rows), "", "![quality vs strong-call share](quality_curves.png)"]
@@ -639,7 +651,8 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
               + (f"; kNN and matrix factorisation use {emb_note}." if emb_note else ".")]
 
         md += ["", f"## Pair routing: `{models[weak]}` → `{models[strong]}`", ""]
-        pair_md, numbers["pair"] = _pair_section(cols, p, train, test, weak, strong, emb, costs, tmp,
+        known = all(m.get("cost") is not None for m in rj["models"])
+        pair_md, numbers["pair"] = _pair_section(cols, p, train, test, weak, strong, emb, costs, known, tmp,
                                                  f"{label}: {models[weak]} → {models[strong]}")
         md += pair_md
         if len(models) > 2:

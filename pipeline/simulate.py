@@ -337,6 +337,21 @@ def _colors(result: dict) -> dict[str, str]:
     return out
 
 
+def _annotate_latency(ax, strategies: dict) -> None:
+    """p50 latency beside each strategy's point; labels that would overlap are stacked downwards."""
+    ax.figure.canvas.draw()  # fixes the limits, so data -> pixel positions are final
+    placed: list[tuple[float, float]] = []
+    for s in strategies.values():
+        x, y = 1000 * s["cost"], s["quality"]
+        px, py = ax.transData.transform((x, y))
+        dy = -12
+        while any(abs(px - qx) < 45 and abs(py + dy * 1.3 - qy) < 11 for qx, qy in placed):
+            dy -= 10  # 1 point of offset is ~1.3 px at 130 dpi
+        placed.append((px, py + dy * 1.3))
+        ax.annotate(f"p50 {s['p50_s']:.1f}s", (x, y), textcoords="offset points", xytext=(7, dy), fontsize=7.5,
+                    color="0.25")
+
+
 def plot_economics(result: dict, path: str | Path, title: str | None = None) -> Path:
     """Left: cost vs quality (router curve, every strategy, p50 latency annotated); right: latency ECDFs."""
     import matplotlib
@@ -356,8 +371,6 @@ def plot_economics(result: dict, path: str | Path, title: str | None = None) -> 
         ax.scatter([x], [y], marker=marker, color=colors[name], s=110 if s["kind"] == "router" else 60,
                    zorder=6 if s["kind"] == "router" else 3,
                    edgecolor="black", linewidth=0.5, label=name)
-        ax.annotate(f"p50 {s['p50_s']:.1f}s", (x, y), textcoords="offset points", xytext=(7, -12), fontsize=7.5,
-                    color="0.25")
     # Matched router points: hollow, in the colour of the strategy they are matched to, joined to it.
     for name, s in result["matched"].items():
         target = s["target"]
@@ -370,6 +383,7 @@ def plot_economics(result: dict, path: str | Path, title: str | None = None) -> 
     costs = [1000 * s["cost"] for s in result["strategies"].values()]
     if min(costs) > 0 and max(costs) / min(costs) > 20:
         ax.set_xscale("log")
+    _annotate_latency(ax, result["strategies"])
     ax.set_xlabel("cost (USD per 1,000 prompts" + (", log scale)" if ax.get_xscale() == "log" else ")"))
     ax.set_ylabel("quality (mean outcome)")
     ax.set_title("Cost vs quality (p50 latency annotated)")

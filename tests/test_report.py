@@ -82,7 +82,7 @@ def test_model_card_is_a_pure_function_of_router_json(tmp_path):
     text = a.read_text()
     assert a.name == "MODEL_CARD.md"
     for needle in ("`demo`", "abc123", "| 1 | s | 1 | strong |", "| 0.1 | 0.73 |", "q(strong) − 0.1",
-                   "| apgr | 0.61 | 0.59 |", "| p99 | 0.4 |", "static encoder, width 256", "## Intended use",
+                   "| apgr | 0.61 | 0.59 |", "| p99 | 0.4 |", "| p50 | 0.1 |", "static encoder, width 256", "## Intended use",
                    "## Limits"):
         assert needle in text, needle
     (tmp_path / "b").mkdir()
