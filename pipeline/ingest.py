@@ -25,10 +25,12 @@ missing; a winner value is not one of the four known ones (or Arena flags are no
 set), because an unknown encoding cannot be guessed and dropping it would bias the data; no row
 is usable; fewer than two models remain. A single row is dropped, counted by reason in the
 manifest (`dropped`, first rows in `dropped_rows`) and printed, when its prompt is empty or not
-text, its model or winner is missing, both sides are the same model, its score is missing or not
-numeric (long), a wide model cell is not numeric, or it has no outcome at all (wide). A missing
-cell in the wide layout only means "not observed" (mask false). Row numbers are 1-based data rows
-(the header does not count).
+text, its model or winner is missing or blank, both sides are the same model, its score is missing,
+not numeric or infinite (long), a wide model cell is not numeric or infinite, or it has no outcome
+at all (wide). Outcomes are stored as float32, so a magnitude beyond its range counts as infinite.
+A missing cell in the wide layout only means "not observed" (mask false). Row numbers are 1-based
+data rows (the header does not count). An input column named like an output column of ingest or
+label (`prompt_id`, `cost`, `split`, `target`...) is kept as `source_<name>`.
 
 Re-ingest is skipped when `manifest.json` holds the same `content_hash` (input bytes + options).
 """
@@ -55,11 +57,12 @@ from .common import (ConfigError, DataError, atomic_dir, console, data_root, pro
                      sha256_json, write_json)
 
 SCHEMA_VERSION = 1
-INGEST_VERSION = 1  # bump when the output for the same input changes, so old artifacts are redone
+INGEST_VERSION = 2  # bump when the output for the same input changes, so old artifacts are redone
 LAYOUTS = ("pairwise", "wide", "long")
 WINNERS = {"model_a": (1.0, False), "model_b": (0.0, False), "tie": (0.5, False), "tie (bothbad)": (0.5, True)}
 ARENA_FLAGS = ("winner_model_a", "winner_model_b", "winner_tie")
-RESERVED = ("prompt_id", "outcome", "mask", "count", "cost")  # output columns an input column may not shadow
+# Output columns of ingest and label that an input column may not shadow (it is kept as source_<name>).
+RESERVED = ("prompt_id", "outcome", "mask", "count", "cost", "target", "split", "difficulty", "soft_label")
 IGNORED_PAIRWISE = ("response_a", "response_b")  # per-side answers are not prompt metadata
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
@@ -182,6 +185,8 @@ def _load(src: _Source) -> Iterator[tuple[pa.Table, str]]:
             ds = datasets.load_dataset(src.builder, data_files=str(src.path), split="train",
                                        cache_dir=str(cache), **kwargs)
         except Exception as e:
+            if _no_records(src):
+                raise DataError("the file has no rows", file=src.path) from None
             cause = e.__cause__ or e
             line = _first_bad_json_line(src.path) if src.builder == "json" else None
             raise DataError(f"cannot read as {src.builder}" + (f" (line {line})" if line else "")
@@ -193,6 +198,21 @@ def _load(src: _Source) -> Iterator[tuple[pa.Table, str]]:
         yield table, ""
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def _no_records(src: _Source) -> bool:
+    """A parquet file of zero rows or JSON without records (`datasets` fails on them with obscure errors)."""
+    try:
+        if src.builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(src.path).metadata.num_rows == 0
+        if src.builder == "json":
+            text = src.path.read_text(encoding="utf-8").strip()
+            return not text or (text.startswith("[") and json.loads(text) == [])
+    except Exception:  # unreadable for another reason: the caller reports the original error
+        pass
+    return False
 
 
 def _first_bad_json_line(path: Path) -> Optional[int]:
@@ -281,7 +301,16 @@ def _join_turns(turns) -> Optional[str]:
 
 
 def _as_float(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
-    """(float64 values with NaN for missing, non-numeric mask) of a score/cost column."""
+    """(float64 values with NaN for missing, non-numeric mask) of a score/cost column.
+
+    Outcomes and costs are stored as float32, so a magnitude beyond its range counts as infinite
+    here (and is dropped like inf) rather than turning into inf in the dataset."""
+    values, bad = _parse_float(col)
+    big = np.abs(values) > np.finfo(np.float32).max
+    return np.where(big, np.copysign(np.inf, values), values), bad
+
+
+def _parse_float(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     typ = col.type
     n = len(col)
     if pa.types.is_null(typ):
@@ -312,8 +341,14 @@ def _as_float(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
-    """Small categorical column (model names, winners) as int64 codes (-1 for null) and sorted names."""
-    col = pc.cast(col, pa.string()) if not pa.types.is_string(col.type) else col
+    """Small categorical column (model names, winners) as int64 codes (-1 for null or blank) and sorted names.
+
+    Values are trimmed, so " a" and "a" are one model, and a blank value is missing as in CSV."""
+    if _is_json_ext(col.type):  # mixed JSON types: decode, else "a" would become the name '"a"'
+        col = pa.chunked_array([pa.array([v if v is None or isinstance(v, str) else json.dumps(v)
+                                          for v in _json_values(col)], pa.string())])
+    col = pc.utf8_trim_whitespace(pc.cast(col, pa.string()) if not pa.types.is_string(col.type) else col)
+    col = pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)
     names = sorted(v for v in pc.unique(col).to_pylist() if v is not None)
     codes = pc.index_in(col, value_set=pa.array(names, pa.string()))
     return pc.fill_null(codes, -1).to_numpy(zero_copy_only=False).astype(np.int64), names
@@ -383,7 +418,7 @@ def _pairwise(table: pa.Table, drops: _Drops, where) -> _Observations:
         score_a = np.where(flags[:, 0] == 1, 1.0, np.where(flags[:, 1] == 1, 0.0, 0.5))
         bothbad = np.zeros(n, bool)
     else:
-        codes, values = _codes(pc.utf8_trim_whitespace(pc.cast(table.column("winner"), pa.string())))
+        codes, values = _codes(table.column("winner"))
         unknown = [v for v in values if v.lower() not in WINNERS]
         if unknown:
             first = np.flatnonzero(codes == values.index(unknown[0]))[0]
