@@ -274,6 +274,12 @@ class Router:
         ordered = sorted(config["models"], key=lambda m: m["index"])
         self.models: list[str] = [m["name"] for m in ordered]
         self._rel_cost = relative_costs(ordered)
+        kind = self.decision.get("kind")
+        missing = [self.decision.get(k) for k in ("weak", "strong") if kind == "pair"
+                   and self.decision.get(k) not in self.models]
+        if kind not in ("pair", "multi") or missing:
+            raise _bundle_error(f"router.json decision is unusable: kind {kind!r}"
+                                + (f", unknown pair models {missing}" if missing else ""), path / "router.json")
         self._inputs = {i.name for i in session.get_inputs()}  # the exporter drops unused inputs
         self._outputs = [session.get_outputs()[0].name]
         if self.decision["kind"] == "pair":

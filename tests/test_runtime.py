@@ -178,6 +178,12 @@ def test_altered_file_fails_load(tmp_path):
         Router.load(path)
 
 
+def test_unusable_decision_fails(tmp_path):
+    path, _ = tiny_bundle(tmp_path / "b", decision={"kind": "pair", "weak": "weak", "strong": "gpt-9"})
+    with pytest.raises(DataError, match=r"unknown pair models \['gpt-9'\]"):
+        Router.load(path)
+
+
 def test_unknown_schema_version_fails(tmp_path):
     path, _ = tiny_bundle(tmp_path / "b")
     config = json.loads((path / "router.json").read_text())
