@@ -297,10 +297,10 @@ def plot_cost_quality(sweep: np.ndarray, hull: np.ndarray, singles: Mapping[str,
     ax.set_ylabel("quality (mean outcome of the chosen model)")
     ax.grid(alpha=0.3)
     ax.set_title(title or "Cost vs quality over the λ sweep", fontsize=11)
-    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: never over points
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -319,16 +319,16 @@ def drift_table(rows: Sequence[Mapping], target_name: str, setting_name: str, bu
     return "\n".join(lines)
 
 
-def breakdown_rows(values: Sequence, choices: np.ndarray, outcomes: np.ndarray, weak: int, strong: int,
-                   max_groups: int = 40) -> list[dict]:
-    """Per metadata value: n, share routed to `strong`, quality of router vs always-weak vs always-strong.
+def breakdown_rows(values: Sequence, choices: np.ndarray, outcomes: np.ndarray, references: Mapping[str, int],
+                   share_of: int, rel_cost: np.ndarray | None = None, max_groups: int = 40) -> list[dict]:
+    """Per metadata value: n, the share routed to model `share_of`, the mean relative cost of the picks
+    (when `rel_cost` is given), and the quality of the router and of always calling each reference model.
 
     outcomes: [n, n_models] with every used model observed. The largest `max_groups` groups are kept;
     the rest are merged into one "other" row.
     """
     values = np.array(["(missing)" if v is None else str(v) for v in values], dtype=object)
-    rows_idx = np.arange(len(values))
-    chosen = outcomes[rows_idx, choices]
+    chosen = outcomes[np.arange(len(values)), choices]
     names, counts = np.unique(values, return_counts=True)
     order = [names[i] for i in np.lexsort((names, -counts))]
     groups = [(g, values == g) for g in order[:max_groups]]
@@ -336,18 +336,28 @@ def breakdown_rows(values: Sequence, choices: np.ndarray, outcomes: np.ndarray, 
         groups.append((f"(other {len(order) - max_groups} groups)", ~np.isin(values, order[:max_groups])))
     out = []
     for g, sel in groups:
-        out.append({"group": g, "n": int(sel.sum()), "strong_share": float(np.mean(choices[sel] == strong)),
-                    "router": float(chosen[sel].mean()), "weak": float(outcomes[sel, weak].mean()),
-                    "strong": float(outcomes[sel, strong].mean())})
+        row = {"group": g, "n": int(sel.sum()), "share": float(np.mean(choices[sel] == share_of))}
+        if rel_cost is not None:
+            row["cost"] = float(rel_cost[choices[sel]].mean())
+        row["router"] = float(chosen[sel].mean())
+        row.update({name: float(outcomes[sel, j].mean()) for name, j in references.items()})
+        out.append(row)
     return out
 
 
-def breakdown_table(column: str, rows: Sequence[Mapping]) -> str:
-    lines = [f"| {column} | n | strong share | router quality | weak quality | strong quality |",
-             "|---|---:|---:|---:|---:|---:|"]
+def breakdown_table(column: str, rows: Sequence[Mapping], share_label: str = "strong share") -> str:
+    """Markdown of `breakdown_rows`: shares in %, relative cost in %, qualities to 3 decimals."""
+    if not rows:
+        return ""
+    refs = [k for k in rows[0] if k not in ("group", "n", "share", "cost", "router")]
+    has_cost = "cost" in rows[0]
+    head = [column, "n", share_label] + (["mean cost"] if has_cost else []) + ["router quality"] + \
+        [f"{r} quality" for r in refs]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
-        lines.append(f"| {r['group']} | {r['n']} | {100 * r['strong_share']:.0f}% | {r['router']:.3f} "
-                     f"| {r['weak']:.3f} | {r['strong']:.3f} |")
+        cells = [r["group"], str(r["n"]), f"{100 * r['share']:.0f}%"] + ([f"{100 * r['cost']:.0f}%"] if has_cost else [])
+        cells += [f"{r['router']:.3f}"] + [f"{r[k]:.3f}" for k in refs]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -499,7 +509,8 @@ def _sweep(p: np.ndarray, y: np.ndarray, costs: np.ndarray) -> dict:
             "aiq": aiq(c, q, cost_range=(lo, 1.0)) if lo < 1.0 else float("nan"), "at_budget": at}
 
 
-def _multi_section(cols, p, test, train, emb, costs, models, figdir: Path, title: str) -> tuple[list[str], dict]:
+def _multi_section(cols, p, test, train, emb, costs, known_costs: bool, models, figdir: Path,
+                   title: str) -> tuple[list[str], dict]:
     from . import baselines as bl
 
     full = cols.mask[test].all(1)
@@ -534,7 +545,9 @@ def _multi_section(cols, p, test, train, emb, costs, models, figdir: Path, title
     md = [f"Test prompts with every model observed: {len(rows_te)}. Each method picks argmax_j p_j − λ·cost_j over a "
           "sweep of λ; AIQ (RouterBench) is the area under the non-decreasing convex hull of its (cost, quality) "
           "points over the cost range from the cheapest to the priciest model, divided by that range. Costs are "
-          "relative to the priciest model. Quality at a budget is the best swept point within it.", "",
+          "relative to the priciest model" + (" (unknown costs: model j is taken to cost j + 1, as the decision rule "
+                                              "assumed)" if not known_costs else "")
+          + ". Quality at a budget is the best swept point within it.", "",
           multi_table(table, BUDGETS), "", "![cost vs quality](cost_quality.png)"]
     return md, {"n": int(len(rows_te)), "methods": table, "singles": singles, "oracle": oracle}
 
@@ -552,7 +565,10 @@ def _decision_ms(router, router_json: Mapping, prompts: Sequence[str]) -> tuple[
     return float(np.median(ms)), f"p50 of {len(sample)} single decisions timed now on this data's test prompts"
 
 
-def _economics(cols, test, p, choices, costs, models, kind, weak, strong, decision_ms, profile, figdir, title):
+def _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, strong, decision_ms, profile, figdir,
+               title):
+    """Simulate router, cascade and ensemble; `sim_costs` (None = unknown) only rank models missing from
+    the profile, while `costs` are the ones the routing decision uses."""
     from .metrics import choose
     from .simulate import economics_table, plot_economics, simulate
 
@@ -571,7 +587,7 @@ def _economics(cols, test, p, choices, costs, models, kind, weak, strong, decisi
         lambdas = _lambda_grid(p, costs, n=60)
         curve = {float(lam): choose(p, costs, lam) for lam in lambdas}
         router_choices, knob = choices, "λ"
-    res = simulate(cols.target[test][:, use], cols.mask[test][:, use], [costs[j] for j in use], profile,
+    res = simulate(cols.target[test][:, use], cols.mask[test][:, use], [sim_costs[j] for j in use], profile,
                    models=[models[j] for j in use], router_choices=router_choices, router_curve=curve, knob=knob,
                    decision_ms=decision_ms)
     plot_economics(res, figdir / "economics.png", title=title)
@@ -657,7 +673,7 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
         md += pair_md
         if len(models) > 2:
             md += ["", f"## {len(models)} models: cost vs quality", ""]
-            multi_md, numbers["multi"] = _multi_section(cols, p, test, train, emb, costs, models, tmp,
+            multi_md, numbers["multi"] = _multi_section(cols, p, test, train, emb, costs, known, models, tmp,
                                                         f"{label}: {len(models)} models")
             md += multi_md
 
@@ -678,20 +694,40 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
                    drift_table(lam_drift, "cost budget", "λ", budget=True), ""]
         numbers["drift"] = {"thresholds": drift, "cost_lambdas": lam_drift}
 
-        usable = cols.mask[test, weak] & cols.mask[test, strong] & cols.mask[test, choices]
         numbers["breakdown"] = {}
+        if kind == "pair":
+            refs, share_of, rel_cost = {"weak": weak, "strong": strong}, strong, None
+            share_label, intro = "strong share", f"strong share is the share routed to `{models[strong]}`"
+        else:
+            q = np.where(cols.mask[test], cols.target[test], np.nan)
+            best = int(np.nanargmax(np.nanmean(q, axis=0)))
+            cheap = int(np.argmin(costs))
+            refs = {f"cheapest ({models[cheap]})": cheap, f"best single ({models[best]})": best}
+            share_of, rel_cost = best, costs / costs.max()
+            share_label = "best-model share"
+            intro = f"best-model share is the share routed to `{models[best]}`, mean cost relative to the priciest model"
+        used = [*refs.values(), share_of]
+        usable = cols.mask[test][:, used].all(1) & cols.mask[test, choices]
         if cols.meta and usable.any():
-            md += ["## Breakdown", "", f"At the default operating point ({default_note}); strong share is the share "
-                   f"routed to `{models[strong]}`; {int(usable.sum())} test prompts with the models involved observed.", ""]
+            md += ["## Breakdown", "", f"At the default operating point ({default_note}); {intro}; "
+                   f"{int(usable.sum())} test prompts with the models involved observed.", ""]
             for column, values in cols.meta.items():
                 rows = breakdown_rows([values[r] for r in test[usable]], choices[usable], cols.target[test[usable]],
-                                      weak, strong)
+                                      refs, share_of, rel_cost)
                 numbers["breakdown"][column] = rows
-                md += [f"### by `{column}`", "", breakdown_table(column, rows), ""]
+                md += [f"### by `{column}`", "", breakdown_table(column, rows, share_label), ""]
 
         md += ["## Router vs cascade vs ensemble (simulated)", ""]
-        res, econ_md = _economics(cols, test, p, choices, costs, models, kind, weak, strong, decision_ms, profile,
-                                  tmp, f"{label}: router vs cascade vs ensemble (simulated)")
+        sim_costs = [m.get("cost") for m in sorted(rj["models"], key=lambda m: m["index"])]
+        cost_note = ""
+        if kind == "pair" and None in (sim_costs[weak], sim_costs[strong]):
+            # Unknown pair costs: the strong model is taken to be the pricier one, as routing assumes.
+            sim_costs[weak], sim_costs[strong] = 1.0, 2.0
+            cost_note = " The bundle has no costs: the strong model is taken to be the pricier one."
+        elif None in sim_costs:
+            cost_note = " Models with unknown cost and no profile entry get the middle default profile."
+        res, econ_md = _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, strong, decision_ms,
+                                  profile, tmp, f"{label}: router vs cascade vs ensemble (simulated)")
         numbers["economics"] = {"n": res["n"], "ladder": res["ladder"], "judge": res["judge"],
                                 "profile": res["profile"],
                                 "rows": [{k: v for k, v in r.items()} for r in economics_rows(res)]}
@@ -702,12 +738,17 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
                "judge pick. Output lengths are drawn per prompt (same draws for every strategy); time to first "
                "token, speed and price come from the model profile (table below). Matched rows are the router's "
                f"operating points ({res['knob']}) whose quality or cost matches the cascade's or ensemble's. "
-               f"{res['n']} test prompts with every simulated model observed.", "",
+               f"{res['n']} test prompts with every simulated model observed.{cost_note}", "",
                econ_md, "", "![economics](economics.png)", "", "Model profile:", "",
                "| model | time to first token (s) | tokens / s | typical output tokens | USD / 1k output tokens |",
                "|---|---:|---:|---:|---:|"]
+        # The models the strategies use: the ladder and the router's default picks.
+        shown = set(res["ladder"]) | {models[c] for c in np.unique(choices)}
         md += [f"| {m} | {v['ttft_s']:.2f} | {v['tokens_per_s']:.0f} | {v['output_tokens']:.0f} | {v['price_per_1k']:.4g} |"
-               for m, v in res["profile"].items()]
+               for m, v in res["profile"].items() if m in shown]
+        if len(res["profile"]) > len(shown):
+            md += ["", f"{len(res['profile']) - len(shown)} other models (on the router's λ sweep only) are in "
+                   "`report.json`."]
         (tmp / "report.md").write_text("\n".join(md) + "\n")
         write_json(tmp / "report.json", numbers)
     _log_mlflow(out, name, bundle, numbers)

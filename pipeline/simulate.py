@@ -12,7 +12,8 @@ prompt on the same random draws of output lengths, so their differences are not 
   quality is that of the judge's pick, and of the best answer as an upper bound; it pays for all.
 
 Cascade and ensemble run over a "ladder": the models sorted by cost, keeping each one only when it
-is better on average than every cheaper one (escalating to a worse model is never useful).
+is better on average than every cheaper one (escalating to a worse or equally priced model is
+never useful).
 Numpy only, so it runs anywhere the report runs.
 """
 from __future__ import annotations
@@ -149,10 +150,14 @@ def _summary(kind: str, quality: np.ndarray, cost: np.ndarray, latency_s: np.nda
 
 
 def default_ladder(outcomes: np.ndarray, mean_cost: np.ndarray) -> list[int]:
-    """Models by expected cost, each kept only when better on average than every cheaper one."""
+    """Models by expected cost, each kept only when better on average than every cheaper one.
+
+    Among equally priced models only the best is kept: escalating at the same price buys nothing
+    the best of them would not give at once.
+    """
     quality = outcomes.mean(0)
     ladder, best = [], -np.inf
-    for j in sorted(range(len(mean_cost)), key=lambda j: (mean_cost[j], quality[j])):
+    for j in sorted(range(len(mean_cost)), key=lambda j: (mean_cost[j], -quality[j])):
         if quality[j] > best:
             ladder.append(j)
             best = quality[j]
@@ -262,7 +267,8 @@ def simulate(outcomes, mask=None, costs: Sequence[float | None] | None = None, p
     tokens = per["output_tokens"] * np.exp(sigma * rng_tokens.standard_normal((n, m)) - sigma ** 2 / 2)
     gen_s = per["ttft_s"] + tokens / per["tokens_per_s"]
     gen_cost = tokens * per["price_per_1k"] / 1000.0
-    ladder = list(ladder) if ladder is not None else default_ladder(o, gen_cost.mean(0))
+    # Expected (not sampled) cost orders the ladder, so equally priced models tie exactly.
+    ladder = list(ladder) if ladder is not None else default_ladder(o, per["output_tokens"] * per["price_per_1k"])
 
     strategies: dict[str, dict] = {}
     for j in ladder:

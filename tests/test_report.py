@@ -49,15 +49,20 @@ def test_breakdown_per_group():
     values = ["math", "math", "art", "math", None]
     outcomes = np.array([[0, 1], [1, 1], [1, 0], [0, 0], [1, 1]], float)
     choices = np.array([1, 0, 0, 1, 1])
-    rows = breakdown_rows(values, choices, outcomes, weak=0, strong=1)
+    rows = breakdown_rows(values, choices, outcomes, {"weak": 0, "strong": 1}, share_of=1)
     by = {r["group"]: r for r in rows}
     assert [r["group"] for r in rows][0] == "math"  # largest first
-    assert by["math"] == {"group": "math", "n": 3, "strong_share": pytest.approx(2 / 3),
-                          "router": pytest.approx(2 / 3), "weak": pytest.approx(1 / 3), "strong": pytest.approx(2 / 3)}
+    assert by["math"] == {"group": "math", "n": 3, "share": pytest.approx(2 / 3), "router": pytest.approx(2 / 3),
+                          "weak": pytest.approx(1 / 3), "strong": pytest.approx(2 / 3)}
     assert by["(missing)"]["n"] == 1 and by["art"]["router"] == 1.0
-    merged = breakdown_rows(values, choices, outcomes, 0, 1, max_groups=1)
+    merged = breakdown_rows(values, choices, outcomes, {"weak": 0}, 1, max_groups=1)
     assert merged[-1]["group"] == "(other 2 groups)" and merged[-1]["n"] == 2
     assert "| math | 3 | 67% | 0.667 | 0.333 | 0.667 |" in breakdown_table("subject", rows)
+    costed = breakdown_rows(values, choices, outcomes, {"cheap": 0}, 1, rel_cost=np.array([0.1, 1.0]))
+    assert costed[0]["cost"] == pytest.approx(0.7)  # math picks: 1.0, 0.1, 1.0
+    table = breakdown_table("subject", costed, "best-model share")
+    assert "| subject | n | best-model share | mean cost | router quality | cheap quality |" in table
+    assert "| math | 3 | 67% | 70% | 0.667 | 0.333 |" in table
 
 
 def _router_json(kind="pair"):

@@ -108,6 +108,8 @@ def test_matched_operating_points():
 def test_ladder_skips_a_pricier_worse_model():
     out = np.array([[1, 0, 1], [1, 0, 1], [0, 0, 1], [1, 1, 1]], float)
     assert default_ladder(out, np.array([1.0, 2.0, 3.0])) == [0, 2]
+    assert default_ladder(out, np.array([1.0, 1.0, 1.0])) == [2]  # same price: only the best
+    assert default_ladder(out, np.array([1.0, 3.0, 1.0])) == [2]
     r = simulate(out, router_choices=[0, 0, 0, 0], costs=[1, 2, 3])
     assert r["ladder"] == ["model0", "model2"]
     assert r["strategies"]["ensemble (judge pick)"]["calls"] == 2
