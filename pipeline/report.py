@@ -642,7 +642,10 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
     kind = decision["kind"]
     pair_names = (decision.get("weak"), decision.get("strong")) if decision.get("weak") else \
         (stats["pair"]["weak"], stats["pair"]["strong"])
-    weak, strong = models.index(pair_names[0]), models.index(pair_names[1])
+    if all(n in models for n in pair_names):
+        weak, strong = models.index(pair_names[0]), models.index(pair_names[1])
+    else:  # the data's pair is not among the bundle's models: compare the cheapest with the priciest
+        weak, strong = int(np.argmin(costs)), int(np.argmax(costs))
     p = router.scores([cols.prompts[r] for r in test])
     score = (1.0 + p[:, strong] - p[:, weak]) / 2.0
     if kind == "pair":
