@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -171,10 +173,8 @@ def test_export_by_name_gates_logs_and_registers(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     import pipeline.label
-    import pipeline.train
     from pipeline.export import export
     from pipeline.metrics import apgr
-    from pipeline.train import Trained
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("PREROUTER_MODELS_DIR", str(tmp_path / "models"))
@@ -191,7 +191,9 @@ def test_export_by_name_gates_logs_and_registers(tmp_path, monkeypatch):
     with mlflow.start_run() as training_run:
         pass
     meta = {**calibrated_meta(net, texts), "mlflow_run_id": training_run.info.run_id}
-    monkeypatch.setattr(pipeline.train, "load_trained", lambda name: Trained(net, meta, tmp_path))
+    # The training stage's loader, without importing the training stack (Lightning) for it.
+    trained = types.SimpleNamespace(student=net, meta=meta, checkpoint_dir=tmp_path)
+    monkeypatch.setitem(sys.modules, "pipeline.train", types.SimpleNamespace(load_trained=lambda name: trained))
     monkeypatch.setattr(pipeline.label, "load_labels", lambda name: (labels, {}))
 
     bundle = export("tiny", config=load_config(overrides=["export.latency_decisions=20"]))
