@@ -43,7 +43,7 @@ def export(name: str, out: str | Path | None = None, config: Config | None = Non
     observed = np.array(held_ds["mask"], dtype=bool) & (split[held] == "test")[:, None]
     outcomes = np.where(observed, target, np.nan)  # APGR is measured on the test split only
     bundle = export_module(trained.student, trained.meta, Path(out) if out else model_dir(name) / "bundle",
-                           held_ds["prompt"], outcomes, config.export)
+                           list(held_ds["prompt"]), outcomes, config.export)
     log_bundle(bundle, trained.meta, name)
     console.print(f"[green]bundle[/] {bundle}")
     return bundle
@@ -67,7 +67,8 @@ def export_module(student, meta: dict, out: str | Path, holdout_prompts: list[st
         fp32_diff = float(np.max(np.abs(l32 - ref)))
         if not fp32_diff <= config.parity_atol:
             raise GateError(f"parity gate failed on {len(ref)} held-out prompts: fp32 ONNX vs PyTorch "
-                            f"max |Δlogit| = {fp32_diff:.3g} > parity_atol {config.parity_atol:g}")
+                            f"max |Δlogit| = {fp32_diff:.3g} > parity_atol {config.parity_atol:g} (Python-side "
+                            "values in forward(), e.g. .item() or shape-dependent branches, are frozen by tracing)")
         tried = []
         for recipe, embeddings in QUANT_RECIPES:  # the most compact recipe that keeps routing parity
             quantize(fp32, int8, embeddings)
