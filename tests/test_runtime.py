@@ -345,9 +345,9 @@ ASCII_HEAVY = st.lists(st.sampled_from([chr(c) for c in range(128)] + ["[SEP]", 
 @settings(max_examples=400, deadline=None)
 @given(text=st.one_of(ASCII_HEAVY, st.from_regex(r"[A-Za-z0-9 .,;:'\"()\[\]{}#@_\-+*/\\\n\t]{0,200}", fullmatch=True)))
 def test_fast_path_matches_the_tokenizers_library(text):
-    tok = _TOK
-    assert tok.fast is not None
-    assert tok.content_ids(text) == tok.tokenizer.encode(text, add_special_tokens=False).ids
+    for tok in (_TOK, _CASED):
+        assert tok.fast is not None
+        assert tok.content_ids(text) == tok.tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def test_fast_path_is_used_only_where_it_is_exact(tok):
@@ -369,4 +369,15 @@ def test_fast_path_on_real_prompts():
         assert _TOK.content_ids(p) == _TOK.tokenizer.encode(p, add_special_tokens=False).ids
 
 
-_TOK = load_tokenizer(TOKENIZER)
+def _cased_tokenizer():
+    """The packaged tokenizer with lowercasing off: the fast path's cased branch."""
+    from tokenizers import Tokenizer
+
+    from pipeline.runtime import RouterTokenizer
+
+    config = json.loads(TOKENIZER.read_text())
+    config["normalizer"]["lowercase"] = False
+    return RouterTokenizer(Tokenizer.from_str(json.dumps(config)))
+
+
+_TOK, _CASED = load_tokenizer(TOKENIZER), _cased_tokenizer()
