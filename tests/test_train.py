@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
+from pipeline.metrics import apgr
 from pipeline.encoders import StaticRouter, TransformerRouter, build_student
 from pipeline.train import Prepared, fit_student, fit_teacher, masked_bce, pair_score, predict, split_metrics
 
@@ -79,10 +80,12 @@ def test_teacher_then_student_learn_a_planted_signal(tiny_teacher, cache):
                                  "teacher.epochs=15", "teacher.lr=0.01", f"teacher.path={tiny_teacher}"])
     fit_teacher(prep, cfg, cache / "work")
     test = prep.rows("test")
+    w, s = prep.target[test, 0], prep.target[test, 1]
+    best = apgr(s - w, w, s)  # the oracle: 0.75 here, since half the prompts need the strong model
     teacher = split_metrics(prep, prep.teacher_prob[test], test)
-    assert teacher["apgr"] > 0.9  # the embedding carries the signal in dimension 0
+    assert teacher["apgr"] > 0.95 * best  # the embedding carries the signal in dimension 0
     student, ckpt = fit_student(prep, cfg, cache / "work")
     assert ckpt.best_model_path
     p = predict(student, prep, cfg, test)
     assert p.shape == (len(test), 2)
-    assert split_metrics(prep, p, test)["apgr"] > 0.9  # the keyword decides; random would be ~0.5
+    assert split_metrics(prep, p, test)["apgr"] > 0.95 * best  # the keyword decides; random would be ~0.5
