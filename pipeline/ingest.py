@@ -181,8 +181,9 @@ def _load(src: _Source) -> Iterator[tuple[pa.Table, str]]:
             header = list(head.columns)
             kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
                           keep_default_na=False, na_values=[""])
+        data_file = (_json_array_as_lines(src.path, cache) if src.builder == "json" else None) or src.path
         try:
-            ds = datasets.load_dataset(src.builder, data_files=str(src.path), split="train",
+            ds = datasets.load_dataset(src.builder, data_files=str(data_file), split="train",
                                        cache_dir=str(cache), **kwargs)
         except Exception as e:
             if _no_records(src):
@@ -198,6 +199,27 @@ def _load(src: _Source) -> Iterator[tuple[pa.Table, str]]:
         yield table, ""
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def _json_array_as_lines(path: Path, folder: Path) -> Optional[Path]:
+    """A whole-document JSON array of records rewritten as JSON lines in `folder`, else None.
+
+    `datasets` re-encodes a JSON array through ujson, which turns NaN and Infinity into null, so an
+    infinite score would silently become "not observed" instead of a dropped row as in JSON lines.
+    """
+    with open(path, "rb") as f:
+        if not f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            return None
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError:
+        return None  # `datasets` fails on it too and the error names the line
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return None
+    out = folder / f"{path.stem}.jsonl"
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return out
 
 
 def _no_records(src: _Source) -> bool:
@@ -420,10 +442,12 @@ def _pairwise(table: pa.Table, drops: _Drops, where) -> _Observations:
     else:
         codes, values = _codes(table.column("winner"))
         unknown = [v for v in values if v.lower() not in WINNERS]
-        if unknown:
-            first = np.flatnonzero(codes == values.index(unknown[0]))[0]
-            others = f"; other unknown values: {', '.join(map(repr, unknown[1:6]))}" if len(unknown) > 1 else ""
-            raise DataError(f"unknown winner value {unknown[0]!r} (expected one of {', '.join(WINNERS)}{others})",
+        if unknown:  # report the earliest row with an unknown value, and that value first
+            first = np.flatnonzero(np.isin(codes, [values.index(v) for v in unknown]))[0]
+            value = values[codes[first]]
+            rest = [v for v in unknown if v != value]
+            others = f"; other unknown values: {', '.join(map(repr, rest[:5]))}" if rest else ""
+            raise DataError(f"unknown winner value {value!r} (expected one of {', '.join(WINNERS)}{others})",
                             file=where, row=int(first) + 1)
         drops.add(codes < 0, "missing winner")
         known = [WINNERS[v.lower()] for v in values] + [(np.nan, False)]
