@@ -4,11 +4,13 @@ Unknown keys, wrong types and impossible values fail here, before any work start
 """
 from __future__ import annotations
 
+import copy
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .common import ConfigError
 
@@ -17,6 +19,16 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value, info):
+        # YAML reads yes/no/on/off/true as booleans, which pydantic would quietly turn into 1 or 0.
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+        if isinstance(value, bool) and annotation is not Any and bool not in kinds:
+            raise ValueError(f"expected {' or '.join(getattr(k, '__name__', repr(k)) for k in kinds)}, not a boolean")
+        return value
 
 
 class LabelConfig(_Section):
@@ -28,6 +40,14 @@ class LabelConfig(_Section):
     tiers: int = Field(2, ge=2)  # strength tiers for pairwise data (RouteLLM strong/weak)
     weak: Optional[str] = None  # routing pair; default: weakest and strongest model
     strong: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.score_range is not None and self.score_range[1] <= self.score_range[0]:
+            raise ValueError(f"label.score_range must be increasing, got {list(self.score_range)}")
+        if self.weak is not None and self.weak == self.strong:
+            raise ValueError(f"label.weak and label.strong are the same model {self.weak!r}")
+        return self
 
 
 class TeacherConfig(_Section):
@@ -117,23 +137,33 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict | None = None) -> Config:
     """Defaults, then the YAML file, then `section.key=value` overrides (values parsed as YAML)."""
-    tree: dict = dict(base or {})
+    tree: dict = copy.deepcopy(base or {})  # overrides below must not write into the caller's dict
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-        tree.update(loaded)
+        for section, values in loaded.items():  # a file section updates the base section, key by key
+            if isinstance(values, dict) and isinstance(tree.get(section), dict):
+                tree[section].update(values)
+            else:
+                tree[section] = values
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key; it must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({' '.join(str(e).split())})") from None
+        _set_dotted(tree, key.strip(), value)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
