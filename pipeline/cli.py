@@ -86,9 +86,10 @@ def train(
     force: bool = typer.Option(False, help="Retrain even when labels and config are unchanged."),
 ):
     """Train the teacher head and distil the compact student (Lightning, tracked in MLflow)."""
+    cfg = _config(config, overrides)  # a bad config fails before the training stack is imported
     from .train import train as run_train
 
-    run_train(name, _config(config, overrides), force=force)
+    run_train(name, cfg, force=force)
 
 
 @app.command()
