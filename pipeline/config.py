@@ -42,11 +42,9 @@ class LabelConfig(_Section):
     strong: Optional[str] = None
 
     @model_validator(mode="after")
-    def _consistent(self):
+    def _increasing_range(self):
         if self.score_range is not None and self.score_range[1] <= self.score_range[0]:
             raise ValueError(f"label.score_range must be increasing, got {list(self.score_range)}")
-        if self.weak is not None and self.weak == self.strong:
-            raise ValueError(f"label.weak and label.strong are the same model {self.weak!r}")
         return self
 
 

@@ -56,10 +56,6 @@ def test_heads_must_divide_dim_for_transformer_students():
     assert "student.dim=100 must be divisible by student.heads=3" in message
 
 
-def test_routing_pair_must_be_two_models():
-    assert "label.weak and label.strong are the same model 'a'" in error_of("label.weak=a", "label.strong=a")
-
-
 def test_every_error_is_reported_at_once():
     message = error_of("train.lr=-1", "train.max_epochs=0", "label.bogus=1")
     assert "train.lr:" in message and "train.max_epochs:" in message and "label.bogus:" in message
