@@ -44,12 +44,12 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
     strengths = prep.stats.get("strengths")
     if not path.exists() or not strengths:
         return None
-    battles = load_from_disk(str(path)).with_format("numpy")
+    table = load_from_disk(str(path)).data
+    col = lambda name: table.column(name).to_numpy()  # noqa: E731
     position = {pid: j for j, pid in enumerate(np.asarray(prep.prompt_ids)[rows])}
-    at = np.array([position.get(pid, -1) for pid in battles["prompt_id"]])
+    at = np.array([position.get(pid, -1) for pid in table.column("prompt_id").to_pylist()])
     keep = at >= 0
-    a, b = battles["model_a"][keep], battles["model_b"][keep]
-    score_a, at = battles["score_a"][keep], at[keep]
+    a, b, score_a, at = col("model_a")[keep], col("model_b")[keep], col("score_a")[keep], at[keep]
     strength = np.array([strengths[m] for m in prep.models])
     out = {"n_battles": int(keep.sum()),
            "bradley_terry": win_accuracy(1 / (1 + np.exp(-(strength[a] - strength[b]))), score_a)}
