@@ -41,6 +41,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -163,7 +164,8 @@ def _load(src: _Source) -> Iterator[tuple[pa.Table, str]]:
         return
     root = data_root()
     root.mkdir(parents=True, exist_ok=True)
-    cache = Path(tempfile.mkdtemp(prefix=".ingest-cache-", dir=root))
+    _remove_dead_caches(root)
+    cache = Path(tempfile.mkdtemp(prefix=f".ingest-cache-{os.getpid()}-", dir=root))
     try:
         kwargs = {}
         if src.builder == "csv":
@@ -199,6 +201,20 @@ def _load(src: _Source) -> Iterator[tuple[pa.Table, str]]:
         yield table, ""
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def _remove_dead_caches(root: Path) -> None:
+    """Read caches left by an ingest that was killed (its process is gone); they can be as big as the input."""
+    for cache in root.glob(".ingest-cache-*"):
+        pid = cache.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(cache, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _json_array_as_lines(path: Path, folder: Path) -> Optional[Path]:
