@@ -1,0 +1,221 @@
+"""Interrupted work: `kill -9` at any point leaves each artifact absent or complete, never half written
+(`atomic_dir`: a temporary sibling, then one rename), and a rerun picks up the finished stages by
+content hash instead of redoing them."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.common import atomic_dir, read_json
+
+REPO = Path(__file__).resolve().parents[1]
+N_FILES = 40  # files one atomic write puts in its directory
+
+
+def env_for(tmp_path: Path) -> dict:
+    return {**os.environ, "PREROUTER_DATA_DIR": str(tmp_path / "data"), "PREROUTER_MODELS_DIR": str(tmp_path / "models"),
+            "PREROUTER_MLRUNS_DIR": str(tmp_path / "mlruns"), "COLUMNS": "300", "PYTHONPATH": str(REPO)}
+
+
+def hidden(folder: Path) -> list[str]:
+    """Temporary siblings and caches (names starting with a dot) anywhere under `folder`."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*")) if folder.exists() else []
+
+
+def kill_after(cmd: list[str], env: dict, delay: float | None = None, when=None, poll: float = 0.002) -> int | None:
+    """Start `cmd`, SIGKILL it after `delay` seconds or as soon as `when()` is true; returns its exit code
+    if it finished first, else None."""
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.monotonic()
+    while proc.poll() is None:
+        if (delay is not None and time.monotonic() - start >= delay) or (when is not None and when()):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return None
+        time.sleep(poll)
+    return proc.returncode
+
+
+# --- atomic_dir -----------------------------------------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from pipeline.common import atomic_dir
+
+    final, version = Path(sys.argv[1]), sys.argv[2]
+    with atomic_dir(final) as tmp:
+        for i in range({n}):
+            (tmp / f"part{{i:02d}}").write_text(version * 1000)
+            if i == {n} // 2:
+                print("half", flush=True)
+            time.sleep(0.005)
+""").format(n=N_FILES)
+
+
+def written_version(final: Path) -> str | None:
+    """The version a complete directory holds; None when absent; fails when it is partial or mixed."""
+    if not final.exists():
+        return None
+    files = sorted(final.iterdir())
+    assert [f.name for f in files] == [f"part{i:02d}" for i in range(N_FILES)], "partial directory"
+    versions = {f.read_text() for f in files}
+    assert len(versions) == 1 and len(next(iter(versions))) == 1000, "mixed or truncated files"
+    return next(iter(versions))[0]
+
+
+def test_atomic_dir_on_an_exception_keeps_the_old_version_and_no_temporary(tmp_path):
+    final = tmp_path / "artifact"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final) as tmp:
+            (tmp / "part00").write_text("half")
+            raise RuntimeError("crash while writing")
+    assert not final.exists() and hidden(tmp_path) == []
+    with atomic_dir(final) as tmp:
+        for i in range(N_FILES):
+            (tmp / f"part{i:02d}").write_text("a" * 1000)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(final) as tmp:
+            (tmp / "part00").write_text("b" * 1000)
+            raise KeyboardInterrupt
+    assert written_version(final) == "a" and hidden(tmp_path) == []
+
+
+def test_atomic_dir_killed_mid_write_leaves_absent_or_complete_and_the_next_write_cleans_up(tmp_path):
+    final = tmp_path / "artifact"
+    writer = [sys.executable, "-c", WRITER, str(final)]
+    env = env_for(tmp_path)
+
+    # Killed once half the files are written: nothing there yet, a stale temporary beside it.
+    proc = subprocess.Popen(writer + ["a"], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "half"
+    proc.kill()
+    proc.wait()
+    assert written_version(final) is None and len(hidden(tmp_path)) == 1
+
+    # The next write removes it and leaves a complete version.
+    assert subprocess.run(writer + ["a"], env=env).returncode == 0
+    assert written_version(final) == "a" and hidden(tmp_path) == []
+
+    # Killed while replacing version a with b, at random points: always a complete a or b.
+    # (Absent is possible only between its two renames, a window of microseconds.)
+    rng = random.Random()
+    for version in "bcdef":
+        code = kill_after(writer + [version], env, delay=rng.uniform(0.05, 0.6))
+        assert written_version(final) in {None, "a", "b", "c", "d", "e", "f"}
+        if code is not None:
+            assert code == 0 and written_version(final) == version
+    assert subprocess.run(writer + ["g"], env=env).returncode == 0
+    assert written_version(final) == "g" and hidden(tmp_path) == []
+
+
+# --- ingest killed at random points ---------------------------------------------------------------
+
+
+def big_pairwise_csv(path: Path, n: int = 60_000) -> Path:
+    rng = np.random.default_rng(0)
+    prompts = np.array([f"prompt {i} on topic {i % 97}" for i in range(n // 2)])
+    models = [f"m{i}" for i in range(6)]
+    pd.DataFrame({"prompt": prompts[rng.integers(0, len(prompts), n)], "model_a": rng.choice(models, n),
+                  "model_b": rng.choice(models, n),
+                  "winner": rng.choice(["model_a", "model_b", "tie", "tie (bothbad)"], n)}).to_csv(path, index=False)
+    return path
+
+
+def assert_complete(out: Path, n_rows: int) -> dict:
+    """data/processed/NAME as a reader sees it: manifest, dataset and battles, all consistent."""
+    m = read_json(out / "manifest.json")
+    assert m["n_rows_in"] == n_rows
+    assert len(datasets.load_from_disk(str(out / "dataset"))) == m["n_prompts"]
+    assert len(datasets.load_from_disk(str(out / "battles"))) == m["n_battles"] == m["n_rows_used"]
+    return m
+
+
+def test_ingest_killed_at_random_points_leaves_absent_or_complete_and_reruns(tmp_path, data_dir, cli):
+    src = big_pairwise_csv(tmp_path / "battles.csv")
+    env = env_for(tmp_path)
+    processed = data_dir / "processed"
+    out = processed / "battles"
+    ingest = [sys.executable, "-m", "pipeline", "ingest", str(src)]
+
+    # The first ingest, killed as soon as it starts writing: no dataset, only a temporary.
+    assert kill_after(ingest, env, when=lambda: bool(list(processed.glob(".battles.tmp-*")))) is None
+    assert not out.exists() and hidden(data_dir)
+
+    # The rerun writes it whole and removes what the killed run left (temporary, read cache).
+    t0 = time.monotonic()
+    assert subprocess.run(ingest, env=env, capture_output=True).returncode == 0
+    seconds = time.monotonic() - t0
+    first = assert_complete(out, 60_000)
+    assert hidden(data_dir) == []
+
+    # Forced re-ingests killed at random points: the previous dataset or the new one, whole.
+    for delay in sorted(random.uniform(0.3, 1.0) * seconds for _ in range(2)):
+        code = kill_after(ingest + ["--force"], env, delay=delay)
+        assert code in (None, 0)
+        if out.exists() or code == 0:
+            m = assert_complete(out, 60_000)
+            assert m["content_hash"] == first["content_hash"] and m["dropped"] == first["dropped"]
+
+    # Unchanged input: a rerun skips, or redoes a dataset a kill left absent; a write cleans up.
+    code, text = cli("ingest", src)
+    assert code == 0 and ("battles: unchanged, skipping" in text or "ingested battles" in text), text
+    assert cli("ingest", src, "--force")[0] == 0
+    assert assert_complete(out, 60_000)["content_hash"] == first["content_hash"]
+    assert hidden(data_dir) == []
+    code, text = cli("ingest", src)
+    assert code == 0 and "battles: unchanged, skipping" in text
+
+
+# --- reruns pick up finished stages ---------------------------------------------------------------
+
+
+def test_rerun_of_unchanged_ingest_and_label_skips_both(data_dir, demo_files, cli):
+    assert cli("ingest", demo_files["pairwise"])[0] == 0
+    assert cli("label", "demo_pairwise")[0] == 0
+    out = data_dir / "processed" / "demo_pairwise"
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "manifest.json", out / "labels" / "label_stats.json")}
+    arrow = sorted(out.rglob("*.arrow"))
+    os.utime(demo_files["pairwise"])  # a newer mtime alone is no change: the content hash decides
+
+    code, text = cli("ingest", demo_files["pairwise"])
+    assert code == 0 and "demo_pairwise: unchanged, skipping" in text and "ingested" not in text
+    code, text = cli("label", "demo_pairwise")
+    assert code == 0 and "demo_pairwise: labels unchanged, skipping" in text and "labels: demo_pairwise" not in text
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and sorted(out.rglob("*.arrow")) == arrow
+
+    # A changed label option redoes label only.
+    code, text = cli("label", "demo_pairwise", "--set", "label.test_fraction=0.3")
+    assert code == 0 and "labels: demo_pairwise" in text
+    assert (out / "manifest.json").stat().st_mtime_ns == stamps[out / "manifest.json"]
+
+
+def test_label_killed_then_rerun_skips_ingest_and_finishes_label(tmp_path, data_dir, demo_files, cli):
+    assert cli("ingest", demo_files["long"])[0] == 0
+    out = data_dir / "processed" / "demo_long"
+    manifest_mtime = (out / "manifest.json").stat().st_mtime_ns
+
+    # Killed as soon as label starts writing: no labels (the dataset untouched), a stale temporary.
+    label = [sys.executable, "-m", "pipeline", "label", "demo_long"]
+    assert kill_after(label, env_for(tmp_path), when=lambda: bool(list(out.glob(".labels.tmp-*")))) is None
+    assert not (out / "labels").exists() and hidden(out)
+
+    code, text = cli("ingest", demo_files["long"])
+    assert code == 0 and "demo_long: unchanged, skipping" in text
+    code, text = cli("label", "demo_long")
+    assert code == 0 and "labels: demo_long" in text, text
+    assert (out / "manifest.json").stat().st_mtime_ns == manifest_mtime
+    stats = read_json(out / "labels" / "label_stats.json")
+    assert len(datasets.load_from_disk(str(out / "labels" / "dataset"))) == stats["n_prompts"]
+    assert hidden(out) == []
