@@ -219,3 +219,49 @@ def test_label_killed_then_rerun_skips_ingest_and_finishes_label(tmp_path, data_
     stats = read_json(out / "labels" / "label_stats.json")
     assert len(datasets.load_from_disk(str(out / "labels" / "dataset"))) == stats["n_prompts"]
     assert hidden(out) == []
+
+
+# --- the whole pipeline, killed while training ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_run_killed_while_training_resumes_without_redoing_ingest_and_label(tmp_path):
+    """`prerouter run` on 150 demo prompts with a tiny teacher (about a minute, twice)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pipeline.demo import generate
+    from tiny import make_tiny_teacher
+
+    data = generate(tmp_path / "raw", n_prompts=150, seed=0)["wide"]
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    env = env_for(tmp_path)
+    models, processed = tmp_path / "models" / "demo", tmp_path / "data" / "processed" / "demo"
+    run = [sys.executable, "-m", "pipeline", "run", str(data), "--name", "demo", "--budget-ms", "1000"]
+    for override in (f"teacher.path={teacher}", "teacher.epochs=1", "train.max_epochs=1", "student.dim=32",
+                     "student.hidden=32", "export.latency_decisions=20", "export.min_int8_agreement=0",
+                     "export.max_int8_apgr_drop=1"):
+        run += ["--set", override]
+
+    # Killed at a random moment after training started writing its checkpoint.
+    started = []
+
+    def training_then_random_delay() -> bool:
+        if not started and list(models.glob(".checkpoint.tmp-*")):
+            started.append(time.monotonic() + random.uniform(0.0, 3.0))
+        return bool(started) and time.monotonic() >= started[0]
+
+    assert kill_after(run, env, when=training_then_random_delay, poll=0.05) is None
+    assert read_json(processed / "labels" / "label_stats.json")["name"] == "demo"  # finished before the kill
+    assert not (models / "checkpoint").exists() or (models / "checkpoint" / "meta.json").is_file()
+    assert not (models / "bundle").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (processed / "manifest.json", processed / "labels" / "label_stats.json")}
+
+    proc = subprocess.run(run, env=env, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "demo: unchanged, skipping" in proc.stderr and "demo: labels unchanged, skipping" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert hidden(tmp_path / "models") == [] and hidden(tmp_path / "data") == []
+
+    from pipeline.runtime import Router
+
+    assert Router.load(models / "bundle").route("What is the capital of France?") in {"small-7b", "medium-34b",
+                                                                                      "large-70b"}
