@@ -51,10 +51,12 @@ class LabelConfig(_Section):
 class TeacherConfig(_Section):
     path: Optional[str] = None  # local checkpoint dir or hub id; None: packaged all-MiniLM-L6-v2
     max_tokens: int = Field(256, ge=8, le=512)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)  # embedding passes and head training
     head_hidden: int = Field(256, ge=1)
     epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # the head's own, so tuning the student leaves the teacher as is
+    weight_decay: float = Field(0.01, ge=0.0)
 
 
 class StudentConfig(_Section):

@@ -265,11 +265,11 @@ def fit_teacher(prep: Prepared, cfg: Config, workdir: Path) -> EmbeddingRouter:
     """The teacher's head over frozen sentence embeddings; fills `prep.teacher_prob`."""
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     tc = cfg.teacher
-    net = EmbeddingRouter(prep.teacher_emb.shape[1], tc.head_hidden, len(prep.models), cfg.student.dropout)
-    module = RouterModule(net, tc.lr, cfg.train.weight_decay, pair=prep.pair, uses_tokens=False)
+    net = EmbeddingRouter(prep.teacher_emb.shape[1], tc.head_hidden, len(prep.models), tc.dropout)
+    module = RouterModule(net, tc.lr, tc.weight_decay, pair=prep.pair, uses_tokens=False)
     trainer, ckpt = _trainer(cfg, workdir / "teacher", max_epochs=tc.epochs)
     saved, prep.teacher_prob = prep.teacher_prob, None  # the teacher learns from hard labels only
-    trainer.fit(module, datamodule=RouterData(prep, cfg.train.batch_size))
+    trainer.fit(module, datamodule=RouterData(prep, tc.batch_size))
     module.load_state_dict(torch.load(ckpt.best_model_path, weights_only=True)["state_dict"])
     net.eval()
     with torch.no_grad():
