@@ -347,7 +347,7 @@ def check_dataset(case: Case, code: int, out: str, data_dir: Path, rows_written:
     return m
 
 
-def check_labels(code: int, out: str, data_dir: Path, manifest: dict) -> None:
+def check_labels(code: int, out: str, data_dir: Path, manifest: dict, fractions=(0.2, 0.1)) -> None:
     """`label` on an accepted dataset: targets in [0, 1], masks as ingested, the hash split."""
     if code == 2:  # the one refusal that an accepted dataset can earn: a constant off-scale outcome
         assert "nothing to learn" in out and "Traceback" not in out, out
@@ -359,7 +359,7 @@ def check_labels(code: int, out: str, data_dir: Path, manifest: dict) -> None:
     target, mask = np.stack(list(lab["target"])), np.stack(list(lab["mask"]))
     assert (mask == np.stack(list(base["mask"]))).all()
     assert np.isfinite(target).all() and (target >= 0).all() and (target <= 1).all() and (target[~mask] == 0).all()
-    assert list(lab["split"]) == [split_of(p) for p in lab["prompt"]]
+    assert list(lab["split"]) == [split_of(p, *fractions) for p in lab["prompt"]]
     assert np.isfinite(lab["difficulty"]).all()
     stats = read_json(data_dir / "processed" / NAME / "labels" / "label_stats.json")
     assert sum(stats["splits"].values()) == len(lab) == manifest["n_prompts"]
@@ -388,14 +388,21 @@ def _ingest(cli, case: Case, path: Path):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bad_rows_are_dropped_and_counted_and_label_never_crashes(layout, cli, monkeypatch):
     @settings(max_examples=15, **SETTINGS)
-    @given(case=cases(layout))
-    def check(case):
-        _rows_property(case, cli, monkeypatch)
+    @given(case=cases(layout), options=LABEL_OPTIONS)
+    def check(case, options):
+        _rows_property(case, options, cli, monkeypatch)
 
     check()
 
 
-def _rows_property(case: Case, cli, monkeypatch) -> None:
+# label options that change the targets or the split: tiers, binarising threshold, relaxation, fractions
+LABEL_OPTIONS = st.fixed_dictionaries({
+    "tiers": st.sampled_from([2, 3, 5]), "threshold": st.sampled_from([None, 0.0, 0.5, 1.0]),
+    "relaxation": st.sampled_from([0.0, 0.3]),
+    "fractions": st.sampled_from([(0.2, 0.1), (0.0, 0.0), (0.9, 0.5)])})
+
+
+def _rows_property(case: Case, options: dict, cli, monkeypatch) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data_dir = tmp / "data"
@@ -410,8 +417,12 @@ def _rows_property(case: Case, cli, monkeypatch) -> None:
             assert must_fail is not None or not case.exact, out
             return
         manifest = check_dataset(case, code, out, data_dir, len(case.rows))
-        code, out = cli("label", NAME)
-        check_labels(code, out, data_dir, manifest)
+        test, val = options["fractions"]
+        args = [f"label.tiers={options['tiers']}", f"label.relaxation={options['relaxation']}",
+                f"label.test_fraction={test}", f"label.val_fraction={val}"]
+        args += [] if options["threshold"] is None else [f"label.threshold={options['threshold']}"]
+        code, out = cli("label", NAME, *(a for arg in args for a in ("--set", arg)))
+        check_labels(code, out, data_dir, manifest, (test, val))
         assert not (tmp / "models").exists()
 
 
