@@ -160,11 +160,13 @@ def teacher_word_embeddings(path: str | None = None, dim: int = 128) -> np.ndarr
 
 
 def _pca(x: np.ndarray, dim: int) -> np.ndarray:
+    """PCA to `dim` columns; a student wider than the teacher gets zero columns (learned from scratch)."""
     x = x - x.mean(0, keepdims=True)
-    dim = min(dim, x.shape[1])
+    keep = min(dim, x.shape[1])
     _, _, vt = np.linalg.svd(x[:: max(1, len(x) // 20000)], full_matrices=False)
-    y = x @ vt[:dim].T
-    return (y / (y.std() + 1e-8) * 0.1).astype(np.float32)  # small, even scale for training
+    y = x @ vt[:keep].T
+    y = y / (y.std() + 1e-8) * 0.1  # small, even scale for training
+    return np.pad(y, ((0, 0), (0, dim - keep))).astype(np.float32)
 
 
 class Head(nn.Module):
