@@ -7,6 +7,7 @@ torch is imported inside the functions that need it, so writing and reading bund
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import shutil
 import tempfile
@@ -17,7 +18,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import __version__
-from .common import DataError, GateError, atomic_dir, console, model_dir, read_json, sha256_file, write_json
+from .common import (DataError, GateError, atomic_dir, console, model_dir, read_json, sha256_file, sha256_json,
+                     write_json)
 from .config import Config, ExportConfig
 from .runtime import SCHEMA_VERSION, choose, encode, load_tokenizer, relative_costs
 
@@ -33,6 +35,12 @@ def export(name: str, out: str | Path | None = None, config: Config | None = Non
 
     config = config or Config()
     trained = load_trained(name)
+    bundle_dir = Path(out) if out else model_dir(name) / "bundle"
+    fingerprint = sha256_json({"checkpoint": trained.meta.get("fingerprint"), "export": config.export.model_dump()})
+    if _up_to_date(bundle_dir, fingerprint):
+        console.print(f"[dim]export: {bundle_dir} is up to date (same checkpoint and export options), skipping[/]")
+        return bundle_dir
+    trained.meta["export_fingerprint"] = fingerprint
     labels, _ = load_labels(name)
     split = np.array(labels["split"])
     held = np.flatnonzero(split != "train")
@@ -42,11 +50,25 @@ def export(name: str, out: str | Path | None = None, config: Config | None = Non
     target = np.array(held_ds["target"], dtype=np.float64)
     observed = np.array(held_ds["mask"], dtype=bool) & (split[held] == "test")[:, None]
     outcomes = np.where(observed, target, np.nan)  # APGR is measured on the test split only
-    bundle = export_module(trained.student, trained.meta, Path(out) if out else model_dir(name) / "bundle",
+    bundle = export_module(trained.student, trained.meta, bundle_dir,
                            list(held_ds["prompt"]), outcomes, config.export)
     log_bundle(bundle, trained.meta, name)
     console.print(f"[green]bundle[/] {bundle}")
     return bundle
+
+
+def _up_to_date(bundle: Path, fingerprint: str) -> bool:
+    """A complete bundle (every sha256 checks out) made from the same checkpoint and export options."""
+    from .runtime import Router
+
+    try:
+        router = json.loads((bundle / ROUTER).read_text())
+        if router.get("export_fingerprint") != fingerprint:
+            return False
+        Router.load(bundle)
+        return True
+    except Exception:
+        return False
 
 
 def export_module(student, meta: dict, out: str | Path, holdout_prompts: list[str],
@@ -265,6 +287,7 @@ def router_config(meta: dict, *, opset: int, parity: dict | None = None) -> dict
         "latency": {},
         "data_hash": meta.get("data_hash"),
         "training_config": meta.get("config", {}),
+        "export_fingerprint": meta.get("export_fingerprint"),
         "files": {},
     }
 
