@@ -69,7 +69,10 @@ def _load_teacher(path: str | None):
 
     hf_logging.set_verbosity_error()
     src = teacher_path(path)
-    return AutoTokenizer.from_pretrained(src), AutoModel.from_pretrained(src).eval()
+    # Loading draws random initial weights; keep the caller's random stream, so a student is initialised
+    # the same whether its token vectors were cached or computed just now.
+    with torch.random.fork_rng(devices=[]):
+        return AutoTokenizer.from_pretrained(src), AutoModel.from_pretrained(src).eval()
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
