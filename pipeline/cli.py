@@ -165,15 +165,18 @@ def score(
 @app.command()
 def tune(
     name: str = typer.Argument(..., help="Labeled dataset name."),
-    trials: int = typer.Option(20, min=0, help="Trials to run in this process."),
+    trials: Optional[int] = typer.Option(None, min=0, help="Trials in the whole study (default tune.trials); "
+                                         "finished ones count, so a rerun or another worker runs only the rest."),
     timeout: Optional[float] = typer.Option(None, help="Stop starting trials after this many seconds."),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage URL (default: journal file under mlruns/)."),
+    storage: Optional[str] = typer.Option(None, help="Journal file, or an SQL URL shared by workers on several "
+                                          "machines (default: mlruns/optuna/STUDY.journal)."),
     study_name: Optional[str] = typer.Option(None, help="Study name (default: prerouter-NAME-OBJECTIVE)."),
-    objective: str = typer.Option("quality", help="quality (validation APGR) | pareto (APGR × p99 latency)."),
+    objective: Optional[str] = typer.Option(None, help="quality (validation APGR) | pareto (APGR × p99 latency); "
+                                            "default tune.objective."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = OverrideArg,
 ):
-    """Search the student's hyperparameters and architecture with Optuna (pruned, resumable)."""
+    """Search the student's hyperparameters and architecture with Optuna (pruned, resumable, multi-worker)."""
     from .tune import tune as run_tune
 
     run_tune(name, _config(config, overrides), trials=trials, timeout=timeout, storage=storage,

@@ -1,0 +1,322 @@
+"""Tune stage: the search space format, a pruned study, resuming after a kill, two workers, Pareto mode.
+
+Everything runs on a 400-prompt demo set with a 1-layer, 32-wide teacher and 16-32-wide students
+trained for a few epochs, so a trial takes about a second.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from pipeline.common import ConfigError, read_json
+from pipeline.config import load_config
+
+from .tiny import make_tiny_teacher
+
+# A small space: static students only (the transformer family costs more per trial).
+SPACE = {"student.family": "static", "student.dim": [16, 32], "student.max_tokens": [16, 32],
+         "train.max_epochs": [3, 4], "train.lr": [1e-3, 2e-2]}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The demo set ingested and labeled, a tiny teacher, and a teacher-output cache shared by the tests."""
+    from pipeline.demo import generate
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+
+    root = tmp_path_factory.mktemp("tune")
+    env = {"PREROUTER_DATA_DIR": str(root / "data"), "PREROUTER_CACHE_DIR": str(root / "cache")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        files = generate(root / "raw", n_prompts=400, seed=1)
+        ingest(str(files["wide"]), name="demo")
+        label("demo")
+        # An MLflow store migrated once (migrations take seconds), copied by each test; artifacts stay in tmp.
+        from mlflow import MlflowClient
+
+        MlflowClient(f"sqlite:///{root / 'mlflow.db'}").create_experiment(
+            "prerouter", artifact_location=(root / "artifacts").as_uri())
+    teacher = make_tiny_teacher(root / "teacher")
+    config = {"teacher": {"path": str(teacher), "epochs": 3, "head_hidden": 16},
+              "student": {"dim": 16, "hidden": 16, "max_tokens": 16, "heads": 2},
+              "train": {"max_epochs": 3, "patience": 2, "batch_size": 32},
+              "tune": {"space": SPACE}}
+    (root / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return {"root": root, "env": env, "config": root / "tiny.yaml"}
+
+
+@pytest.fixture
+def env(world, tmp_path, monkeypatch):
+    """This test's own models dir, MLflow store and study journal; the shared data and cache."""
+    shutil.copy(world["root"] / "mlflow.db", tmp_path / "mlflow.db")
+    values = {**world["env"], "PREROUTER_MODELS_DIR": str(tmp_path / "models"),
+              "PREROUTER_MLRUNS_DIR": str(tmp_path / "mlruns"),
+              "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    import mlflow
+    import torch
+
+    mlflow.set_tracking_uri(values["MLFLOW_TRACKING_URI"])  # a URI set earlier in this process would win
+
+    torch.set_num_threads(1)
+    return values
+
+
+def load(study_name: str, tmp_path: Path) -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = tmp_path / "mlruns" / "optuna" / f"{study_name}.journal"
+    return optuna.load_study(study_name=study_name, storage=JournalStorage(JournalFileBackend(str(journal))))
+
+
+def runs(parent: str | None = None):
+    """MLflow runs of this test's store (optionally only the children of `parent`) as a DataFrame."""
+    import mlflow
+
+    df = mlflow.search_runs(search_all_experiments=True)
+    return df if parent is None else df[df["tags.mlflow.parentRunId"] == parent]
+
+
+def _cli(argv: list[str], env: dict, log: str) -> None:
+    """A worker process: the `prerouter` entry point with `argv`, output to `log`."""
+    import torch
+
+    os.environ.update(env)
+    torch.set_num_threads(1)  # like a worker on its own core
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.argv = ["prerouter", *argv]
+    from pipeline.cli import main
+
+    main()
+
+
+@pytest.fixture(scope="module")
+def workers():
+    """Starts `prerouter tune` worker processes. They fork from a server that imported the training stack
+    once (a fresh interpreter pays that import, seconds on a busy 2-core machine, for every worker)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["pipeline.cli", "pipeline.tune", "pipeline.train", "mlflow", __name__])
+
+    def start(world, env, *args) -> mp.Process:
+        log = str(Path(env["PREROUTER_MODELS_DIR"]).parent / f"worker-{time.monotonic_ns()}.log")
+        proc = ctx.Process(target=_cli, args=(["tune", "demo", "-c", str(world["config"]), *args], env, log))
+        proc.start()
+        proc.log = log
+        return proc
+
+    return start
+
+
+# ----------------------------------------------------------------------------- the search space
+
+def test_space_is_narrowed_fixed_and_extended_from_the_config():
+    from pipeline.tune import SPACE as DEFAULT, search_space
+
+    cfg = load_config(overrides=["tune.space={student.family: static, train.lr: [0.001, 0.01], "
+                                 "train.batch_size: [32, 64], student.hidden: {low: 16, high: 64}, "
+                                 "student.head_fraction: [0.5, 0.75, 1.0]}"])
+    space = search_space(cfg)
+    assert space["student.family"] == {"fixed": "static"}
+    assert space["train.lr"] == {"low": 0.001, "high": 0.01, "log": True}  # a narrowed range keeps its scale
+    assert space["train.batch_size"] == {"choices": [32, 64]}
+    assert space["student.hidden"] == {"low": 16, "high": 64, "log": False}
+    assert space["student.head_fraction"] == {"choices": [0.5, 0.75, 1.0]}
+    assert set(DEFAULT) < set(space)
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    from pipeline.tune import suggest
+
+    for _ in range(20):
+        values = suggest(study.ask(), space, cfg)
+        assert values["student.family"] == "static" and "student.layers" not in values  # layers: transformer only
+        assert 0.001 <= values["train.lr"] <= 0.01 and values["train.batch_size"] in (32, 64)
+        assert isinstance(values["student.hidden"], int) and 16 <= values["student.hidden"] <= 64
+
+
+def test_transformer_trials_search_layers():
+    from pipeline.tune import search_space, suggest
+
+    cfg = load_config(overrides=["tune.space={student.family: transformer}"])
+    values = suggest(optuna.create_study().ask(), search_space(cfg), cfg)
+    assert values["student.family"] == "transformer" and 1 <= values["student.layers"] <= 4
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{student.size: [1, 2]}", "unknown config key 'student.size'"),
+    ("{student.family: [static, rnn]}", "student.family"),
+    ("{train.lr: {low: 0.1, high: 0.01}}", "low <= high"),
+    ("{train.lr: {low: 0.0, high: 0.1, log: true}}", "log range"),
+    ("{tune.seed: [1, 2]}", "outside `tune`"),
+    ("{train.batch_size: []}", "empty"),
+])
+def test_bad_spaces_fail_before_any_trial(space, message):
+    from pipeline.tune import search_space
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        search_space(load_config(overrides=[f"tune.space={space}"]))
+
+
+# ----------------------------------------------------------------------------- studies
+
+class PruneTrial(optuna.pruners.BasePruner):
+    """Prunes one chosen trial after its second epoch (the median pruner needs more trials to act)."""
+
+    def __init__(self, number: int):
+        self.number = number
+
+    def prune(self, study, trial) -> bool:
+        return trial.number == self.number and trial.last_step is not None and trial.last_step >= 1
+
+
+def test_quality_study_prunes_logs_and_retrains_the_best_trial(world, env, tmp_path, monkeypatch):
+    from pipeline import tune as tune_module
+    from pipeline.train import load_trained
+
+    monkeypatch.setattr(tune_module, "make_pruner", lambda cfg: PruneTrial(1))
+    cfg = load_config(world["config"])
+    result = tune_module.tune("demo", cfg, trials=3)
+
+    study = load(result.study.study_name, tmp_path)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    assert sorted(trials[1].intermediate_values) == [0, 1]  # val APGR reported every epoch, then pruned
+    base = {"train.lr": 2e-3, "train.max_epochs": 3, "student.dim": 16, "student.max_tokens": 16}
+    assert {k: trials[0].params[k] for k in base} == base  # trial 0 is the base configuration
+    for t in trials:  # the narrowed space is honoured
+        config = t.user_attrs["config"]
+        assert config["student.family"] == "static" and config["student.dim"] in (16, 32)
+        assert 1e-3 <= config["train.lr"] <= 2e-2 and config["student.max_tokens"] in (16, 32)
+        assert all(-1.0 < v < 2.0 for v in t.intermediate_values.values())
+    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert result.best_trial == best.number and result.best_value == best.value
+    assert result.config.student.dim == best.user_attrs["config"]["student.dim"]
+    assert result.config.train.lr == pytest.approx(best.user_attrs["config"]["train.lr"])
+
+    # tuned.yaml loads as a config; the checkpoint is the chosen trial, retrained to the same val APGR
+    tuned = load_config(Path(env["PREROUTER_MODELS_DIR"]) / "demo" / "tuned.yaml")
+    assert tuned == result.config
+    meta = load_trained("demo").meta
+    assert meta["config"] == result.config.to_dict()
+    assert meta["metrics"]["val"]["apgr"] == pytest.approx(best.value, abs=1e-9)
+    out = Path(env["PREROUTER_MODELS_DIR"]) / "demo" / "tune"
+    assert (out / "history.png").stat().st_size > 1000 and (out / "importance.png").stat().st_size > 1000
+
+    # MLflow: one parent, one nested run per trial with its state, then the retrain under the parent
+    parent = study.user_attrs["mlflow_run_id"]
+    children = runs(parent)
+    by_name = children.set_index("tags.mlflow.runName")
+    assert sorted(by_name.index) == ["train-demo", "trial-0", "trial-1", "trial-2"]
+    assert by_name.loc["trial-1", "tags.optuna.state"] == "PRUNED"
+    assert by_name.loc["trial-0", "metrics.result.val_apgr"] == pytest.approx(trials[0].value)
+    tags = runs().set_index("run_id").loc[parent]
+    assert tags["tags.best_trial"] == str(best.number) and tags["status"] == "FINISHED"
+
+    # a rerun with the same budget runs nothing new and keeps the result
+    again = tune_module.tune("demo", cfg, trials=3)
+    assert len(load(result.study.study_name, tmp_path).trials) == 3 and again.best_trial == best.number
+
+
+def test_a_killed_study_resumes_without_repeating_finished_trials(world, env, tmp_path, workers):
+    from pipeline.tune import tune
+
+    study_name = "prerouter-demo-quality"
+    proc = workers(world, env, "--trials", "4")
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # kill it in the middle of a trial, after at least one finished
+            time.sleep(0.05)
+            try:
+                trials = load(study_name, tmp_path).get_trials()
+            except (KeyError, FileNotFoundError):  # the worker has not created the study yet
+                continue
+            running = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+            if running and any(t.state.is_finished() for t in trials):
+                break
+        else:
+            pytest.fail("the worker never reached its second trial:\n" + Path(proc.log).read_text()[-3000:])
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.join()
+    before = {t.number: (t.state, t.values, t.params) for t in load(study_name, tmp_path).get_trials()}
+    killed = [n for n, (state, _, _) in before.items() if state == TrialState.RUNNING]
+    assert len(killed) == 1
+
+    tune("demo", load_config(world["config"]), trials=4)
+    after = load(study_name, tmp_path).get_trials()
+    assert after[killed[0]].state == TrialState.FAIL  # its process is gone: failed, not counted
+    for t in after:
+        if t.number in before and before[t.number][0].is_finished():
+            assert (t.state, t.values, t.params) == before[t.number]  # finished trials kept as they were
+    finished = [t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4 and all(t.number > killed[0] for t in finished if t.number not in before)
+    children = runs(load(study_name, tmp_path).user_attrs["mlflow_run_id"])
+    trial_runs = children[children["tags.mlflow.runName"].str.startswith("trial-")]
+    assert sorted(trial_runs["tags.optuna.trial"].astype(int)) == [t.number for t in after
+                                                                   if "mlflow_run_id" in t.user_attrs]
+    assert trial_runs.set_index("tags.optuna.trial").loc[str(killed[0]), "status"] == "FAILED"
+
+
+def test_two_workers_share_one_study(world, env, tmp_path, workers):
+    procs = [workers(world, env, "--trials", "4") for _ in range(2)]
+    for p in procs:
+        p.join(timeout=400)
+    assert [p.exitcode for p in procs] == [0, 0], "".join(Path(p.log).read_text()[-2000:] for p in procs)
+
+    study = load("prerouter-demo-quality", tmp_path)
+    trials = study.get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 4  # the budget is the study's, not each worker's
+    assert all(t.user_attrs.get("surplus") for t in trials if t.state == TrialState.FAIL)
+    assert len({tuple(sorted(t.params.items())) for t in finished}) == 4  # no configuration ran twice
+    assert len({t.user_attrs["worker"]["pid"] for t in finished}) == 2  # both workers ran trials
+    parents = runs()
+    parents = parents[parents["tags.mlflow.runName"].str.startswith("tune-")]
+    assert len(parents) == 1  # one study, one parent run, even though both workers started together
+    children = runs(parents["run_id"].iloc[0])
+    numbers = children[children["tags.mlflow.runName"].str.startswith("trial-")]["tags.optuna.trial"].astype(int)
+    assert sorted(numbers) == sorted(t.number for t in finished)  # each trial's MLflow run exactly once
+
+
+def test_pareto_study_writes_the_front_and_picks_within_budget(world, env, tmp_path):
+    from pipeline.tune import choose, tune
+
+    # 30 val prompts: one routing flip in int8 is 3% disagreement, so the export gate is loosened here
+    cfg = load_config(world["config"], ["export.budget_ms=1000", "export.min_int8_agreement=0.8",
+                                        "export.max_int8_apgr_drop=0.2"])
+    result = tune("demo", cfg, trials=2, objective="pareto")
+    study = load("prerouter-demo-pareto", tmp_path)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(done) == 2
+    for t in done:
+        apgr, p99 = t.values
+        assert 0 < p99 < 1000 and t.user_attrs["latency_p99_ms"] > 0
+        assert apgr == pytest.approx(t.user_attrs["val_apgr"])
+    within = max(study.best_trials, key=lambda t: t.values[0])
+    assert result.best_trial == within.number and result.best_value == within.values
+    assert choose(study, True, 1e-9).number == min(study.best_trials, key=lambda t: t.values[1]).number
+
+    out = Path(env["PREROUTER_MODELS_DIR"]) / "demo" / "tune"
+    table = (out / "pareto.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(rows) == len(study.best_trials) and "chosen" in table
+    assert (out / "pareto.png").stat().st_size > 1000
+    assert np.isclose(read_json(out / "summary.json")["best_values"], within.values).all()
