@@ -1,4 +1,3 @@
-import time
 
 import numpy as np
 import pandas as pd
@@ -50,15 +49,6 @@ def test_the_story_gives_a_router_something_to_learn(tmp_path):
     words = wide.prompt.str.split().str.len()
     assert wide.loc[words > 50, "medium-34b"].mean() < wide.loc[words < 25, "medium-34b"].mean()
     assert demo.difficulty("Prove it.", "math") > demo.difficulty("Who wrote Dune?", "trivia")
-
-
-def test_fast(tmp_path):
-    times = []
-    for attempt in range(2):  # best of two: the machine is shared
-        start = time.perf_counter()
-        demo.generate(tmp_path / str(attempt), n_prompts=3000, seed=3)
-        times.append(time.perf_counter() - start)
-    assert min(times) < 2.0
 
 
 def test_cli_writes_files(tmp_path, cli):
