@@ -500,15 +500,15 @@ def _count(study: optuna.Study, running: bool = False) -> int:
 
 
 def _check_same_inputs(study: optuna.Study, data_hash: str, cfg: Config) -> None:
-    """A study continues only on the labels and base config it started with (the tune section may change)."""
-    seen = {"data_hash": data_hash, "config_hash": sha256_json({k: v for k, v in cfg.to_dict().items()
-                                                                if k != "tune"})}
-    for key, value in seen.items():
+    """A study continues only on the labels and the training sections it started with (the `tune`
+    and `export` sections may change: a narrower space, another latency budget)."""
+    trained = {k: v for k, v in cfg.to_dict().items() if k not in ("tune", "export")}
+    for key, value in {"data_hash": data_hash, "config_hash": sha256_json(trained)}.items():
         old = study.user_attrs.get(key)
         if old is None:
             study.set_user_attr(key, value)
         elif old != value:
-            what = "labels" if key == "data_hash" else "configuration"
+            what = "labels" if key == "data_hash" else f"configuration ({', '.join(trained)} sections)"
             raise ConfigError(f"study {study.study_name!r} was started on other {what}; pass another "
                               "--study-name (or delete the study) to tune on these")
 
@@ -628,17 +628,19 @@ def write_front(study: optuna.Study, out: Path, chosen, budget_ms: float, label:
     (out / "pareto.md").write_text(f"# Pareto front of {study.study_name}\n\nBudget: p99 <= {budget_ms:g} ms "
                                    f"(single int8 decisions, tokenization included). {len(done)} completed "
                                    f"trials, {len(front)} on the front.\n\n" + "\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([t.values[1] for t in done], [t.values[0] for t in done], c="0.7", label="trials")
-    ax.plot([t.values[1] for t in front], [t.values[0] for t in front], "o-", c="C0", label="Pareto front")
-    ax.scatter([chosen.values[1]], [chosen.values[0]], marker="*", s=250, c="C3", zorder=3, label="chosen")
-    ax.axvline(budget_ms, ls="--", c="C3", lw=1, label=f"budget {budget_ms:g} ms")
-    ax.set_xlabel("p99 decision latency, ms (cpu)")
-    ax.set_ylabel(label)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=100)
-    plt.close(fig)
+    with plt.style.context("default"):  # Optuna's plots switch the global style
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.scatter([t.values[1] for t in done], [t.values[0] for t in done], c="0.7", label="trials")
+        ax.plot([t.values[1] for t in front], [t.values[0] for t in front], "o-", c="tab:blue", label="Pareto front")
+        ax.scatter([chosen.values[1]], [chosen.values[0]], marker="*", s=250, c="tab:red", zorder=3, label="chosen")
+        ax.axvline(budget_ms, ls="--", c="tab:red", lw=1, label=f"budget {budget_ms:g} ms")
+        ax.set_xlabel("p99 decision latency, ms (cpu)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "pareto.png", dpi=100)
+        plt.close(fig)
     return [out / "pareto.md", out / "pareto.png"]
 
 
