@@ -1,5 +1,4 @@
 import hashlib
-import time
 
 import numpy as np
 import pandas as pd
@@ -86,11 +85,9 @@ def test_bradley_terry_ties_and_degenerate_models():
     assert np.isfinite(est).all() and est[0] > est[1] > est[2]
 
 
-def test_bradley_terry_one_million_battles_is_fast():
+def test_bradley_terry_recovers_50_strengths_from_a_million_battles():
     a, b, score = simulate_battles(np.linspace(-2, 2, 50), 1_000_000, seed=1)
-    start = time.perf_counter()
-    est = bradley_terry(a, b, score, 50)
-    assert time.perf_counter() - start < 5.0
+    est = bradley_terry(a, b, score, 50)  # its speed is measured by bench/scale.py, not here
     assert np.corrcoef(est, np.linspace(-2, 2, 50))[0, 1] > 0.999
 
 
