@@ -444,7 +444,7 @@ def tune(name: str, cfg: Config | None = None, trials: int | None = None, timeou
     with _locked(lock):  # one parent MLflow run and one base trial per study, even when workers start together
         experiment = setup_mlflow()
         _check_same_inputs(study, prep.data_hash, cfg)
-        if not study.trials and trials > 0:  # start from the base configuration: never worse on validation
+        if not study.trials:  # start from the base configuration: never worse on validation
             study.enqueue_trial(base_values(space, cfg))
         parent = _parent_run(study, experiment, {"dataset": name, "objective": objective, "trials": trials,
                                                  "pruner": cfg.tune.pruner, "seed": cfg.tune.seed,
