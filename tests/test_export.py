@@ -136,7 +136,20 @@ def flip_threshold(s: dict[str, np.ndarray], recipe: str, keep: str | None = Non
     raise AssertionError(f"no threshold separates {recipe} from {keep}")
 
 
-def test_int8_agreement_gate_tries_each_recipe(tmp_path):
+def test_small_matmuls_stay_fp32(tmp_path):
+    import onnx
+
+    from pipeline.export import per_token_nodes, to_onnx
+
+    net = student("static")  # its only per-token MatMul is the dim -> 1 attention scorer
+    model = onnx.load(str(to_onnx(net, tmp_path / "m.onnx")))
+    ops = {n.name: n.op_type for n in model.graph.node}
+    assert [ops.get(n) for n in per_token_nodes(model, embeddings=True)] == ["Gather"]
+    assert not per_token_nodes(model, embeddings=False)
+
+
+def test_int8_agreement_gate_tries_each_recipe(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.export.MIN_QUANT_WEIGHTS", 0)  # quantize the tiny scorer too: two real recipes
     net, held = student("static"), prompts(60)
     meta = make_meta()
     s = routing_scores(tmp_path, net, held, meta)
