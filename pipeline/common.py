@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from rich.console import Console
 
@@ -138,3 +138,14 @@ def setup_mlflow(experiment: str = "prerouter") -> str:
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location=artifact_location)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def flatten(d: Mapping, prefix: str = "", lists: bool = True) -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested config/metrics as flat MLflow keys (`lists=False` drops lists)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}.", lists))
+        elif lists or not isinstance(v, (list, tuple)):
+            out[f"{prefix}{k}"] = v
+    return out

@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .common import DataError, read_json
+from .common import DataError, flatten, read_json
 
 # ---------------------------------------------------------------------------------------------
 # Model card
@@ -39,16 +39,6 @@ def _fmt(v) -> str:
             return "n/a"
         return f"{v:.4g}"
     return str(v)
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        elif not isinstance(v, (list, tuple)):
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _nested_table(d: Mapping, row_label: str = "metric") -> str:
@@ -67,7 +57,7 @@ def _nested_table(d: Mapping, row_label: str = "metric") -> str:
         lines += [f"| {r} | " + " | ".join(_fmt(d[c][r]) if d[c].get(r) is not None else "" for c in cols) + " |"
                   for r in rows]
         parts.append("\n".join(lines))
-    flat = {k: v for k, v in _flatten({k: v for k, v in d.items() if k not in cols}).items() if v is not None}
+    flat = {k: v for k, v in flatten({k: v for k, v in d.items() if k not in cols}, lists=False).items() if v is not None}
     if flat:
         parts.append("\n".join([f"| {row_label} | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]))
     return "\n\n".join(parts)
@@ -606,7 +596,7 @@ def _log_mlflow(out: Path, name: str, bundle: Path, numbers: Mapping) -> None:
     from .common import setup_mlflow
 
     setup_mlflow()
-    flat = {_metric_name(k): float(v) for k, v in _flatten(numbers).items()
+    flat = {_metric_name(k): float(v) for k, v in flatten(numbers, lists=False).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     with mlflow.start_run(run_name=f"report-{name}", nested=mlflow.active_run() is not None):
         mlflow.set_tags({"dataset": name, "bundle": str(bundle)})

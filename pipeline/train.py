@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .common import (DataError, atomic_dir, console, labels_dir, model_dir, processed_dir, read_json, sha256_json,
-                     write_json)
+from .common import (DataError, atomic_dir, console, flatten, labels_dir, model_dir, processed_dir, read_json,
+                     sha256_json, write_json)
 from .config import Config, load_config
 from .encoders import (EmbeddingRouter, build_student, teacher_embeddings, teacher_path,
                        tokenizer_file)
@@ -382,7 +382,7 @@ def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, fo
     setup_mlflow()
     with atomic_dir(final) as tmp, mlflow.start_run(run_name=f"train-{name}",
                                                    nested=mlflow.active_run() is not None) as run:
-        mlflow.log_params(_flatten(cfg.to_dict()))
+        mlflow.log_params(flatten(cfg.to_dict()))
         mlflow.set_tags({"data_hash": prep.data_hash, "git_commit": _git_commit() or "unknown",
                          "dataset": name, "student": cfg.student.family})
         mlflow.log_dict(prep.stats, "label_stats.json")
@@ -429,14 +429,6 @@ def load_trained(name_or_dir: str | Path) -> Trained:
     student = build_student(cfg.student, vocab, len(meta["models"]), cfg.teacher.path, pretrained_init=False)
     student.load_state_dict(torch.load(path / "student.pt", weights_only=True))
     return Trained(student.eval(), meta, path)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
 
 
 def _print_metrics(metrics: dict) -> None:
