@@ -174,6 +174,38 @@ def test_bad_spaces_fail_before_any_trial(space, message):
         search_space(load_config(overrides=[f"tune.space={space}"]))
 
 
+def test_a_trial_replaces_the_base_only_when_better_beyond_validation_noise():
+    from pipeline.metrics import apgr
+    from pipeline.train import Prepared
+    from pipeline.tune import CONFIDENCE, bootstrap_win_rate, choose
+
+    rng = np.random.default_rng(0)
+    n = 600
+    weak = (rng.random(n) < 0.6).astype(np.float32)
+    strong = np.maximum(weak, rng.random(n) < 0.5).astype(np.float32)
+    prep = Prepared(name="x", models=["weak", "strong"], costs=[1.0, 2.0], pair=(0, 1), prompts=[""] * n,
+                    prompt_ids=[str(i) for i in range(n)], target=np.stack([weak, strong], 1),
+                    mask=np.ones((n, 2), bool), split=np.array(["val"] * n), teacher_emb=np.zeros((n, 1)),
+                    data_hash="", stats={})
+    base = rng.random(n)  # a random router
+    noisy = next(x for x in (base + 0.02 * rng.normal(size=n) for _ in range(100))
+                 if apgr(x, weak, strong) > apgr(base, weak, strong))  # the same router, a lucky perturbation
+    good = (strong - weak) + rng.random(n)  # knows which prompts need the strong model
+
+    def trial(scores, is_base=False):
+        return optuna.trial.create_trial(value=apgr(scores, weak, strong),
+                                         user_attrs={"val_scores": scores.tolist(), "base": is_base})
+
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(trial(base, is_base=True))
+    study.add_trial(trial(noisy))
+    assert study.best_trial.number == 1 and choose(study, False, 1.0, prep).number == 0
+    assert bootstrap_win_rate(prep, noisy.tolist(), base.tolist()) < CONFIDENCE
+    study.add_trial(trial(good))
+    assert choose(study, False, 1.0, prep).number == 2
+    assert bootstrap_win_rate(prep, good.tolist(), base.tolist()) == 1.0
+
+
 # ----------------------------------------------------------------------------- studies
 
 class PruneTrial(optuna.pruners.BasePruner):
@@ -205,8 +237,10 @@ def test_quality_study_prunes_logs_and_retrains_the_best_trial(world, env, tmp_p
         assert config["student.family"] == "static" and config["student.dim"] in (16, 32)
         assert 1e-3 <= config["train.lr"] <= 2e-2 and config["student.max_tokens"] in (16, 32)
         assert all(-1.0 < v < 2.0 for v in t.intermediate_values.values())
-    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
-    assert result.best_trial == best.number and result.best_value == best.value
+    best = trials[result.best_trial]  # the base trial, unless another beats it beyond noise
+    assert best.state == TrialState.COMPLETE and result.best_value == best.value
+    assert best.number == 0 or best.value > trials[0].value
+    assert all(len(t.user_attrs["val_scores"]) == 30 for t in trials if t.state == TrialState.COMPLETE)
     assert result.config.student.dim == best.user_attrs["config"]["student.dim"]
     assert result.config.train.lr == pytest.approx(best.user_attrs["config"]["train.lr"])
 
