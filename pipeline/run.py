@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import console, model_dir, setup_mlflow
+from .common import GateError, console, model_dir, setup_mlflow
 from .config import Config, load_config
 
 
@@ -52,9 +52,13 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
             cfg = stage("tune", tune, name, cfg, trials=trials).config
         stage("train", train, name, cfg)
         stage("export", export, name, out=out, config=cfg)
-        latency = stage("check-latency", check_latency, out, budget_ms=budget_ms,
-                        decisions=cfg.export.latency_decisions)
-        metrics = stage("evaluate", evaluate, name, bundle=out)
+        gate_failure = None
+        try:
+            stage("check-latency", check_latency, out, budget_ms=budget_ms, decisions=cfg.export.latency_decisions)
+        except GateError as e:  # still evaluate and report the bundle; fail the run at the end
+            gate_failure = e
+            console.print(f"[bold red]{e}[/] (continuing with evaluate and report)")
+        stage("evaluate", evaluate, name, bundle=out)
         try:
             from .report import report
         except ImportError:  # the report stage is optional for the pipeline's correctness
@@ -65,7 +69,9 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
         console.rule("[bold green]done")
         console.print(f"bundle: [bold]{out}[/]  (MLflow run {parent.info.run_id})")
         console.print(f"stage seconds: {timings}")
-        if isinstance(metrics, dict) and isinstance(latency, dict):
-            console.print(f"next: `prerouter route {out} \"your prompt\"` or `prerouter score {out} --input prompts.jsonl "
-                          f"--output scores.jsonl`")
+        if gate_failure is not None:
+            mlflow.set_tag("latency_gate", "failed")
+            raise gate_failure
+        console.print(f"next: `prerouter route {out} \"your prompt\"` or `prerouter score {out} --input prompts.jsonl "
+                      f"--output scores.jsonl`")
     return out
