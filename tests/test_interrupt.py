@@ -252,7 +252,10 @@ def test_run_killed_while_training_resumes_without_redoing_ingest_and_label(tmp_
     assert kill_after(run, env, when=training_then_random_delay, poll=0.05) is None
     assert read_json(processed / "labels" / "label_stats.json")["name"] == "demo"  # finished before the kill
     assert not (models / "checkpoint").exists() or (models / "checkpoint" / "meta.json").is_file()
-    assert not (models / "bundle").exists()
+    if (models / "bundle").exists():  # the kill may land after export on a fast machine: then it is complete
+        from pipeline.runtime import Router
+
+        Router.load(models / "bundle")  # verifies every file's sha256
     stamps = {p: p.stat().st_mtime_ns for p in (processed / "manifest.json", processed / "labels" / "label_stats.json")}
 
     proc = subprocess.run(run, env=env, cwd=REPO, capture_output=True, text=True)
