@@ -5,6 +5,7 @@ trained for a few epochs, so a trial takes about a second.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -123,6 +124,15 @@ def workers():
         return proc
 
     return start
+
+
+def waiting_on_lock(pid: int) -> bool:
+    """Whether process `pid` is blocked on a file lock (Linux lists waiters in /proc/locks with "->")."""
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return True  # cannot tell: do not wait
+    return any("->" in line and f" {pid} " in line for line in lines)
 
 
 # ----------------------------------------------------------------------------- the search space
@@ -310,7 +320,16 @@ def test_a_killed_study_resumes_without_repeating_finished_trials(world, env, tm
 
 
 def test_two_workers_share_one_study(world, env, tmp_path, workers):
-    procs = [workers(world, env, "--trials", "4") for _ in range(2)]
+    # Hold the study's set-up lock until both workers wait on it, so that they really run side by side.
+    lock = tmp_path / "mlruns" / "optuna" / ".prerouter-demo-quality.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        procs = [workers(world, env, "--trials", "4") for _ in range(2)]
+        deadline = time.time() + 120
+        while time.time() < deadline and not all(waiting_on_lock(p.pid) for p in procs):
+            time.sleep(0.05)
+        fcntl.flock(held, fcntl.LOCK_UN)
     for p in procs:
         p.join(timeout=400)
     assert [p.exitcode for p in procs] == [0, 0], "".join(Path(p.log).read_text()[-2000:] for p in procs)
