@@ -21,7 +21,7 @@ from . import __version__
 from .common import (DataError, GateError, atomic_dir, console, model_dir, read_json, sha256_file, sha256_json,
                      write_json)
 from .config import Config, ExportConfig
-from .runtime import SCHEMA_VERSION, choose, encode, load_tokenizer, relative_costs
+from .runtime import SCHEMA_VERSION, _sigmoid, choose, encode, load_tokenizer, relative_costs
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "logits"
@@ -208,10 +208,6 @@ def torch_logits(student, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> n
 # ---------------------------------------------------------------------------------------------
 # The parity gate
 # ---------------------------------------------------------------------------------------------
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
 
 
 def _choices(p: np.ndarray, decision: dict, names: list[str], rel_cost: np.ndarray) -> dict[str, np.ndarray]:

@@ -72,7 +72,8 @@ def bradley_terry(a: np.ndarray, b: np.ndarray, score_a: np.ndarray, n_models: i
     return log_p - log_p.mean()
 
 
-def _matrix(table: pa.Table, column: str, dtype) -> np.ndarray:
+def list_matrix(table: pa.Table, column: str, dtype) -> np.ndarray:
+    """A fixed-length list column as an [n, m] array."""
     col = table.column(column).combine_chunks()
     return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(len(col), -1)
 
@@ -166,8 +167,8 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     datasets.disable_progress_bars()
     table = datasets.load_from_disk(str(src / "dataset")).data.table
     models = manifest["models"]
-    outcome = _matrix(table, "outcome", np.float64)
-    mask = _matrix(table, "mask", bool)
+    outcome = list_matrix(table, "outcome", np.float64)
+    mask = list_matrix(table, "mask", bool)
     target, scale = _normalise(outcome, mask, manifest, cfg, src / "dataset")
 
     observed = mask.sum(axis=0)

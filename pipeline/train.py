@@ -38,11 +38,6 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU b
 
 # ----------------------------------------------------------------------------- data
 
-def _list_column(table: pa.Table, name: str, dtype) -> np.ndarray:
-    col = table.column(name).combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(len(table), -1)
-
-
 @dataclass
 class Prepared:
     """Everything the networks train on, aligned by row (one row per labeled prompt)."""
@@ -68,7 +63,7 @@ class Prepared:
 
 def prepare(name: str, cfg: Config) -> Prepared:
     """Load the labels and the (cached) teacher embeddings; fit the teacher head."""
-    from .label import load_labels
+    from .label import list_matrix, load_labels
 
     ds, stats = load_labels(name)
     table = ds.data.table if hasattr(ds.data, "table") else ds.data
@@ -89,7 +84,7 @@ def prepare(name: str, cfg: Config) -> Prepared:
             raise DataError(f"the {s} split of {name!r} is empty: need more prompts or other split fractions")
     prep = Prepared(
         name=name, models=models, costs=costs, pair=pair, prompts=prompts, prompt_ids=prompt_ids,
-        target=_list_column(table, "target", np.float32), mask=_list_column(table, "mask", bool),
+        target=list_matrix(table, "target", np.float32), mask=list_matrix(table, "mask", bool),
         split=split, teacher_emb=teacher_embeddings(prompts, prompt_ids, cfg.teacher.path,
                                                     cfg.teacher.max_tokens, cfg.teacher.batch_size),
         data_hash=stats.get("content_hash", manifest.get("content_hash", "")), stats=stats,
