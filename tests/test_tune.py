@@ -92,10 +92,26 @@ def runs(parent: str | None = None):
     return df if parent is None else df[df["tags.mlflow.parentRunId"] == parent]
 
 
-def _cli(argv: list[str], env: dict, log: str) -> None:
-    """A worker process: the `prerouter` entry point with `argv`, output to `log`."""
+def _cli(argv: list[str], env: dict, log: str, meet: int = 0) -> None:
+    """A worker process: the `prerouter` entry point with `argv`, output to `log`. With `meet`, the worker's
+    first trial waits until `meet` workers have each started one, so that they really run side by side
+    (trials here take a second, less than a worker's start-up on a busy machine)."""
     import torch
 
+    if meet:
+        import pipeline.tune as tune_module
+
+        run_trial = tune_module.run_trial
+
+        def first_waits(trial, *args, **kwargs):
+            deadline = time.time() + 120
+            while not getattr(first_waits, "met", False) and time.time() < deadline:
+                pids = {t.user_attrs.get("worker", {}).get("pid") for t in trial.study.get_trials(deepcopy=False)}
+                first_waits.met = len(pids - {None}) >= meet
+                time.sleep(0.05)
+            return run_trial(trial, *args, **kwargs)
+
+        tune_module.run_trial = first_waits
     os.environ.update(env)
     torch.set_num_threads(1)  # like a worker on its own core
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
@@ -116,9 +132,9 @@ def workers():
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["pipeline.cli", "pipeline.tune", "pipeline.train", "mlflow", __name__])
 
-    def start(world, env, *args) -> mp.Process:
+    def start(world, env, *args, meet: int = 0) -> mp.Process:
         log = str(Path(env["PREROUTER_MODELS_DIR"]).parent / f"worker-{time.monotonic_ns()}.log")
-        proc = ctx.Process(target=_cli, args=(["tune", "demo", "-c", str(world["config"]), *args], env, log))
+        proc = ctx.Process(target=_cli, args=(["tune", "demo", "-c", str(world["config"]), *args], env, log, meet))
         proc.start()
         proc.log = log
         return proc
@@ -320,12 +336,12 @@ def test_a_killed_study_resumes_without_repeating_finished_trials(world, env, tm
 
 
 def test_two_workers_share_one_study(world, env, tmp_path, workers):
-    # Hold the study's set-up lock until both workers wait on it, so that they really run side by side.
+    # Both workers wait on the study's set-up lock, then each one's first trial waits for the other's to start.
     lock = tmp_path / "mlruns" / "optuna" / ".prerouter-demo-quality.lock"
     lock.parent.mkdir(parents=True)
     with open(lock, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        procs = [workers(world, env, "--trials", "4") for _ in range(2)]
+        procs = [workers(world, env, "--trials", "4", meet=2) for _ in range(2)]
         deadline = time.time() + 120
         while time.time() < deadline and not all(waiting_on_lock(p.pid) for p in procs):
             time.sleep(0.05)
