@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -40,25 +41,73 @@ def make_spec(max_tokens: int, truncation: str = "head_tail", head_fraction: flo
             "tail_tokens": content - head, "char_window": char_window or 6 * max_tokens}
 
 
-class FastWordPiece:
-    """BERT WordPiece for ASCII text in plain Python, token for token what `tokenizers` produces.
+class _CharTable(dict):
+    """Code point -> what the tokenizer's normalizer and pre-tokenizer make of that one character, for
+    `str.translate`: "" (dropped), " " (a separator), " p " (punctuation, a word on its own) or the
+    normalized character(s). Filled on first sight by asking the tokenizer itself, so it is exact per
+    character; characters whose result depends on their neighbours map to UNSAFE (the caller then
+    uses the library for the whole text).
+    """
 
-    `tokenizers` spends most of a single short call on normalisation and offset bookkeeping; for
-    ASCII text that work reduces to dropping control characters, lowercasing and one regex, and
-    words repeat, so a word cache makes this about 8x faster per prompt. Training and serving both
-    use it (through `encode`), so they agree by construction; tests check it against `tokenizers`.
+    UNSAFE = "\x00"  # never in the output otherwise: the normalizer drops NUL
+    _LIMIT = 50_000  # bounded memory; beyond it new characters are UNSAFE, the library handles them
+
+    def __init__(self, tok: Tokenizer):
+        super().__init__()
+        self.normalizer, self.pre_tokenizer = tok.normalizer, tok.pre_tokenizer
+
+    def __missing__(self, code: int) -> str:
+        try:
+            out = self._classify(chr(code)) if len(self) < self._LIMIT else self.UNSAFE
+        except Exception:  # a lone surrogate cannot reach the library as UTF-8
+            out = self.UNSAFE
+        self[code] = out
+        return out
+
+    def _classify(self, c: str) -> str:
+        if c == "\u03a3" or _reorders(c):  # Σ lowercases by context (final sigma); see _reorders
+            return self.UNSAFE
+        out = []
+        for d in self.normalizer.normalize_str(c):
+            pieces = [w for w, _ in self.pre_tokenizer.pre_tokenize_str(f"a{d}a")]
+            if pieces == [f"a{d}a"] and not d.isspace():  # part of a word (str.split must not cut it)
+                out.append(d)
+            elif pieces == ["a", d, "a"]:  # punctuation: a word of its own
+                out.append(f" {d} ")
+            elif pieces == ["a", "a"]:  # whitespace
+                out.append(" ")
+            else:
+                return self.UNSAFE
+        return "".join(out)
+
+
+def _reorders(c: str) -> bool:
+    """Whether `c` decomposes to a combining mark that is not Mn: canonical reordering could move it past
+    marks that accent stripping removes, so per-character normalization might differ from the text's."""
+    return any(unicodedata.combining(d) and unicodedata.category(d) != "Mn" for d in unicodedata.normalize("NFD", c))
+
+
+class FastWordPiece:
+    """BERT WordPiece in plain Python, token for token what `tokenizers` produces.
+
+    `tokenizers` spends most of a single short call on normalisation and offset bookkeeping. For
+    ASCII text that work reduces to dropping control characters, lowercasing and one regex; other
+    text goes through a per-character table (`_CharTable`) and `str.split`. Words repeat, so a word
+    cache makes this several times faster per prompt. Training and serving both use it (through
+    `encode`), so they agree by construction; tests check it against `tokenizers`.
     """
 
     # Control characters BertNormalizer removes (tab, newline and carriage return become spaces).
     _DROP = {c: None for c in [*range(0, 9), 11, 12, *range(14, 32), 127]}
     _CACHE_WORDS, _CACHE_LEN = 100_000, 32  # bounded memory: at most 100k words of up to 32 characters
 
-    def __init__(self, vocab: dict[str, int], unk: int, prefix: str, max_chars: int, lowercase: bool,
-                 added: list[str]):
+    def __init__(self, tok: Tokenizer, vocab: dict[str, int], unk: int, prefix: str, max_chars: int,
+                 lowercase: bool, added: list[str]):
         self.vocab, self.unk, self.prefix, self.max_chars, self.lowercase = vocab, unk, prefix, max_chars, lowercase
         self.added = added  # special tokens matched verbatim in raw text: those prompts take the slow path
         # BertPreTokenizer on ASCII: runs of letters/digits, and every other printable character alone.
         self.words = re.compile(r"[a-z0-9]+|[^a-z0-9\s]" if lowercase else r"[A-Za-z0-9]+|[^A-Za-z0-9\s]")
+        self.chars = _CharTable(tok)
         self.longest = max(map(len, vocab))  # no piece is longer: bounds the greedy search
         self.cache: dict[str, list[int]] = {}  # word -> ids; idempotent, so sharing it across threads is safe
 
@@ -72,12 +121,9 @@ class FastWordPiece:
                 or model.get("type") != "WordPiece" or model.get("unk_token") not in model["vocab"]
                 or any(t.get("normalized") for t in added)):  # those would match after normalisation
             return None
-        return cls(model["vocab"], model["vocab"][model["unk_token"]], model.get("continuing_subword_prefix", "##"),
+        return cls(tok, model["vocab"], model["vocab"][model["unk_token"]], model.get("continuing_subword_prefix", "##"),
                    model.get("max_input_chars_per_word", 100), bool(norm.get("lowercase")),
                    [t["content"] for t in added])
-
-    def accepts(self, text: str) -> bool:
-        return text.isascii() and not any(t in text for t in self.added)
 
     def word_ids(self, word: str) -> list[int]:
         ids = self.cache.get(word)
@@ -103,10 +149,20 @@ class FastWordPiece:
             start = end
         return ids
 
-    def __call__(self, text: str) -> list[int]:
-        text = text.translate(self._DROP)
+    def __call__(self, text: str) -> list[int] | None:
+        """The ids of `text`, or None where only the library is exact (special tokens, a few characters)."""
+        if any(t in text for t in self.added):  # special tokens are matched before normalising
+            return None
+        if text.isascii():
+            words = self.words.findall(text.translate(self._DROP).lower() if self.lowercase
+                                       else text.translate(self._DROP))
+        else:
+            normalized = text.translate(self.chars)
+            if _CharTable.UNSAFE in normalized:
+                return None
+            words = normalized.split()
         out: list[int] = []
-        for word in self.words.findall(text.lower() if self.lowercase else text):
+        for word in words:
             out += self.word_ids(word)
         return out
 
@@ -129,8 +185,9 @@ class RouterTokenizer:
 
     def content_ids(self, text: str) -> list[int]:
         """Token ids of `text` without special tokens; any str works (lone surrogates are replaced)."""
-        if self.fast is not None and self.fast.accepts(text):
-            return self.fast(text)
+        ids = self.fast(text) if self.fast is not None else None
+        if ids is not None:
+            return ids
         try:
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         except TypeError:  # lone surrogates are legal in a Python str but not in UTF-8
@@ -140,9 +197,8 @@ class RouterTokenizer:
         out: list[list[int] | None] = [None] * len(texts)
         slow = []
         for i, t in enumerate(texts):
-            if self.fast is not None and self.fast.accepts(t):
-                out[i] = self.fast(t)
-            else:
+            out[i] = self.fast(t) if self.fast is not None else None
+            if out[i] is None:
                 slow.append(i)
         if slow:  # in parallel inside `tokenizers`
             try:
