@@ -200,7 +200,8 @@ class RouterModule(pl.LightningModule):
         logits = self.net.head(h)
         _, hard = self._loss(batch, h, logits)
         self.log("val_loss", hard, prog_bar=True, batch_size=len(batch["target"]))
-        self._val.append((torch.sigmoid(logits).numpy(), batch["target"].numpy(), batch["mask"].numpy()))
+        # on the host: validation metrics are numpy, and the step may run on a GPU
+        self._val.append(tuple(t.detach().cpu().numpy() for t in (torch.sigmoid(logits), batch["target"], batch["mask"])))
 
     def on_validation_epoch_end(self):
         if self._val and self.pair is not None:
