@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from . import __version__
-from .common import (DataError, GateError, atomic_dir, console, model_dir, read_json, sha256_file, sha256_json,
+from .common import (ConfigError, DataError, GateError, atomic_dir, console, model_dir, read_json, sha256_file, sha256_json,
                      write_json)
 from .config import Config, ExportConfig
 from .runtime import SCHEMA_VERSION, _sigmoid, choose, encode, load_tokenizer, relative_costs
@@ -34,8 +34,8 @@ def export(name: str, out: str | Path | None = None, config: Config | None = Non
     from .train import load_trained
 
     config = config or Config()
+    bundle_dir = check_bundle_dir(Path(out) if out else model_dir(name) / "bundle")
     trained = load_trained(name)
-    bundle_dir = Path(out) if out else model_dir(name) / "bundle"
     fingerprint = sha256_json({"checkpoint": trained.meta.get("fingerprint"), "export": config.export.model_dump()})
     if _up_to_date(bundle_dir, fingerprint):
         console.print(f"[dim]export: {bundle_dir} is up to date (same checkpoint and export options), skipping[/]")
@@ -69,6 +69,14 @@ def _up_to_date(bundle: Path, fingerprint: str) -> bool:
         return True
     except Exception:
         return False
+
+
+def check_bundle_dir(out: Path) -> Path:
+    """`out`, if writing a bundle there replaces nothing but an earlier bundle (the write swaps the whole folder)."""
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / ROUTER).is_file()):
+        raise ConfigError(f"{out} exists and is not a prerouter bundle (no {ROUTER}); writing the bundle would "
+                          "replace everything in it: choose a new or empty directory for --out")
+    return out
 
 
 def export_module(student, meta: dict, out: str | Path, holdout_prompts: list[str],

@@ -23,7 +23,7 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
     import mlflow
 
     from .evaluate import evaluate
-    from .export import export
+    from .export import check_bundle_dir, export
     from .ingest import ingest
     from .label import label
     from .latency import check_latency
@@ -31,7 +31,7 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
 
     cfg = config or load_config()
     name = name or _name_of(data)
-    out = Path(out) if out else model_dir(name) / "bundle"
+    out = check_bundle_dir(Path(out) if out else model_dir(name) / "bundle")  # before any work
     setup_mlflow()
     timings: dict[str, float] = {}
 

@@ -135,6 +135,23 @@ def test_cli_run_checks_the_config_before_ingesting(data_dir, tmp_path, monkeypa
     assert not data_dir.exists() and not (tmp_path / "models").exists() and not (tmp_path / "mlruns").exists()
 
 
+def test_cli_run_refuses_an_out_dir_that_is_not_a_bundle_before_any_work(data_dir, tmp_path, monkeypatch,
+                                                                         demo_files, cli):
+    # The bundle write swaps the whole folder: pointed at a model folder, it would delete its checkpoint.
+    monkeypatch.setenv("PREROUTER_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("PREROUTER_MLRUNS_DIR", str(tmp_path / "mlruns"))
+    keep = tmp_path / "models" / "mine" / "checkpoint" / "best.ckpt"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("weights")
+    code, out = cli("run", demo_files["wide"], "--out", tmp_path / "models" / "mine")
+    assert code == 2 and "is not a prerouter bundle" in out and "--out" in out, out
+    assert keep.read_text() == "weights" and not data_dir.exists() and not (tmp_path / "mlruns").exists()
+    (tmp_path / "models" / "mine" / "router.json").write_text("{}")  # an earlier bundle may be replaced
+    from pipeline.export import check_bundle_dir
+
+    assert check_bundle_dir(tmp_path / "models" / "mine") == tmp_path / "models" / "mine"
+
+
 @pytest.mark.parametrize("text, why", [
     (None, "config file not found: {path}"),
     ("train: [1\n", "{path}: not valid YAML"),
