@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,17 @@ def kill_after(cmd: list[str], env: dict, delay: float | None = None, when=None,
             return None
         time.sleep(poll)
     return proc.returncode
+
+
+def kill_while_writing(cmd: list[str], env: dict, writing, written: Path, tries: int = 5) -> int | None:
+    """`kill_after(cmd, when=writing)`, started again (after removing `written`) when the command finished its
+    write before this process saw it start: a short write on a busy machine can fall between two polls."""
+    for _ in range(tries):
+        code = kill_after(cmd, env, when=writing)
+        if code is None or not written.exists():
+            return code
+        shutil.rmtree(written)
+    return code
 
 
 # --- atomic_dir -----------------------------------------------------------------------------------
@@ -150,7 +162,7 @@ def test_ingest_killed_at_random_points_leaves_absent_or_complete_and_reruns(tmp
     ingest = [sys.executable, "-m", "pipeline", "ingest", str(src)]
 
     # The first ingest, killed as soon as it starts writing: no dataset, only a temporary.
-    assert kill_after(ingest, env, when=lambda: bool(list(processed.glob(".battles.tmp-*")))) is None
+    assert kill_while_writing(ingest, env, lambda: bool(list(processed.glob(".battles.tmp-*"))), out) is None
     assert not out.exists() and hidden(data_dir)
 
     # The rerun writes it whole and removes what the killed run left (temporary, read cache).
@@ -208,7 +220,8 @@ def test_label_killed_then_rerun_skips_ingest_and_finishes_label(tmp_path, data_
 
     # Killed as soon as label starts writing: no labels (the dataset untouched), a stale temporary.
     label = [sys.executable, "-m", "pipeline", "label", "demo_long"]
-    assert kill_after(label, env_for(tmp_path), when=lambda: bool(list(out.glob(".labels.tmp-*")))) is None
+    assert kill_while_writing(label, env_for(tmp_path), lambda: bool(list(out.glob(".labels.tmp-*"))),
+                              out / "labels") is None
     assert not (out / "labels").exists() and hidden(out)
 
     code, text = cli("ingest", demo_files["long"])
