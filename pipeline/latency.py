@@ -11,8 +11,8 @@ from .runtime import Router
 
 BUCKETS = ("short", "medium", "long", "very long")
 PUNCT = [".", ",", "?", "!", ":", ";", "(", ")", "\n", "-", "'", "\""]
-# About 12% of real prompts (../shared/data) hold a non-ASCII character; those take the library
-# tokenizer rather than the ASCII fast path, so the mix keeps that share.
+# About 12% of real prompts (../shared/data) hold a non-ASCII character; those take the slower
+# per-character branch of the tokenizer's fast path (or the library), so the mix keeps that share.
 NON_ASCII, NON_ASCII_SHARE = ["café", "naïve", "—", "“quoted”", "über", "日本語", "😀", "…", "µs", "Ω"], 0.12
 
 

@@ -168,7 +168,7 @@ class FastWordPiece:
 
 
 class RouterTokenizer:
-    """A `tokenizers.Tokenizer` (truncation and padding off) with its special ids and ASCII fast path.
+    """A `tokenizers.Tokenizer` (truncation and padding off) with its special ids and exact fast path.
 
     Every other attribute is the wrapped tokenizer's (`get_vocab_size`, `token_to_id`, `encode`, ...).
     """
