@@ -570,10 +570,16 @@ def _prompt_ids(prompts: list[str]) -> list[str]:
     return [hashlib.sha256(p.encode("utf-8")).hexdigest()[:16] for p in prompts]
 
 
-def _list_column(matrix: np.ndarray, typ: pa.DataType) -> pa.ListArray:
+def list_column(matrix: np.ndarray, typ: pa.DataType) -> pa.ListArray:
+    """An [n, m] array as a list column of the canonical dataset (one fixed-length list per row)."""
     p, m = matrix.shape
-    offsets = pa.array(np.arange(0, (p + 1) * m, m, dtype=np.int32) if p else np.zeros(1, np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(matrix.ravel(), typ))
+    return pa.ListArray.from_arrays(pa.array(np.arange(p + 1, dtype=np.int32) * m), pa.array(matrix.ravel(), typ))
+
+
+def list_matrix(table: pa.Table, column: str, dtype) -> np.ndarray:
+    """A fixed-length list column as an [n, m] array (the inverse of `list_column`)."""
+    col = table.column(column).combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(len(col), -1)
 
 
 def _save(table: pa.Table, path: Path) -> None:
@@ -695,15 +701,15 @@ def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], 
 
     ids = _prompt_ids(prompts.to_pylist())
     columns = {"prompt_id": pa.array(ids, pa.string()), "prompt": prompts.cast(pa.string()),
-               "outcome": _list_column(outcome, pa.float32()), "mask": _list_column(mask, pa.bool_()),
-               "count": _list_column(count, pa.int32())}
+               "outcome": list_column(outcome, pa.float32()), "mask": list_column(mask, pa.bool_()),
+               "count": list_column(count, pa.int32())}
     costs = {m: None for m in obs.models}
     if obs.cost is not None:
         c = obs.cost[keep]
         known = np.isfinite(c)
         cn = np.bincount(key[known], minlength=P * M).reshape(P, M)
         cs = np.bincount(key[known], weights=c[known], minlength=P * M).reshape(P, M)
-        columns["cost"] = _list_column(np.where(cn > 0, cs / np.maximum(cn, 1), np.nan), pa.float32())
+        columns["cost"] = list_column(np.where(cn > 0, cs / np.maximum(cn, 1), np.nan), pa.float32())
         per_model_n = np.bincount(obs.model[keep][known], minlength=M)
         per_model_sum = np.bincount(obs.model[keep][known], weights=c[known], minlength=M)
         costs = {m: (float(per_model_sum[j] / per_model_n[j]) if per_model_n[j] else None)

@@ -25,6 +25,7 @@ import pyarrow as pa
 from .common import (ConfigError, DataError, atomic_dir, console, labels_dir, processed_dir, prompt_hash,
                      read_json, sha256_json, write_json)
 from .config import LabelConfig
+from .ingest import list_column, list_matrix
 
 LABEL_VERSION = 1  # bump when labels for the same dataset and options change
 JUDGE_SCALE = (1.0, 10.0)
@@ -70,17 +71,6 @@ def bradley_terry(a: np.ndarray, b: np.ndarray, score_a: np.ndarray, n_models: i
             break
     log_p = np.log(p)
     return log_p - log_p.mean()
-
-
-def list_matrix(table: pa.Table, column: str, dtype) -> np.ndarray:
-    """A fixed-length list column as an [n, m] array."""
-    col = table.column(column).combine_chunks()
-    return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(len(col), -1)
-
-
-def _list_column(matrix: np.ndarray, typ: pa.DataType) -> pa.ListArray:
-    p, m = matrix.shape
-    return pa.ListArray.from_arrays(pa.array(np.arange(p + 1, dtype=np.int32) * m), pa.array(matrix.ravel(), typ))
 
 
 def _normalise(outcome: np.ndarray, mask: np.ndarray, manifest: dict, cfg: LabelConfig, where) -> tuple[np.ndarray, dict]:
@@ -207,7 +197,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     ids = table.column("prompt_id").to_pylist()
     split = _splits(ids, cfg.test_fraction, cfg.val_fraction)
     columns = {"prompt_id": table.column("prompt_id"), "prompt": table.column("prompt"),
-               "target": _list_column(target, pa.float32()), "mask": table.column("mask"),
+               "target": list_column(target, pa.float32()), "mask": table.column("mask"),
                "split": pa.array(split, pa.string()), "difficulty": pa.array(difficulty.astype(np.float32)),
                "soft_label": pa.array(soft.astype(np.float32))}
     for col in manifest.get("metadata_columns", []):

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
-import pyarrow as pa
 import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -63,7 +62,8 @@ class Prepared:
 
 def prepare(name: str, cfg: Config) -> Prepared:
     """Load the labels and the (cached) teacher embeddings; fit the teacher head."""
-    from .label import list_matrix, load_labels
+    from .ingest import list_matrix
+    from .label import load_labels
 
     ds, stats = load_labels(name)
     table = ds.data.table if hasattr(ds.data, "table") else ds.data
