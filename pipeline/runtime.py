@@ -154,8 +154,8 @@ class FastWordPiece:
         if any(t in text for t in self.added):  # special tokens are matched before normalising
             return None
         if text.isascii():
-            words = self.words.findall(text.translate(self._DROP).lower() if self.lowercase
-                                       else text.translate(self._DROP))
+            text = text.translate(self._DROP)
+            words = self.words.findall(text.lower() if self.lowercase else text)
         else:
             normalized = text.translate(self.chars)
             if _CharTable.UNSAFE in normalized:

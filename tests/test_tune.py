@@ -101,13 +101,14 @@ def _cli(argv: list[str], env: dict, log: str, meet: int = 0) -> None:
     if meet:
         import pipeline.tune as tune_module
 
-        run_trial = tune_module.run_trial
+        run_trial, met = tune_module.run_trial, False
 
         def first_waits(trial, *args, **kwargs):
+            nonlocal met
             deadline = time.time() + 120
-            while not getattr(first_waits, "met", False) and time.time() < deadline:
+            while not met and time.time() < deadline:
                 pids = {t.user_attrs.get("worker", {}).get("pid") for t in trial.study.get_trials(deepcopy=False)}
-                first_waits.met = len(pids - {None}) >= meet
+                met = len(pids - {None}) >= meet
                 time.sleep(0.05)
             return run_trial(trial, *args, **kwargs)
 
