@@ -318,6 +318,15 @@ def decision_rules(prep: Prepared, p_val: np.ndarray) -> dict:
     return rules
 
 
+def bundle_meta(prep: Prepared, cfg: Config, p_val: np.ndarray) -> dict:
+    """What export needs of a student besides its weights: models and costs, tokenization, calibrated
+    decision rules (from its validation outputs `p_val`), data hash and config."""
+    return {"name": prep.name,
+            "models": [{"name": m, "cost": c, "index": i} for i, (m, c) in enumerate(zip(prep.models, prep.costs))],
+            "tokenizer": token_spec(cfg) | {"source": str(tokenizer_file(cfg.teacher.path))},
+            "decision": decision_rules(prep, p_val), "data_hash": prep.data_hash, "config": cfg.to_dict()}
+
+
 def split_metrics(prep: Prepared, p: np.ndarray, rows: np.ndarray) -> dict:
     """Routing metrics of probabilities `p` (aligned with `rows`) for the pair, plus mean BCE."""
     from .metrics import routing_metrics
@@ -393,12 +402,8 @@ def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, fo
                    "teacher_test": split_metrics(prep, prep.teacher_prob[test], test)}
         for split, values in metrics.items():
             mlflow.log_metrics({f"{split}_{k}": v for k, v in values.items() if isinstance(v, (int, float))})
-        spec = token_spec(cfg) | {"source": str(tokenizer_file(cfg.teacher.path))}
-        meta = {
-            "name": name, "pipeline_version": __version__,
-            "models": [{"name": m, "cost": c, "index": i} for i, (m, c) in enumerate(zip(prep.models, prep.costs))],
-            "tokenizer": spec, "decision": decision_rules(prep, p_val), "metrics": metrics,
-            "data_hash": prep.data_hash, "config": cfg.to_dict(), "teacher": teacher_path(cfg.teacher.path),
+        meta = bundle_meta(prep, cfg, p_val) | {
+            "pipeline_version": __version__, "metrics": metrics, "teacher": teacher_path(cfg.teacher.path),
             "mlflow_run_id": run.info.run_id, "fingerprint": fp,
         }
         torch.save(student.state_dict(), tmp / "student.pt")

@@ -409,19 +409,14 @@ def fit_teacher_once(prep, cfg: Config, fitted: dict) -> None:
 def candidate_latency(net, prep, cfg: Config, p_val: np.ndarray, work: Path) -> dict:
     """p50/p99 ms of single int8 decisions of the exported candidate (tokenization included, no gate)."""
     from .common import read_json
-    from .encoders import tokenizer_file
     from .export import export_module
-    from .train import decision_rules, token_spec
+    from .train import bundle_meta
 
     val = prep.rows("val")[:LATENCY_HOLDOUT]
-    meta = {"name": prep.name, "models": [{"name": m, "cost": c, "index": i}
-                                          for i, (m, c) in enumerate(zip(prep.models, prep.costs))],
-            "tokenizer": token_spec(cfg) | {"source": str(tokenizer_file(cfg.teacher.path))},
-            "decision": decision_rules(prep, p_val), "metrics": {}, "data_hash": prep.data_hash,
-            "config": cfg.to_dict()}
     outcomes = np.where(prep.mask[val], prep.target[val], np.nan)
     export_cfg = cfg.export.model_copy(update={"latency_decisions": LATENCY_DECISIONS})
-    bundle = export_module(net, meta, work / "bundle", [prep.prompts[i] for i in val], outcomes, export_cfg)
+    bundle = export_module(net, bundle_meta(prep, cfg, p_val), work / "bundle", [prep.prompts[i] for i in val],
+                           outcomes, export_cfg)
     return read_json(bundle / "router.json")["latency"]["overall"]
 
 
