@@ -85,6 +85,11 @@ class TrainConfig(_Section):
     patience: int = Field(3, ge=1)
     distill_weight: float = Field(0.5, ge=0.0, le=1.0)  # soft-target share of the label loss
     repr_weight: float = Field(0.1, ge=0.0)  # representation regression onto teacher embeddings
+    # Per-prompt outcomes are single noisy draws; with a metadata column that groups prompts (MMLU's
+    # `subject`), training targets move this share of the way to their group's train-split rate.
+    # Only training reads the column: serving still sees the prompt alone.
+    group_by: Optional[str] = None
+    group_smoothing: float = Field(0.6, ge=0.0, le=1.0)
     seed: int = 0
     accelerator: str = "cpu"
     devices: Any = 1

@@ -54,14 +54,19 @@ class Prepared:
     data_hash: str
     stats: dict
     teacher_prob: np.ndarray | None = None  # [n, m], filled by the teacher head
+    fit_target: np.ndarray | None = None  # [n, m] what the nets fit: `target`, train rows group-smoothed
     tokens: dict = field(default_factory=dict)  # spec key -> (ids list, spec)
+
+    def __post_init__(self):
+        if self.fit_target is None:
+            self.fit_target = self.target
 
     def rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == split)
 
 
 def prepare(name: str, cfg: Config) -> Prepared:
-    """Load the labels and the (cached) teacher embeddings; fit the teacher head."""
+    """Load the labels and the (cached) teacher embeddings; with `train.group_by`, the smoothed fit targets."""
     from .ingest import list_matrix
     from .label import load_labels
 
@@ -79,6 +84,13 @@ def prepare(name: str, cfg: Config) -> Prepared:
     if cfg.train.limit_train_prompts:
         train_rows = np.flatnonzero(split == "train")
         split[train_rows[cfg.train.limit_train_prompts:]] = "unused"
+    groups = None
+    if cfg.train.group_by:  # checked before the (slow) teacher embeddings
+        if cfg.train.group_by not in table.column_names:
+            known = manifest.get("metadata_columns", [])
+            raise DataError(f"train.group_by={cfg.train.group_by!r}: {name!r} has no such column "
+                            f"(metadata columns: {', '.join(known) or 'none'})")
+        groups = [str(g) for g in table.column(cfg.train.group_by).to_pylist()]
     for s in ("train", "val"):
         if not (split == s).any():
             raise DataError(f"the {s} split of {name!r} is empty: need more prompts or other split fractions")
@@ -89,7 +101,29 @@ def prepare(name: str, cfg: Config) -> Prepared:
                                                     cfg.teacher.max_tokens, cfg.teacher.batch_size),
         data_hash=stats.get("content_hash", manifest.get("content_hash", "")), stats=stats,
     )
+    if groups is not None:
+        prep.fit_target = group_smoothed(prep.target, prep.mask, groups, split == "train",
+                                         cfg.train.group_smoothing)
     return prep
+
+
+def group_smoothed(target: np.ndarray, mask: np.ndarray, groups: list[str], train: np.ndarray,
+                   weight: float, prior_count: float = 10.0) -> np.ndarray:
+    """Train targets moved `weight` of the way to their group's train rate (other rows unchanged).
+
+    A group's rate is shrunk toward the global rate by `prior_count` pseudo-observations, so a group
+    with a handful of prompts does not hand its few noisy outcomes to all of them."""
+    _, gid = np.unique(groups, return_inverse=True)
+    obs = mask & train[:, None]
+    n = np.zeros((gid.max() + 1, target.shape[1]))
+    np.add.at(n, gid, obs)
+    hits = np.zeros_like(n)
+    np.add.at(hits, gid, np.where(obs, target, 0.0))
+    overall = hits.sum(0) / np.maximum(n.sum(0), 1)
+    rate = (hits + prior_count * overall) / (n + prior_count)
+    out = target.copy()
+    out[train] = (1 - weight) * target[train] + weight * rate[gid[train]]
+    return out.astype(np.float32)
 
 
 class _Rows(Dataset):
@@ -101,7 +135,7 @@ class _Rows(Dataset):
 
     def __getitem__(self, i):
         r = self.rows[i]
-        item = {"target": self.prep.target[r], "mask": self.prep.mask[r], "emb": self.prep.teacher_emb[r]}
+        item = {"target": self.prep.fit_target[r], "mask": self.prep.mask[r], "emb": self.prep.teacher_emb[r]}
         if self.prep.teacher_prob is not None:
             item["soft"] = self.prep.teacher_prob[r]
         if self.ids is not None:

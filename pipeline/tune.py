@@ -95,12 +95,18 @@ class TuneResult:
 
 # ----------------------------------------------------------------------------- search space
 
+FIXED_PER_STUDY = ("train.group_by", "train.group_smoothing")  # read once, when the study prepares the data
+
+
 def search_space(cfg: Config) -> dict[str, dict]:
     """SPACE narrowed by `cfg.tune.space`: key -> {"fixed": v} | {"choices": [...]} | {"low", "high", "log"}."""
     space = {key: _normalise(key, spec, None) for key, spec in SPACE.items()}
     for key, spec in cfg.tune.space.items():
         if key.startswith("tune.") or "." not in key:
             raise ConfigError(f"tune.space key {key!r} must be a `section.key` of the config outside `tune`")
+        if key in FIXED_PER_STUDY:
+            raise ConfigError(f"tune.space key {key!r} is fixed for a study: it changes the targets the shared "
+                              "teacher head fits; set it in the config instead")
         space[key] = _normalise(key, spec, space.get(key))
     for key, spec in space.items():  # every value must make a valid config on its own, before any trial runs
         for value in spec.get("choices") or [spec.get("fixed", spec.get("low")), spec.get("high")]:

@@ -8,7 +8,8 @@ import torch
 from pipeline.config import load_config
 from pipeline.metrics import apgr
 from pipeline.encoders import StaticRouter, TransformerRouter, build_student
-from pipeline.train import Prepared, fit_student, fit_teacher, masked_bce, pair_score, predict, split_metrics
+from pipeline.train import (Prepared, fit_student, fit_teacher, group_smoothed, masked_bce, pair_score, predict,
+                            split_metrics)
 
 from .tiny import make_tiny_teacher
 
@@ -89,3 +90,48 @@ def test_teacher_then_student_learn_a_planted_signal(tiny_teacher, cache):
     p = predict(student, prep, cfg, test)
     assert p.shape == (len(test), 2)
     assert split_metrics(prep, p, test)["apgr"] > 0.95 * best  # the keyword decides; random would be ~0.5
+
+
+def test_group_smoothing_moves_train_targets_to_their_groups_train_rate():
+    groups = ["a"] * 40 + ["b"] * 40 + ["tiny"] * 2
+    target = np.zeros((82, 2), np.float32)
+    target[:30, 0] = 1.0  # group a: 30/40 on model 0 among all rows
+    target[40:50, 0] = 1.0  # group b: 10/40
+    target[80, 0] = 1.0  # tiny: 1/2
+    mask = np.ones_like(target, bool)
+    mask[:10, 0] = False  # unobserved entries count for nothing (their 1.0s above are not outcomes)
+    train = np.ones(82, bool)
+    train[[0, 79]] = False  # a test/val row keeps its raw target
+    out = group_smoothed(target, mask, groups, train, weight=0.5, prior_count=10.0)
+    overall = 31 / 71  # observed train ones (a: 20, b: 10, tiny: 1) over observed train entries (30 + 39 + 2)
+    rate_a, rate_b = (20 + 10 * overall) / (30 + 10), (10 + 10 * overall) / (39 + 10)
+    assert out[15, 0] == pytest.approx(0.5 * 1 + 0.5 * rate_a, abs=1e-6)
+    assert out[35, 0] == pytest.approx(0.5 * rate_a, abs=1e-6)
+    assert out[45, 0] == pytest.approx(0.5 + 0.5 * rate_b, abs=1e-6)
+    tiny = (1 + 10 * overall) / (2 + 10)  # two prompts barely move their group off the overall rate
+    assert out[81, 0] == pytest.approx(0.5 * tiny, abs=1e-6) and abs(tiny - overall) < 0.05
+    assert out[0, 0] == target[0, 0] and out[79, 0] == target[79, 0]
+    assert out[:, 1] == pytest.approx(np.zeros(82))  # model 1 never succeeds anywhere: nothing to smooth
+    np.testing.assert_array_equal(group_smoothed(target, mask, groups, train, weight=0.0), target)
+
+
+def test_prepare_smooths_by_a_metadata_column_and_names_the_columns_when_it_is_missing(
+        tiny_teacher, data_dir, cache, demo_files):
+    from pipeline.common import DataError
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+    from pipeline.train import prepare
+
+    ingest(str(demo_files["wide"]), name="demo")
+    label("demo")
+    base = [f"teacher.path={tiny_teacher}"]
+    raw = prepare("demo", load_config(overrides=base))
+    assert raw.fit_target is raw.target
+    smooth = prepare("demo", load_config(overrides=base + ["train.group_by=family"]))
+    train = smooth.split == "train"
+    np.testing.assert_array_equal(smooth.fit_target[~train], smooth.target[~train])
+    moved = np.abs(smooth.fit_target[train] - smooth.target[train])[smooth.mask[train]]
+    assert (moved > 0.01).mean() > 0.9 and moved.max() <= 0.6 + 1e-6  # default weight 0.6, outcomes 0/1
+    np.testing.assert_array_equal(smooth.target, raw.target)  # evaluation still reads the raw outcomes
+    with pytest.raises(DataError, match=r"train.group_by='subject'.*metadata columns: sample_id, family\)"):
+        prepare("demo", load_config(overrides=base + ["train.group_by=subject"]))

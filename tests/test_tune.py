@@ -193,6 +193,7 @@ def test_transformer_trials_search_layers():
     ("{train.lr: {low: 0.0, high: 0.1, log: true}}", "log range"),
     ("{tune.seed: [1, 2]}", "outside `tune`"),
     ("{train.batch_size: []}", "empty"),
+    ("{train.group_smoothing: [0.3, 0.6]}", "fixed for a study"),
 ])
 def test_bad_spaces_fail_before_any_trial(space, message):
     from pipeline.tune import search_space
