@@ -9,6 +9,8 @@ NAME ?= $(basename $(notdir $(DATA)))
 TRIALS ?= 0
 BUDGET_MS ?= 1.0
 SHARED ?= ../shared/data
+CONFIG ?=
+CFG := $(if $(CONFIG),--config $(CONFIG))
 
 .PHONY: setup all demo-data ingest label train evaluate export latency tune report test \
         bench-quality bench-latency bench-tune bench-scale mlflow-ui clean
@@ -22,8 +24,8 @@ $(VENV)/.installed: pyproject.toml
 $(DEMO)/demo_wide.csv: | setup
 	$(PRE) demo-data --out $(DEMO)
 
-all: setup $(if $(filter $(DEMO)/%,$(DATA)),$(DEMO)/demo_wide.csv)  ## the whole pipeline (DATA=file or hf:org/name)
-	$(PRE) run $(DATA) --name $(NAME) --trials $(TRIALS) --budget-ms $(BUDGET_MS)
+all: setup $(if $(filter $(DEMO)/%,$(DATA)),$(DEMO)/demo_wide.csv)  ## the whole pipeline (DATA=file or hf:org/name, CONFIG=yaml)
+	$(PRE) run $(DATA) --name $(NAME) $(CFG) --trials $(TRIALS) --budget-ms $(BUDGET_MS)
 
 demo-data: setup  ## write the synthetic demo set in all three layouts
 	$(PRE) demo-data --out $(DEMO)
@@ -31,25 +33,26 @@ demo-data: setup  ## write the synthetic demo set in all three layouts
 ingest: setup
 	$(PRE) ingest $(DATA) --name $(NAME)
 label: setup
-	$(PRE) label $(NAME)
+	$(PRE) label $(NAME) $(CFG)
 train: setup
-	$(PRE) train $(NAME)
+	$(PRE) train $(NAME) $(CFG)
 evaluate: setup
 	$(PRE) evaluate $(NAME)
 export: setup
-	$(PRE) export $(NAME)
+	$(PRE) export $(NAME) $(CFG)
 latency: setup
 	$(PRE) check-latency models/$(NAME)/bundle --budget-ms $(BUDGET_MS)
 tune: setup
-	$(PRE) tune $(NAME) --trials $(or $(filter-out 0,$(TRIALS)),20)
+	$(PRE) tune $(NAME) $(CFG) --trials $(or $(filter-out 0,$(TRIALS)),20)
 report: setup
 	$(PRE) report models/$(NAME)/bundle --data $(NAME)
 
 test: setup  ## the unit suite (no real data needed; real-data tests skip without ../shared/data)
 	$(VENV)/bin/pytest -q
 
-bench-quality: setup  ## train on each real file, write bench/results/quality.md
-	$(VENV)/bin/python bench/quality.py --shared $(SHARED)
+bench-quality: setup  ## train on each real file (static: 5 seeds), write bench/results/quality.md
+	$(VENV)/bin/python bench/quality.py --shared $(SHARED) --students static --seeds 5
+	$(VENV)/bin/python bench/quality.py --shared $(SHARED) --students transformer
 bench-latency: setup  ## teacher and students, fp32 and int8, into bench/results/latency.md
 	$(VENV)/bin/python bench/latency.py --shared $(SHARED)
 bench-tune: setup  ## 20+ pruned trials on MMLU, into bench/results/tune.md

@@ -34,11 +34,13 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarray]) -> dict | None:
     """Winner prediction per battle on `rows` (ties excluded): each router's P(a beats b) =
-    sigmoid(logit p_a - logit p_b) from its per-prompt win probabilities, against the global
-    Bradley-Terry ranking (the same winner for every prompt)."""
+    sigmoid(s_a - s_b) from per-prompt strengths fitted to its per-prompt win probabilities given who
+    each model met in the train battles (`opponent_adjusted_strengths`), against the global
+    Bradley-Terry ranking (the same winner for every prompt). `vs_bradley_terry` counts the battles a
+    router gets right and Bradley-Terry wrong, and the reverse: the difference is what beats the ranking."""
     from datasets import load_from_disk
 
-    from .metrics import win_accuracy
+    from .metrics import opponent_adjusted_strengths, win_accuracy
 
     path = processed_dir(prep.name) / "battles"
     strengths = prep.stats.get("strengths")
@@ -46,16 +48,32 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
         return None
     table = load_from_disk(str(path)).data
     col = lambda name: table.column(name).to_numpy()  # noqa: E731
-    position = {pid: j for j, pid in enumerate(np.asarray(prep.prompt_ids)[rows])}
-    at = np.array([position.get(pid, -1) for pid in table.column("prompt_id").to_pylist()])
+    row_of = {pid: j for j, pid in enumerate(prep.prompt_ids)}
+    battle_row = np.array([row_of.get(pid, -1) for pid in table.column("prompt_id").to_pylist()])
+    a, b, score_a = col("model_a"), col("model_b"), col("score_a")
+    m = len(prep.models)
+    counts = np.zeros((m, m))
+    train = battle_row >= 0
+    train[train] = prep.split[battle_row[train]] == "train"
+    np.add.at(counts, (a[train], b[train]), 1.0)
+    np.add.at(counts, (b[train], a[train]), 1.0)
+    position = np.full(len(prep.prompt_ids), -1)
+    position[rows] = np.arange(len(rows))
+    at = np.where(battle_row >= 0, position[np.maximum(battle_row, 0)], -1)
     keep = at >= 0
-    a, b, score_a, at = col("model_a")[keep], col("model_b")[keep], col("score_a")[keep], at[keep]
-    strength = np.array([strengths[m] for m in prep.models])
-    out = {"n_battles": int(keep.sum()),
-           "bradley_terry": win_accuracy(1 / (1 + np.exp(-(strength[a] - strength[b]))), score_a)}
+    a, b, score_a, at = a[keep], b[keep], score_a[keep], at[keep]
+    strength = np.array([strengths[name] for name in prep.models])
+    bt = 1 / (1 + np.exp(-(strength[a] - strength[b])))
+    out = {"n_battles": int(keep.sum()), "bradley_terry": win_accuracy(bt, score_a), "vs_bradley_terry": {}}
+    decided = score_a != 0.5
+    bt_right = (bt > 0.5) == (score_a > 0.5)
     for label, p in probs.items():
-        logits = _logit(p)
-        out[label] = win_accuracy(1 / (1 + np.exp(-(logits[at, a] - logits[at, b]))), score_a)
+        s = opponent_adjusted_strengths(_logit(p), counts)
+        p_a = 1 / (1 + np.exp(-(s[at, a] - s[at, b])))
+        out[label] = win_accuracy(p_a, score_a)
+        right = (p_a > 0.5) == (score_a > 0.5)
+        out["vs_bradley_terry"][label] = [int((decided & right & ~bt_right).sum()),
+                                          int((decided & bt_right & ~right).sum())]
     return out
 
 
@@ -120,9 +138,11 @@ def _print(result: dict) -> None:
         table = Table(title=f"win prediction on {w['n_battles']} test battles (ties excluded)")
         table.add_column("predictor")
         table.add_column("accuracy", justify="right")
+        table.add_column("+ / − vs BT", justify="right")  # right where BT is wrong / wrong where BT is right
         for label, acc in w.items():
-            if label != "n_battles":
-                table.add_row(label, f"{acc:.3f}")
+            if label not in ("n_battles", "vs_bradley_terry"):
+                better, worse = w["vs_bradley_terry"].get(label, ("-", "-"))
+                table.add_row(label, f"{acc:.3f}", f"{better} / {worse}")
         console.print(table)
 
 
@@ -134,7 +154,8 @@ def _log(run_id: str | None, result: dict) -> None:
     setup_mlflow()
     flat = {f"eval_{k.split(' ')[0]}_{metric}": v for k, m in result.get("routers", {}).items()
             for metric, v in m.items() if isinstance(v, float) and np.isfinite(v)}
-    flat |= {f"eval_win_{k.split(' ')[0]}": v for k, v in result.get("win_accuracy", {}).items() if k != "n_battles"}
+    flat |= {f"eval_win_{k.split(' ')[0]}": v for k, v in result.get("win_accuracy", {}).items()
+             if k not in ("n_battles", "vs_bradley_terry")}
     try:
         nested = mlflow.active_run() is not None
         with mlflow.start_run(run_id=run_id, nested=nested) if run_id else mlflow.start_run(run_name="evaluate",

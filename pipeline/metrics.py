@@ -269,6 +269,20 @@ def aiq(costs, qualities, cost_range: Sequence[float] | None = None) -> float:
 
 # ---- pairwise battles --------------------------------------------------------------------------
 
+def opponent_adjusted_strengths(win_logits: np.ndarray, battle_counts: np.ndarray) -> np.ndarray:
+    """Per-prompt strengths [n, m] on one scale from per-model win-rate logits [n, m].
+
+    A model's win rate is measured against the opponents it met: under Bradley-Terry, to first order,
+    logit p_j = s_j - sum_k W_jk s_k, with W_jk the share of j's battles fought against k
+    (`battle_counts`, symmetric [m, m]). Solving (I - W) s = logit p (least squares, minimum norm)
+    puts every model on the same scale. In a round robin W is uniform and s is logit p minus its mean:
+    the same order as comparing win rates directly. Against a single reference model (AlpacaEval) it
+    is not: a 45% win rate against the strongest model outranks the reference's 89% against the field."""
+    c = np.asarray(battle_counts, dtype=np.float64)
+    w = c / np.maximum(c.sum(1, keepdims=True), 1.0)
+    return np.asarray(win_logits, dtype=np.float64) @ np.linalg.pinv(np.eye(len(c)) - w).T
+
+
 def win_accuracy(p_a_wins, outcomes, ties: str = "exclude") -> float:
     """Accuracy of predicting each battle's winner: model a when P(a wins) > 0.5.
 

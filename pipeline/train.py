@@ -5,6 +5,7 @@ One LightningModule (`RouterModule`) trains every network here, one LightningDat
 N-model table and sparse pairwise win rates train the same way. The student additionally learns from
 the teacher: soft targets (the teacher head's probabilities, on every model, observed or not) and
 representation regression (its pooled features, projected, onto the teacher's sentence embedding).
+With `train.group_by`, both fit targets smoothed toward their metadata group's rate (`group_smoothed`).
 """
 from __future__ import annotations
 

@@ -164,3 +164,9 @@ def test_cli_reports_yaml_file_errors(text, why, data_dir, tmp_path, cli):
     code, out = cli("label", "nothing-here", "--config", path)
     assert code == 2 and why.format(path=path) in out, out
     assert not data_dir.exists()
+
+
+def test_the_shipped_mmlu_config_loads_over_the_defaults():
+    cfg = load_config(DEFAULT_CONFIG.parent / "mmlu.yaml")
+    assert cfg.train.group_by == "subject" and cfg.train.distill_weight == 0.8  # what bench-quality trains MMLU with
+    assert cfg.student == load_config().student  # the rest stays default

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.metrics import (aiq, apgr, calibrate_lambdas, calibrate_thresholds, choose, cost_quality_points,
-                              cpt, quality_at_budgets, quality_curve, realised_fractions, routing_metrics,
-                              win_accuracy)
+                              cpt, opponent_adjusted_strengths, quality_at_budgets, quality_curve,
+                              realised_fractions, routing_metrics, win_accuracy)
 
 
 def planted_pair(n=100, n_gain=20):
@@ -162,3 +162,24 @@ def test_win_accuracy_tie_conventions():
     assert win_accuracy(p, y) == pytest.approx(2 / 3)
     assert win_accuracy(p, y, ties="half") == pytest.approx((1 + 1 + 0 + 0.5) / 4)
     assert win_accuracy([0.5], [1.0]) == 0.5
+
+
+def test_opponent_adjusted_strengths_in_a_round_robin_keep_the_win_rate_order():
+    logits = np.array([[0.3, -1.0, 2.0, 0.1]])
+    s = opponent_adjusted_strengths(logits, np.ones((4, 4)) - np.eye(4))
+    np.testing.assert_allclose(s[0] - s[0].mean(), (logits[0] - logits[0].mean()) * 3 / 4, atol=1e-9)  # (I - W) = 4/3 I on centred s
+
+
+def test_opponent_adjusted_strengths_against_one_reference_recover_bradley_terry():
+    # model 0 is a reference that meets every other model; the others meet only it (AlpacaEval's design)
+    true = np.array([0.0, 0.3, -3.0, -2.5, -4.0])  # model 1 is a little stronger than the reference
+    p_vs_ref = 1 / (1 + np.exp(-(true[1:] - true[0])))
+    p_ref = np.mean(1 / (1 + np.exp(-(true[0] - true[1:]))))
+    logits = np.log(np.r_[p_ref, p_vs_ref] / (1 - np.r_[p_ref, p_vs_ref]))[None]
+    counts = np.zeros((5, 5))
+    counts[0, 1:] = counts[1:, 0] = 10
+    s = opponent_adjusted_strengths(logits, counts)[0]
+    assert np.argsort(-s).tolist() == np.argsort(-true).tolist()
+    # exact for the one-opponent models; the reference's own rate is only first-order, which shifts them all a little
+    np.testing.assert_allclose(s[1:] - s[0], true[1:] - true[0], atol=0.2)
+    assert logits[0, 0] > logits[0, 1]  # raw win rates (89% vs the field, 57% vs the reference) say otherwise
