@@ -80,13 +80,14 @@ def _vs_bt(w: dict) -> str:
         if w.get("vs_bradley_terry") else (None, None)
     if better is None:
         return "- | -"
-    return f"{better} / {worse} | {binomtest(better, better + worse).pvalue:.2f}"
+    p = binomtest(better, better + worse).pvalue if better + worse else 1.0
+    return f"{better} / {worse} | {p:.2f}"
 
 
-def _spread(values: list[float]) -> str:
+def _spread(values: list[float], digits: int = 3) -> str:
     if len(values) < 2:
         return "- (1)"
-    return f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}] ({len(values)})"
+    return f"{np.mean(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}] ({len(values)})"
 
 
 def write(results: list[dict], path: Path) -> None:
@@ -131,8 +132,9 @@ def write(results: list[dict], path: Path) -> None:
             w = r["win_accuracy"]
             student = _router(w)
             seeds = r.get("seed_win_accuracy", [student])
-            lines.append(f"| {r['dataset']} | {r['student']} | {_config(r)} | {w['n_battles']} | {_fmt(student)} | "
-                         f"{_spread(seeds)} | {_fmt(w['teacher'])} | {_fmt(w['bradley_terry'])} | {_vs_bt(w)} | "
+            f4 = lambda x: f"{x:.4f}"  # noqa: E731  (the differences here are a few battles in 8,000)
+            lines.append(f"| {r['dataset']} | {r['student']} | {_config(r)} | {w['n_battles']} | {f4(student)} | "
+                         f"{_spread(seeds, 4)} | {f4(w['teacher'])} | {f4(w['bradley_terry'])} | {_vs_bt(w)} | "
                          f"{'yes' if np.mean(seeds) > w['bradley_terry'] else '**no**'} |")
     path.write_text("\n".join(lines) + "\n")
 
