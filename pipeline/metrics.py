@@ -277,7 +277,8 @@ def opponent_adjusted_strengths(win_logits: np.ndarray, battle_counts: np.ndarra
     (`battle_counts`, symmetric [m, m]). Solving (I - W) s = logit p (least squares, minimum norm)
     puts every model on the same scale. In a round robin W is uniform and s is logit p minus its mean:
     the same order as comparing win rates directly. Against a single reference model (AlpacaEval) it
-    is not: a 45% win rate against the strongest model outranks the reference's 89% against the field."""
+    is not: a model that beats the reference 55% of the time ranks above it, though the reference wins
+    89% of its battles against the field."""
     c = np.asarray(battle_counts, dtype=np.float64)
     w = c / np.maximum(c.sum(1, keepdims=True), 1.0)
     return np.asarray(win_logits, dtype=np.float64) @ np.linalg.pinv(np.eye(len(c)) - w).T
