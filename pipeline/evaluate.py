@@ -48,18 +48,19 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
         return None
     table = load_from_disk(str(path)).data
     col = lambda name: table.column(name).to_numpy()  # noqa: E731
+    # Row of each battle's prompt; a prompt not in the labels gets the extra last row (-1), whose split
+    # is none and whose position in `rows` is -1.
     row_of = {pid: j for j, pid in enumerate(prep.prompt_ids)}
     battle_row = np.array([row_of.get(pid, -1) for pid in table.column("prompt_id").to_pylist()])
     a, b, score_a = col("model_a"), col("model_b"), col("score_a")
     m = len(prep.models)
     counts = np.zeros((m, m))
-    train = battle_row >= 0
-    train[train] = prep.split[battle_row[train]] == "train"
+    train = np.append(prep.split, "")[battle_row] == "train"
     np.add.at(counts, (a[train], b[train]), 1.0)
     np.add.at(counts, (b[train], a[train]), 1.0)
-    position = np.full(len(prep.prompt_ids), -1)
+    position = np.full(len(prep.prompt_ids) + 1, -1)
     position[rows] = np.arange(len(rows))
-    at = np.where(battle_row >= 0, position[np.maximum(battle_row, 0)], -1)
+    at = position[battle_row]
     keep = at >= 0
     a, b, score_a, at = a[keep], b[keep], score_a[keep], at[keep]
     strength = np.array([strengths[name] for name in prep.models])
