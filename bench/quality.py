@@ -76,10 +76,9 @@ def _vs_bt(w: dict) -> str:
     """Discordant battles of the student (seed 0) and Bradley-Terry, and the exact McNemar p-value."""
     from scipy.stats import binomtest
 
-    better, worse = next(v for k, v in w.get("vs_bradley_terry", {}).items() if k.startswith("router")) \
-        if w.get("vs_bradley_terry") else (None, None)
-    if better is None:
+    if not w.get("vs_bradley_terry"):  # results written before the count existed
         return "- | -"
+    better, worse = _router(w["vs_bradley_terry"])
     p = binomtest(better, better + worse).pvalue if better + worse else 1.0
     return f"{better} / {worse} | {p:.2f}"
 
