@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import unicodedata
 from pathlib import Path
 
@@ -451,15 +452,27 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
 
     Each output line: `prompt_id` (when given), `index` (0-based record number), `scores`
     ({model: probability}), `route` (the chosen model) and, for pair routers, `score`.
+
+    The input must be UTF-8 (a leading BOM is skipped): a line that is not is an error naming it.
+    The output is UTF-8; a string with no UTF-8 form (a lone surrogate written as a JSON escape)
+    keeps its JSON escape. It is written to a temporary file of this call beside it, then renamed
+    over `output_jsonl`: concurrent runs on one output never mix lines (the last to finish wins), and
+    the output may not be the input file.
     """
     from .common import DataError
 
-    router = Router.load(bundle)
     input_jsonl, output_jsonl = Path(input_jsonl), Path(output_jsonl)
     if not input_jsonl.is_file():
         raise DataError("input file not found", file=input_jsonl)
-    output_jsonl.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_jsonl.with_name(f".{output_jsonl.name}.tmp")
+    if output_jsonl.exists() and os.path.samefile(input_jsonl, output_jsonl):
+        raise DataError("the output is the same file as the input; choose another --output", file=output_jsonl)
+    router = Router.load(bundle)
+    try:
+        output_jsonl.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{output_jsonl.name}.", suffix=".tmp", dir=output_jsonl.parent)
+    except OSError as e:
+        raise DataError(f"cannot write the output there: {e.strerror or e}", file=output_jsonl) from None
+    tmp = Path(tmp_name)
     written = 0
 
     def flush(records: list[tuple[int, dict]], out) -> None:
@@ -472,19 +485,30 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
                         route=router.models[int(c)])
             if pair:
                 line["score"] = float(router.routing_score(row))
-            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            try:
+                data = json.dumps(line, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: its \uXXXX escape is valid JSON and UTF-8
+                data = json.dumps(line).encode("ascii")
+            out.write(data + b"\n")
 
     try:
-        with open(input_jsonl, encoding="utf-8", errors="surrogateescape") as src, \
-                open(tmp, "w", encoding="utf-8", errors="surrogatepass") as out:
+        os.fchmod(fd, _new_file_mode(output_jsonl))  # mkstemp's 0600 would make the output private
+        with open(input_jsonl, "rb") as src, os.fdopen(fd, "wb") as out:
             batch: list[tuple[int, dict]] = []
-            for lineno, text in enumerate(src, 1):
+            for lineno, raw in enumerate(src, 1):
+                try:
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
+                                    file=input_jsonl, row=lineno) from None
                 if not text.strip():
                     continue
                 try:
                     rec = json.loads(text)
                 except ValueError as e:
                     raise DataError(f"not valid JSON: {e}", file=input_jsonl, row=lineno) from None
+                except RecursionError:
+                    raise DataError("not valid JSON: nested too deeply", file=input_jsonl, row=lineno) from None
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
                     raise DataError("each line must be an object with a string `prompt`",
                                     file=input_jsonl, row=lineno)
@@ -495,9 +519,25 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
                     batch = []
             if batch:
                 flush(batch, out)
+            out.flush()
+            os.fsync(out.fileno())
         if written == 0:
             raise DataError("no prompts in the input", file=input_jsonl)
         os.replace(tmp, output_jsonl)
     finally:
         tmp.unlink(missing_ok=True)
     return written
+
+
+def _new_file_mode(path: Path) -> int:
+    """The mode `open(path, "w")` would give: the existing file's, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        pass
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = 0o022
+    return 0o666 & ~umask

@@ -309,6 +309,61 @@ def test_score_file_rejects_bad_lines(bundle, tmp_path, line, reason):
     assert e.value.row == 2 and not dst.exists()
 
 
+def test_score_file_runs_on_one_output_never_interleave(bundle, tmp_path, monkeypatch):
+    """A second run on the same output that starts and finishes while the first is writing: each run
+    writes its own temporary file, so the output is one run's lines, whole (the last to finish wins)."""
+    first, second, dst = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "out.jsonl"
+    first.write_text("".join(json.dumps({"prompt": f"first {i}", "prompt_id": f"a{i}"}) + "\n" for i in range(40)))
+    second.write_text("".join(json.dumps({"prompt": f"second {i}", "prompt_id": f"b{i}"}) + "\n" for i in range(7)))
+    real_scores, calls = Router.scores, []
+
+    def scores(self, prompts, batch_size=64):
+        calls.append(len(prompts))
+        if len(calls) == 2:  # the first run has written its first batch: the whole second run happens now
+            assert score_file(bundle[0], second, dst, batch_size=2) == 7
+            assert [x["prompt_id"] for x in map(json.loads, dst.read_text().splitlines())] == [f"b{i}" for i in range(7)]
+        return real_scores(self, prompts, batch_size)
+
+    monkeypatch.setattr(Router, "scores", scores)
+    assert score_file(bundle[0], first, dst, batch_size=1) == 40  # batches of 16 lines: several flushes
+    lines = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [x["prompt_id"] for x in lines] == [f"a{i}" for i in range(40)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl", "out.jsonl"]  # no temporaries
+
+
+def test_score_file_refuses_to_overwrite_its_input(bundle, tmp_path, cli):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a"}\n')
+    link = tmp_path / "link.jsonl"
+    link.hardlink_to(src)
+    for out in (src, tmp_path / "." / "in.jsonl", link):
+        with pytest.raises(DataError, match="the same file as the input") as e:
+            score_file(bundle[0], src, out)
+        assert e.value.exit_code == 2
+    code, text = cli("score", bundle[0], "--input", src, "--output", src)
+    assert code == 2 and "the same file as the input" in text and len(text.strip().splitlines()) == 1
+    assert src.read_text() == '{"prompt": "a"}\n'
+
+
+def test_score_file_rejects_non_utf8_naming_the_line(bundle, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="not valid UTF-8") as e:
+        score_file(bundle[0], src, dst)
+    assert e.value.row == 2 and not dst.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_score_file_output_is_valid_utf8(bundle, tmp_path):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    # A lone surrogate written as a JSON escape is a legal JSON string but has no UTF-8 form; a BOM and CRLF.
+    src.write_bytes("\ufeff".encode() + b'{"prompt": "\\ud800 x", "prompt_id": "\\udfff-caf\xc3\xa9"}\r\n'
+                    b'{"prompt": "\xe6\x97\xa5\xe6\x9c\xac", "prompt_id": "\xe6\x97\xa5"}\n')
+    assert score_file(bundle[0], src, dst) == 2
+    lines = [json.loads(x) for x in dst.read_bytes().decode("utf-8").splitlines()]  # strict decoding
+    assert [x["prompt_id"] for x in lines] == ["\udfff-café", "日"]
+    assert "日" in dst.read_text(encoding="utf-8")  # non-ASCII ids stay readable where they can
+
+
 # -- command line --------------------------------------------------------------------------------
 
 def test_cli_route_and_score(bundle, cli, tmp_path):
