@@ -321,6 +321,18 @@ def choose(p: np.ndarray, rel_cost: np.ndarray, lam: float) -> np.ndarray:
     return by_cost[np.argmax(p[..., by_cost] - lam * rel_cost[by_cost], axis=-1)]
 
 
+def _prompt_list(prompts) -> list[str]:
+    """`prompts` as a list, or a TypeError that says what was passed instead of a list of str."""
+    if isinstance(prompts, (str, bytes, bytearray, dict)) or not hasattr(prompts, "__iter__"):
+        raise TypeError(f"pass a list of prompts (str), got {type(prompts).__name__}"
+                        + (": wrap one prompt in a list, or call route()" if isinstance(prompts, str) else ""))
+    prompts = list(prompts)
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompts[{i}] is {type(p).__name__}, not str")
+    return prompts
+
+
 class Router:
     """Route prompts with an exported bundle: `Router.load(path).route(prompt) -> model name`."""
 
@@ -389,6 +401,7 @@ class Router:
 
     def logits(self, prompts: list[str], batch_size: int = 64) -> np.ndarray:
         """Raw logits [n, len(models)], float32; prompts are batched and padded per batch."""
+        prompts = _prompt_list(prompts)
         out = [np.zeros((0, len(self.models)), dtype=np.float32)]
         for i in range(0, len(prompts), batch_size):
             out.append(self._run(*encode(self.tokenizer, prompts[i:i + batch_size], self.spec)))
@@ -436,6 +449,8 @@ class Router:
     def route(self, prompt: str, strong_fraction: float | None = None, threshold: float | None = None,
               cost_weight: float | None = None) -> str:
         """The model name one prompt is routed to (batch 1: the latency-critical path)."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"route takes one prompt as a str, got {type(prompt).__name__}")
         p = self._score_one(prompt)
         return self.models[int(self._choose(p, strong_fraction, threshold, cost_weight))]
 

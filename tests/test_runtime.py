@@ -267,6 +267,28 @@ def test_route_never_raises(router, prompt):
     assert router.scores([prompt]).shape == (1, 2)
 
 
+@pytest.mark.parametrize("call", ["scores", "logits", "decide"])
+def test_batch_calls_want_a_list_of_str(router, call):
+    fn = getattr(router, call)
+    for not_a_list in ("hello", b"hello", None, 3, {"prompt": "x"}):
+        with pytest.raises(TypeError, match="pass a list of prompts") as e:
+            fn(not_a_list)
+        assert type(not_a_list).__name__ in str(e.value)
+    for bad, name in ((None, "NoneType"), (b"x", "bytes"), (7, "int"), (["x"], "list"), (np.float64(1), "float64")):
+        with pytest.raises(TypeError, match=rf"prompts\[2\] is {name}, not str"):
+            fn(["a", "b", bad, "d"])
+    assert fn(("a", "b")).shape[0] == 2 if call != "decide" else len(fn(("a", "b"))) == 2  # any sequence of str
+    assert len(fn(iter(["a", "b", "c"]))) == 3 and len(fn(np.array(["a", "b"]))) == 2
+    assert len(fn([])) == 0
+
+
+def test_route_wants_one_str(router):
+    for bad in (None, b"hello", 7, ["hello"], ("a",)):
+        with pytest.raises(TypeError, match=rf"route takes one prompt as a str, got {type(bad).__name__}"):
+            router.route(bad)
+    assert router.route(np.str_("hello")) in ("weak", "strong")
+
+
 def test_threads_share_one_router(bundle):
     r = Router.load(bundle[0])
     prompts = [f"prompt {i} " + "token " * (i % 50) for i in range(64)]
