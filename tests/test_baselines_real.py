@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.baselines import length_scores, oracle_scores, strong_needed, tfidf_lr
+from pipeline.baselines import best_single_scores, length_scores, oracle_scores, strong_needed, tfidf_lr, tfidf_ridge
 from pipeline.metrics import apgr
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -46,3 +46,26 @@ def test_readme_baselines(name):
     y = strong_needed(train[WEAK], train[STRONG])
     scores = tfidf_lr(train["prompt"].tolist(), y, test["prompt"].tolist())
     assert apgr(scores, weak, strong) == pytest.approx(tfidf_apgr, abs=0.001)
+
+
+def test_readme_routerdc_n_model_baselines():
+    """Mean outcome of the model each test prompt is sent to: best single 0.504, TF-IDF + ridge 0.522,
+    oracle 0.714 (README)."""
+    path = DATA / "routerdc_7models.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} not available")
+    rows = pd.read_csv(path)
+    models = [c for c in rows.columns if c not in ("prompt", "task")]
+    test = rows["prompt"].map(is_test).to_numpy()
+    y_train, y_test = rows[models].to_numpy(float)[~test], rows[models].to_numpy(float)[test]
+    mask = np.ones(y_train.shape, bool)
+
+    def routed(scores):
+        return y_test[np.arange(len(y_test)), scores.argmax(1)].mean()
+
+    best = best_single_scores(y_train, mask, len(y_test))
+    assert models[best[0].argmax()] == "cognitivecomputations/dolphin-2.9-llama3-8b"
+    assert round(routed(best), 3) == 0.504
+    assert round(y_test.max(1).mean(), 3) == 0.714
+    ridge = tfidf_ridge(rows["prompt"][~test].tolist(), y_train, mask, rows["prompt"][test].tolist())
+    assert routed(ridge) == pytest.approx(0.522, abs=0.001)
