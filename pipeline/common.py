@@ -7,10 +7,16 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from rich.console import Console
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: writers of one name are then not serialized
+    fcntl = None
 
 console = Console(stderr=True)
 
@@ -67,29 +73,112 @@ def model_dir(name: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; on success replace `final` with it in one rename.
+    """Yield a temporary sibling of `final`; on success replace `final` with it.
 
-    On any exception (or a kill) the temporary directory is what is left, never a half `final`;
-    stale temporaries are removed on the next write.
+    A reader of `final` sees the previous version or the new one, whole. Writers of one name take
+    turns: each holds an advisory lock (`name_lock`) from before it starts writing until its version
+    is in place. On any exception the temporary directory is removed and `final` is untouched. A
+    kill leaves a temporary directory, which the next writer removes, or, between the two renames
+    of the swap (final -> `.NAME.old-*`, temporary -> final), the previous version set aside, which
+    the next writer puts back before doing anything else.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    with name_lock(final):
+        _recover(final)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+        try:
+            yield tmp
+            if os.path.lexists(final):
+                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
+                os.replace(final, old)  # a kill from here to the next rename: `_recover` restores `old`
+                try:
+                    os.replace(tmp, final)
+                except BaseException:
+                    os.replace(old, final)
+                    raise
+                _remove(old)
+            else:
+                os.replace(tmp, final)
+        except BaseException:
+            _remove(tmp)
+            raise
+
+
+def _set_aside(final: Path) -> list[Path]:
+    """Previous versions of `final` moved aside by a swap (`.tmp-old` is the name writers used before)."""
+    return [*final.parent.glob(f".{final.name}.old-*"), *final.parent.glob(f".{final.name}.tmp-old")]
+
+
+def _recover(final: Path) -> None:
+    """Under the name's lock: put back a version a killed swap left aside, then remove what killed writers left."""
+    aside = _set_aside(final)
+    if aside and not os.path.lexists(final):
+        newest = max(aside, key=lambda p: p.lstat().st_ctime_ns)  # a rename updates ctime: the last one set aside
+        os.replace(newest, final)
+        console.print(f"[yellow]{final}: restored the previous version, which an interrupted write had set aside[/]")
+    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *_set_aside(final)]:
+        _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+_held_locks: set[tuple[str, int]] = set()  # (lock file, thread id) this process holds
+
+
+@contextlib.contextmanager
+def name_lock(final: Path) -> Iterator[None]:
+    """Hold the advisory lock of `final`'s name (`flock` on `.NAME.lock` beside it) while the block runs.
+
+    Other processes and threads that ask for it wait. The kernel drops the lock when its holder dies,
+    so a killed writer never leaves a name locked. The holder deletes the lock file on release; a
+    waiter that then gets the lock of the deleted file tries again on the current one.
+    """
+    final = Path(final)
+    path = final.parent / f".{final.name}.lock"
+    key = (os.path.abspath(path), threading.get_ident())
+    if key in _held_locks:
+        raise RuntimeError(f"{final} is already writing in this thread (nested writes of one name would deadlock)")
+    if fcntl is None:  # no flock on this platform: no cross-process exclusion
+        yield
+        return
+    waited = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not waited:
+                    console.print(f"[dim]{final}: waiting for another writer of it to finish[/]")
+                    waited = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            break
+        os.close(fd)  # the previous holder deleted that file: lock the one there now
+    _held_locks.add(key)
     try:
-        yield tmp
-        if final.exists():
-            old = final.parent / f".{final.name}.tmp-old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
+        yield
+    finally:
+        _held_locks.discard(key)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # still holding the lock: nobody else can be using this file
+        os.close(fd)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -114,7 +114,8 @@ def test_atomic_dir_killed_mid_write_leaves_absent_or_complete_and_the_next_writ
     assert proc.stdout.readline().strip() == "half"
     proc.kill()
     proc.wait()
-    assert written_version(final) is None and len(hidden(tmp_path)) == 1
+    assert written_version(final) is None and hidden(tmp_path) == [".artifact.lock", hidden(tmp_path)[1]]
+    assert hidden(tmp_path)[1].startswith(".artifact.tmp-")  # and the lock file, which its holder removes
 
     # The next write removes it and leaves a complete version.
     assert subprocess.run(writer + ["a"], env=env).returncode == 0
@@ -130,6 +131,129 @@ def test_atomic_dir_killed_mid_write_leaves_absent_or_complete_and_the_next_writ
             assert code == 0 and written_version(final) == version
     assert subprocess.run(writer + ["g"], env=env).returncode == 0
     assert written_version(final) == "g" and hidden(tmp_path) == []
+
+
+KILLED_AT_RENAME = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from pipeline.common import atomic_dir
+
+    final, version, target, when = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    real, calls = os.replace, []
+
+    def replace(src, dst):  # the process dies just before or just after rename number `target`
+        calls.append(1)
+        if len(calls) == target and when == "before":
+            os._exit(9)
+        real(src, dst)
+        if len(calls) == target and when == "after":
+            os._exit(9)
+
+    os.replace = replace
+    with atomic_dir(final) as tmp:
+        for i in range({n}):
+            (tmp / f"part{{i:02d}}").write_text(version * 1000)
+""").format(n=N_FILES)
+
+FAILING_WRITER = WRITER.replace('print("half", flush=True)', 'raise RuntimeError("crash while writing")')
+
+
+@pytest.mark.parametrize("target, when, left", [(1, "before", "a"), (1, "after", None), (2, "after", "b")])
+def test_atomic_dir_killed_at_each_rename_is_recovered_by_the_next_writer(tmp_path, target, when, left):
+    """A swap is two renames (final -> old, temporary -> final). A kill just before the first leaves the old
+    version; just after it (before the second), the old version aside and nothing at `final`: the next
+    writer puts it back, even when that writer then fails; after the second, the new version."""
+    final, env = tmp_path / "artifact", env_for(tmp_path)
+    assert subprocess.run([sys.executable, "-c", WRITER, str(final), "a"], env=env).returncode == 0
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_RENAME, str(final), "b", str(target), when], env=env)
+    assert killed.returncode == 9
+    assert written_version(final) == left  # a reader sees the old or the new version whole, or nothing
+    assert hidden(tmp_path)  # what the killed writer left: its temporary or the old version
+
+    failing = subprocess.run([sys.executable, "-c", FAILING_WRITER, str(final), "c"], env=env, capture_output=True)
+    assert failing.returncode == 1 and b"crash while writing" in failing.stderr
+    assert written_version(final) == (left or "a") and hidden(tmp_path) == []  # restored, not deleted
+
+    assert subprocess.run([sys.executable, "-c", WRITER, str(final), "d"], env=env).returncode == 0
+    assert written_version(final) == "d" and hidden(tmp_path) == []
+
+
+def test_atomic_dir_restores_a_version_left_aside_by_an_older_writer(tmp_path):
+    """Before per-process names, the version moved aside was `.NAME.tmp-old`: restored all the same."""
+    final = tmp_path / "artifact"
+    with atomic_dir(final) as tmp:
+        for i in range(N_FILES):
+            (tmp / f"part{i:02d}").write_text("a" * 1000)
+    final.rename(tmp_path / ".artifact.tmp-old")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final):
+            raise RuntimeError("crash while writing")
+    assert written_version(final) == "a" and hidden(tmp_path) == []
+
+
+SLOW_WRITER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from pipeline.common import atomic_dir
+
+    final, version, log = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    with atomic_dir(final) as tmp:
+        with open(log, "a") as f:
+            f.write(f"start {{version}} {{time.time()}}\\n")
+        print("writing", flush=True)
+        for i in range({n}):
+            (tmp / f"part{{i:02d}}").write_text(version * 1000)
+            time.sleep(0.01)
+        with open(log, "a") as f:
+            f.write(f"end {{version}} {{time.time()}}\\n")
+""").format(n=N_FILES)
+
+
+def test_atomic_dir_concurrent_writers_of_one_name_take_turns(tmp_path):
+    """Two processes write one name at once: the second waits for the first (a lock per name) instead of
+    deleting its temporary directory as stale; both succeed, the last one's version is left, whole."""
+    final, log, env = tmp_path / "artifact", tmp_path / "log.txt", env_for(tmp_path)
+    first = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(final), "a", str(log)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert first.stdout.readline().strip() == "writing"  # the first is inside its write
+    second = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(final), "b", str(log)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = set()
+    while second.poll() is None or first.poll() is None:  # a reader meanwhile: a whole version or nothing
+        seen.add(written_version(final))
+        time.sleep(0.005)
+    assert (first.wait(), second.wait()) == (0, 0), (first.stderr.read(), second.stderr.read())
+    assert "waiting for another writer" in second.stderr.read()
+    events = [line.split() for line in log.read_text().splitlines()]
+    assert [(e[0], e[1]) for e in events] == [("start", "a"), ("end", "a"), ("start", "b"), ("end", "b")]
+    assert written_version(final) == "b" and hidden(tmp_path) == [] and seen <= {None, "a", "b"}
+
+
+def test_atomic_dir_threads_take_turns_and_one_thread_cannot_nest_one_name(tmp_path):
+    import threading
+
+    final, order = tmp_path / "artifact", []
+
+    def write(version: str) -> None:
+        with atomic_dir(final) as tmp:
+            order.append(f"start {version}")
+            for i in range(N_FILES):
+                (tmp / f"part{i:02d}").write_text(version * 1000)
+                time.sleep(0.001)
+            order.append(f"end {version}")
+
+    threads = [threading.Thread(target=write, args=(v,)) for v in "abc"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(order[i].split()[1] == order[i + 1].split()[1] for i in range(0, 6, 2)), order
+    assert written_version(final) in set("abc") and hidden(tmp_path) == []
+    with pytest.raises(RuntimeError, match="already writing"):
+        with atomic_dir(final):
+            with atomic_dir(tmp_path / "." / "artifact"):
+                pass
+    assert written_version(final) in set("abc") and hidden(tmp_path) == []
 
 
 # --- ingest killed at random points ---------------------------------------------------------------
