@@ -20,6 +20,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+SplitColumnOpt = typer.Option(None, "--split-column", help="Column whose train / val / test values are the split "
+                                                             "(instead of the prompt-hash rule).")
+TestDataOpt = typer.Option(None, "--test-data", help="A second file, same layout and models, whose prompts are the "
+                                                     "test split; the main file's are split into train/val.")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see pipeline/configs/default.yaml).")
 OverrideArg = typer.Option(None, "--set", "-s", help="Config override section.key=value; repeatable.")
 
@@ -56,13 +60,16 @@ def ingest(
     name: Optional[str] = typer.Option(None, help="Dataset name under data/processed/ (default: the file stem)."),
     models: Optional[str] = typer.Option(None, help="Wide layout: comma-separated model columns to use."),
     split: str = typer.Option("train", help="Hub datasets: which split to read."),
+    split_column: Optional[str] = SplitColumnOpt,
+    test_data: Optional[str] = TestDataOpt,
     force: bool = typer.Option(False, help="Re-ingest even when the input and options are unchanged."),
 ):
     """Read preference data in any layout into the canonical Arrow dataset data/processed/NAME/."""
     from .ingest import ingest as run_ingest
 
     chosen = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    run_ingest(data, layout=layout, name=name, models=chosen, split=split, force=force)
+    run_ingest(data, layout=layout, name=name, models=chosen, split=split, force=force, split_column=split_column,
+               test_data=test_data)
 
 
 @app.command()
@@ -72,7 +79,7 @@ def label(
     overrides: Optional[List[str]] = OverrideArg,
     force: bool = typer.Option(False, help="Relabel even when the dataset and options are unchanged."),
 ):
-    """Turn outcomes into per-model training targets, difficulty, soft labels and a hash split."""
+    """Turn outcomes into per-model training targets, difficulty, soft labels and the split."""
     from .label import label as run_label
 
     run_label(name, _config(config, overrides).label, force=force)
@@ -203,13 +210,16 @@ def run(
     name: Optional[str] = typer.Option(None, help="Dataset/model name (default: the file stem)."),
     trials: int = typer.Option(0, min=0, help="Optuna trials before the final training (0: defaults)."),
     budget_ms: float = typer.Option(1.0, help="Latency gate: p99 budget in milliseconds."),
+    split_column: Optional[str] = SplitColumnOpt,
+    test_data: Optional[str] = TestDataOpt,
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = OverrideArg,
 ):
     """ingest → label → train (→ tune) → export → check-latency → evaluate, as one MLflow run."""
     from .run import run as run_all
 
-    run_all(data, out=out, name=name, trials=trials, budget_ms=budget_ms, config=_config(config, overrides))
+    run_all(data, out=out, name=name, trials=trials, budget_ms=budget_ms, config=_config(config, overrides),
+            split_column=split_column, test_data=test_data)
 
 
 

@@ -30,9 +30,17 @@ not numeric or infinite (long), a wide model cell is not numeric or infinite, or
 at all (wide). Outcomes are stored as float32, so a magnitude beyond its range counts as infinite.
 A missing cell in the wide layout only means "not observed" (mask false). Row numbers are 1-based
 data rows (the header does not count). An input column named like an output column of ingest or
-label (`prompt_id`, `cost`, `split`, `target`...) is kept as `source_<name>`.
+label (`prompt_id`, `cost`, `split`, `target`...) is kept as `source_<name>`, with a printed note.
 
-Re-ingest is skipped when `manifest.json` holds the same `content_hash` (input bytes + options).
+Split. By default `label` splits prompts by their hash. `split_column=COL` takes it from the input
+instead: every row's value must be train, val or test (any case, surrounding blanks ignored), else the
+file fails naming the row and value, and the rows of one prompt must agree. `test_data=FILE` reads a
+second file in the main file's layout whose prompts are all test (a prompt in both files is an error,
+a model the main file lacks too); the main file's prompts are left to label's hash rule for train/val.
+Either way the dataset gets a `split` column (null where the hash rule decides) and the manifest says
+which rule applies (`split_rule`).
+
+Re-ingest is skipped when `manifest.json` holds the same `content_hash` (input bytes of both files + options).
 """
 from __future__ import annotations
 
@@ -60,6 +68,7 @@ from .common import (ConfigError, DataError, atomic_dir, console, data_root, pro
 SCHEMA_VERSION = 1
 INGEST_VERSION = 2  # bump when the output for the same input changes, so old artifacts are redone
 LAYOUTS = ("pairwise", "wide", "long")
+SPLITS = ("train", "val", "test")
 WINNERS = {"model_a": (1.0, False), "model_b": (0.0, False), "tie": (0.5, False), "tie (bothbad)": (0.5, True)}
 ARENA_FLAGS = ("winner_model_a", "winner_model_b", "winner_tie")
 # Output columns of ingest and label that an input column may not shadow (it is kept as source_<name>).
@@ -590,40 +599,62 @@ def _save(table: pa.Table, path: Path) -> None:
 
 
 def ingest(source: str, layout: Optional[str] = None, name: Optional[str] = None,
-           models: Optional[list[str]] = None, split: str = "train", force: bool = False) -> Path:
-    """Read `source` into data/processed/NAME/ (dataset/, battles/ for pairwise, manifest.json)."""
+           models: Optional[list[str]] = None, split: str = "train", force: bool = False,
+           split_column: Optional[str] = None, test_data: Optional[str] = None) -> Path:
+    """Read `source` into data/processed/NAME/ (dataset/, battles/ for pairwise, manifest.json).
+
+    `split_column`: the input column whose train / val / test values are the split. `test_data`: a
+    second file of the same layout whose prompts are the test split (a hub id reads its `test` split).
+    """
     if layout is not None and layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    if split_column is not None and test_data is not None:
+        raise ConfigError("--split-column and --test-data both choose the test prompts: use one of them")
     src = _resolve(source, split)
+    sources = [src] + ([_resolve(test_data, "test")] if test_data is not None else [])
     name = name or src.stem
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid dataset name {name!r}")
     out = processed_dir(name)
     options = {"layout": layout, "models": models, "split": split if src.path is None else None,
                "ingest_version": INGEST_VERSION}
-    where = src.path if src.path is not None else src.text
+    if split_column is not None:
+        options["split_column"] = split_column
+    where = [s.path if s.path is not None else s.text for s in sources]
 
-    def unchanged(content_hash: str) -> bool:
+    def content_hash(hashes: list[str]) -> str:
+        inputs = {"input": hashes[0]} | ({"test_input": hashes[1]} if len(hashes) > 1 else {})
+        return sha256_json({**inputs, "options": options})
+
+    def unchanged(hashes: list[str]) -> bool:
         try:
-            return not force and read_json(out / "manifest.json").get("content_hash") == content_hash
+            return not force and read_json(out / "manifest.json").get("content_hash") == content_hash(hashes)
         except (OSError, ValueError, AttributeError):
             return False
 
     # Local files are hashed before loading so an unchanged input costs one read; a hub dataset
     # is identified by the fingerprint `datasets` gives it after loading.
-    content_hash = sha256_json({"input": _hash_input(src), "options": options}) if src.path else None
-    if content_hash and unchanged(content_hash):
+    hashes = [_hash_input(s) if s.path else None for s in sources]
+    if None not in hashes and unchanged(hashes):
         console.print(f"{name}: unchanged, skipping")
         return out
-    with _load(src) as (table, fingerprint):
-        if content_hash is None:
-            content_hash = sha256_json({"input": fingerprint, "options": options})
-            if unchanged(content_hash):
+    with contextlib.ExitStack() as stack:
+        loaded = [stack.enter_context(_load(s)) for s in sources]
+        if None in hashes:
+            hashes = [h or fingerprint for h, (_, fingerprint) in zip(hashes, loaded)]
+            if unchanged(hashes):
                 console.print(f"{name}: unchanged, skipping")
                 return out
-        fields, dataset, battles = _build(table, layout, models, where)
+        fields, dataset, battles = _build(loaded[0][0], layout, models, where[0], split_column)
+        test = None
+        if len(sources) > 1:
+            fields, dataset, battles, test = _add_test_data(fields, dataset, battles, loaded[1][0], models, where[1])
+            test = {"source": sources[1].text, "source_hash": hashes[1], **test}
         manifest = {"schema_version": SCHEMA_VERSION, "name": name, "layout": fields.pop("layout"),
-                    "source": src.text, "options": options, "content_hash": content_hash, **fields,
+                    "source": src.text, "source_hash": hashes[0], "options": options,
+                    "content_hash": content_hash(hashes), **fields,
+                    "split_rule": "column" if split_column else "test_data" if test else "hash",
+                    "split_column": split_column, "test_data": test,
                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "pipeline_version": PIPELINE_VERSION}
         with atomic_dir(out) as tmp:
@@ -635,7 +666,84 @@ def ingest(source: str, layout: Optional[str] = None, name: Optional[str] = None
     return out
 
 
-def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], where):
+_LISTS = {"outcome": (pa.float32(), 0.0), "mask": (pa.bool_(), False), "count": (pa.int32(), 0),
+          "cost": (pa.float32(), np.nan)}
+
+
+def _add_test_data(fields: dict, dataset: pa.Table, battles: Optional[pa.Table], table: pa.Table,
+                   models: Optional[list[str]], where):
+    """The test file read in the main file's layout and appended to its dataset: its prompts get split
+    `test`, the main file's a null split (label's hash rule picks train or val). Returns the merged
+    (fields, dataset, battles) and the test file's own row counts for the manifest."""
+    t_fields, t_dataset, t_battles = _build(table, fields["layout"], models, where, test_file=True)
+    names, t_names = fields["models"], t_fields["models"]
+    extra = [m for m in t_names if m not in names]
+    if extra:
+        raise DataError(f"model(s) {', '.join(extra)} are not in the main file (its models: {', '.join(names)})",
+                        file=where)
+    missing = [m for m in names if m not in t_names]
+    if missing:
+        console.print(f"[yellow]note:[/] the test file has no outcome for {', '.join(missing)}")
+    in_both = pc.is_in(t_dataset.column("prompt"), value_set=dataset.column("prompt").combine_chunks())
+    if pc.any(in_both).as_py():
+        first = t_dataset.column("prompt").filter(in_both)[0].as_py()
+        raise DataError(f"{pc.sum(in_both).as_py()} prompt(s) are in both the main file and the test file "
+                        f"(first: {first[:60]!r}); a test prompt must not be trained on: remove them from one file",
+                        file=where)
+
+    lists = [c for c in _LISTS if c in dataset.column_names or c in t_dataset.column_names]
+    index = {m: j for j, m in enumerate(names)}
+
+    def aligned(part: pa.Table, part_models: list[str], split: Optional[str]) -> pa.Table:
+        n = part.num_rows
+        columns = {"prompt_id": part.column("prompt_id"), "prompt": part.column("prompt")}
+        for col in lists:
+            typ, fill = _LISTS[col]
+            matrix = np.full((n, len(names)), fill, typ.to_pandas_dtype())
+            if col in part.column_names:
+                matrix[:, [index[m] for m in part_models]] = list_matrix(part, col, matrix.dtype)
+            columns[col] = list_column(matrix, typ)
+        columns["split"] = pa.array([split] * n, pa.string())
+        metadata = [c for c in part.column_names if c not in columns]
+        return pa.table(columns | {c: part.column(c) for c in metadata})
+
+    try:
+        merged = pa.concat_tables([aligned(dataset, names, None), aligned(t_dataset, t_names, "test")],
+                                  promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise DataError(f"its columns do not match the main file's: {e}", file=where) from None
+    if battles is not None:
+        remap = np.array([index[m] for m in t_names], np.int32)
+        for side in ("model_a", "model_b"):
+            at = t_battles.column_names.index(side)
+            t_battles = t_battles.set_column(at, side, pa.array(remap[t_battles.column(side).to_numpy()]))
+        battles = pa.concat_tables([battles, t_battles])
+
+    # Per-model cost: the mean over both files, each file's mean weighted by its observations.
+    weight = {m: 0.0 for m in names}
+    total = {m: 0.0 for m in names}
+    for part, part_fields in ((dataset, fields), (t_dataset, t_fields)):
+        n_obs = list_matrix(part, "count", np.int64).sum(axis=0)
+        for j, m in enumerate(part_fields["models"]):
+            if part_fields["costs"][m] is not None:
+                weight[m] += n_obs[j]
+                total[m] += n_obs[j] * part_fields["costs"][m]
+    lo, hi = fields["outcome_range"]
+    t_lo, t_hi = t_fields["outcome_range"]
+    fields = fields | {
+        "costs": {m: (float(total[m] / weight[m]) if weight[m] else None) for m in names},
+        "outcome_kind": fields["outcome_kind"] if fields["outcome_kind"] == t_fields["outcome_kind"] else "score",
+        "outcome_range": [min(lo, t_lo), max(hi, t_hi)], "n_prompts": merged.num_rows,
+        "n_battles": battles.num_rows if battles is not None else None,
+        "metadata_columns": fields["metadata_columns"] + [c for c in t_fields["metadata_columns"]
+                                                          if c not in fields["metadata_columns"]],
+    }
+    test = {k: t_fields[k] for k in ("n_rows_in", "n_rows_used", "dropped", "dropped_rows", "n_prompts", "n_battles")}
+    return fields, merged, battles, test
+
+
+def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], where,
+           split_column: Optional[str] = None, test_file: bool = False):
     """Parse one layout, merge duplicate prompts, and return (manifest fields, dataset, battles)."""
     layout = layout or detect_layout(table.column_names)
     if models and layout != "wide":
@@ -662,6 +770,11 @@ def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], 
     else:
         obs = _wide(table, drops, where, models)
 
+    split_code = None
+    if split_column is not None:
+        split_code = _split_codes(table, split_column, obs, where)
+        obs.metadata.remove(split_column)
+
     kept_rows = drops.kept
     dropped = {r: int((drops.code == i).sum()) for i, r in enumerate(drops.reasons)}
     dropped_rows = {r: (np.flatnonzero(drops.code == i)[:5] + 1).tolist() for i, r in enumerate(drops.reasons)}
@@ -670,7 +783,7 @@ def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], 
         summary = "; ".join(f"{r}: {c} (first row {dropped_rows[r][0]})" for r, c in dropped.items())
         raise DataError(f"no usable rows: all {n} dropped ({summary})", file=where)
     used_models = np.unique(obs.model[keep])
-    if used_models.size < 2:
+    if used_models.size < 2 and not test_file:  # a test file's models are checked against the main file's
         only = obs.models[used_models[0]] if used_models.size else "none"
         raise DataError(f"only one model ({only}) has usable outcomes; routing needs at least two", file=where)
     if used_models.size < len(obs.models):
@@ -714,10 +827,16 @@ def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], 
         per_model_sum = np.bincount(obs.model[keep][known], weights=c[known], minlength=M)
         costs = {m: (float(per_model_sum[j] / per_model_n[j]) if per_model_n[j] else None)
                  for j, m in enumerate(obs.models)}
+    if split_code is not None:
+        columns["split"] = pa.array(np.array(SPLITS)[_prompt_splits(split_code, row_to_prompt, first_row, where)])
     take = pa.array(first_row)
     meta_names = []
     for col in obs.metadata:
         out_name = f"source_{col}" if col in RESERVED or col in ("prompt",) else col
+        if out_name != col:
+            hint = "; pass --split-column split to split by it" if col == "split" else ""
+            console.print(f"[yellow]note:[/] input column {col!r} kept as {out_name!r}: "
+                          f"the pipeline writes its own {col!r}{hint}")
         columns[out_name] = table.column(col).take(take)
         meta_names.append(out_name)
     dataset = pa.table(columns)
@@ -744,11 +863,51 @@ def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], 
     return manifest, dataset, battles
 
 
+def _split_codes(table: pa.Table, column: str, obs: _Observations, where) -> np.ndarray:
+    """Index into SPLITS of every row's value in the user's split column; any other value is an error."""
+    if column not in table.column_names:
+        raise DataError(f"no split column {column!r} (columns: {', '.join(table.column_names)})", file=where)
+    if column not in obs.metadata:
+        raise ConfigError(f"--split-column {column!r} is a column the layout itself reads")
+    codes, values = _codes(table.column(column))  # trimmed; blank is missing
+    lookup = np.array([SPLITS.index(v.lower()) if v.lower() in SPLITS else -1 for v in values] + [-1])
+    split = lookup[codes]
+    if (split < 0).any():
+        row = int(np.flatnonzero(split < 0)[0])
+        value = f"value {values[codes[row]]!r}" if codes[row] >= 0 else "missing value"
+        raise DataError(f"split column {column!r}: {value} (expected train, val or test)", file=where, row=row + 1)
+    return split
+
+
+def _prompt_splits(split: np.ndarray, row_to_prompt: np.ndarray, first_row: np.ndarray, where) -> np.ndarray:
+    """One split per prompt (that of its first usable row); rows of one prompt that disagree are an error."""
+    per_prompt = split[first_row]
+    rows = np.flatnonzero(row_to_prompt >= 0)
+    differ = rows[split[rows] != per_prompt[row_to_prompt[rows]]]
+    if differ.size:
+        same = np.flatnonzero(row_to_prompt == row_to_prompt[differ[0]])
+        listing = ", ".join(f"{r + 1} ({SPLITS[split[r]]})" for r in same[:10]) + (", ..." if same.size > 10 else "")
+        raise DataError(f"a duplicated prompt has different splits, rows {listing}: one prompt must stay on one side",
+                        file=where)
+    return per_prompt
+
+
 def _print_summary(manifest: dict, out: Path) -> None:
     m = manifest
     console.print(f"[green]ingested[/] {m['name']} ({m['layout']}): {m['n_rows_used']:,} of {m['n_rows_in']:,} rows, "
                   f"{m['n_prompts']:,} prompts, {len(m['models'])} models, outcome {m['outcome_kind']} "
                   f"in [{m['outcome_range'][0]:g}, {m['outcome_range'][1]:g}] -> {out}")
+    _print_dropped(m)
+    test = m.get("test_data")
+    if test:
+        console.print(f"test data {test['source']}: {test['n_rows_used']:,} of {test['n_rows_in']:,} rows, "
+                      f"{test['n_prompts']:,} prompts, all in the test split")
+        _print_dropped(test)
+    elif m.get("split_rule") == "column":
+        console.print(f"split: from column {m['split_column']!r}")
+
+
+def _print_dropped(m: dict) -> None:
     for reason, count in m["dropped"].items():
         rows = ", ".join(map(str, m["dropped_rows"][reason]))
         console.print(f"[yellow]dropped[/] {count:,} rows: {reason} (rows {rows}{', ...' if count > 5 else ''})")

@@ -13,7 +13,8 @@ Per dataset: Bradley-Terry strengths for pairwise data (ties count half a win ea
 weak, mid1..., strong), and the routing pair (`weak`/`strong`, or the lowest and highest ranked).
 Per prompt: `difficulty` = 1 - mean target over observed models, and the Hybrid-LLM soft label
 P[q(weak) >= q(strong) - t], which with one (averaged) observation per model is the indicator
-target_weak >= target_strong - t. Splits follow the hash rule of docs/contracts.md.
+target_weak >= target_strong - t. Splits follow the hash rule of docs/contracts.md, unless ingest
+recorded the user's own (`--split-column`, or `--test-data` with train/val left to the hash rule).
 """
 from __future__ import annotations
 
@@ -45,6 +46,33 @@ def _splits(prompt_ids: list[str], test_fraction: float, val_fraction: float) ->
     test = words[:, 0] / 0xFFFFFFFF < test_fraction
     val = words[:, 1] / 0xFFFFFFFF < val_fraction
     return np.where(test, "test", np.where(val, "val", "train"))
+
+
+def _dataset_splits(table: pa.Table, cfg: LabelConfig) -> np.ndarray:
+    """The dataset's own `split` column where ingest wrote one (null: train or val by the hash rule,
+    never test), else the hash rule."""
+    ids = table.column("prompt_id").to_pylist()
+    if "split" not in table.column_names:
+        return _splits(ids, cfg.test_fraction, cfg.val_fraction)
+    hashed = _splits(ids, 0.0, cfg.val_fraction)
+    return np.array([h if g is None else g for g, h in zip(table.column("split").to_pylist(), hashed)])
+
+
+SPLIT_RULES = {"hash": "prompt hash", "column": "column {split_column!r}", "test_data": "test file {test_data[source]}"}
+
+
+def split_by(manifest: dict) -> str:
+    """How the dataset is split, in words (`hash` for datasets ingested before user splits existed)."""
+    return SPLIT_RULES[manifest.get("split_rule") or "hash"].format(**manifest)
+
+
+def require_test_split(name: str) -> dict:
+    """NAME's label stats, or a one-line DataError when its test split is empty (nothing to evaluate or report)."""
+    _, stats = load_labels(name)
+    if not stats["splits"].get("test"):
+        raise DataError(f"the test split of {name!r} is empty (split by {stats.get('split_by', 'prompt hash')}): "
+                        "nothing to evaluate or report")
+    return stats
 
 
 def bradley_terry(a: np.ndarray, b: np.ndarray, score_a: np.ndarray, n_models: int,
@@ -195,7 +223,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
                    "n": int(both.sum()), "soft_label_mean": float(np.nanmean(soft))}
 
     ids = table.column("prompt_id").to_pylist()
-    split = _splits(ids, cfg.test_fraction, cfg.val_fraction)
+    split = _dataset_splits(table, cfg)
     columns = {"prompt_id": table.column("prompt_id"), "prompt": table.column("prompt"),
                "target": list_column(target, pa.float32()), "mask": table.column("mask"),
                "split": pa.array(split, pa.string()), "difficulty": pa.array(difficulty.astype(np.float32)),
@@ -206,6 +234,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     stats = {
         "name": name, "models": models, "n_prompts": int(len(ids)),
         "splits": {s: int((split == s).sum()) for s in ("train", "val", "test")},
+        "split_rule": manifest.get("split_rule") or "hash", "split_by": split_by(manifest),
         "per_model": per_model, "strengths": strengths, "tiers": tiers,
         "pair": {"weak": models[weak], "strong": models[strong]}, "balance": balance,
         "outcome_kind": manifest["outcome_kind"], "scale": scale,
@@ -247,7 +276,7 @@ def print_stats(stats: dict) -> None:
         table.add_row(*row)
     console.print(table)
     console.print("splits: " + ", ".join(f"{k} {v:,}" for k, v in stats["splits"].items())
-                  + f"; scale: {stats['scale']['rule']}")
+                  + f" (by {stats.get('split_by', 'prompt hash')}); scale: {stats['scale']['rule']}")
     if stats["balance"]:
         b = stats["balance"]
         console.print(f"pair {pair['weak']} -> {pair['strong']} on {b['n']:,} prompts: both right {b['both_right']:.1%}, "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import GateError, console, model_dir, setup_mlflow
+from .common import DataError, GateError, console, model_dir, setup_mlflow
 from .config import Config, load_config
 
 
@@ -18,14 +18,16 @@ def _name_of(data: str) -> str:
 
 
 def run(data: str, out: Path | None = None, name: str | None = None, trials: int = 0,
-        budget_ms: float = 1.0, config: Config | None = None) -> Path:
-    """Run every stage on `data`; returns the bundle directory."""
+        budget_ms: float = 1.0, config: Config | None = None, split_column: str | None = None,
+        test_data: str | None = None) -> Path:
+    """Run every stage on `data`; returns the bundle directory. Evaluate and report are skipped, with one
+    line saying so, when the test split is empty (e.g. a `split_column` holding only train and val)."""
     import mlflow
 
     from .evaluate import evaluate
     from .export import check_bundle_dir, export
     from .ingest import ingest
-    from .label import label
+    from .label import label, require_test_split
     from .latency import check_latency
     from .train import train
 
@@ -44,7 +46,7 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
 
     with mlflow.start_run(run_name=f"run-{name}") as parent:
         mlflow.set_tags({"dataset": name, "source": data})
-        stage("ingest", ingest, data, name=name)
+        stage("ingest", ingest, data, name=name, split_column=split_column, test_data=test_data)
         stage("label", label, name, cfg.label)
         if trials > 0:
             from .tune import tune
@@ -58,13 +60,18 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
         except GateError as e:  # still evaluate and report the bundle; fail the run at the end
             gate_failure = e
             console.print(f"[bold red]{e}[/] (continuing with evaluate and report)")
-        stage("evaluate", evaluate, name, bundle=out)
         try:
-            from .report import report
-        except ImportError:  # the report stage is optional for the pipeline's correctness
-            report = None
-        if report is not None:
-            stage("report", report, out, data=name)
+            require_test_split(name)
+        except DataError as e:
+            console.print(f"[yellow]evaluate and report skipped:[/] {e}")
+        else:
+            stage("evaluate", evaluate, name, bundle=out)
+            try:
+                from .report import report
+            except ImportError:  # the report stage is optional for the pipeline's correctness
+                report = None
+            if report is not None:
+                stage("report", report, out, data=name)
         mlflow.log_metrics({f"seconds_{k.replace('-', '_')}": v for k, v in timings.items()})
         console.rule("[bold green]done")
         console.print(f"bundle: [bold]{out}[/]  (MLflow run {parent.info.run_id})")

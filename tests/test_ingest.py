@@ -6,7 +6,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.common import DataError, prompt_hash, read_json
+from pipeline.common import DataError, prompt_hash, read_json, sha256_file
 from pipeline.ingest import detect_layout, ingest
 
 
@@ -48,6 +48,8 @@ def test_wide_demo_models_costs_metadata_and_merge(data_dir, demo_files):
     assert m["layout"] == "wide" and m["models"] == models and m["outcome_kind"] == "binary"
     assert m["metadata_columns"] == ["sample_id", "family"]
     assert m["n_rows_in"] == m["n_rows_used"] == 600 and m["dropped"] == {}
+    assert m["source_hash"] == sha256_file(demo_files["wide"])
+    assert m["split_rule"] == "hash" and m["split_column"] is None and m["test_data"] is None
     for model in models:
         assert m["costs"][model] == pytest.approx(raw[f"{model}|total_cost"].mean())
     ds = load(out)

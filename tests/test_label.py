@@ -192,6 +192,7 @@ def test_artifact_columns_and_stats_file(data_dir, demo_files):
     for key in ("models", "n_prompts", "splits", "per_model", "strengths", "tiers", "pair", "balance", "dropped",
                 "options", "content_hash"):
         assert key in saved
+    assert saved["split_rule"] == "hash" and saved["split_by"] == "prompt hash"
 
 
 def test_label_skips_when_unchanged(data_dir, tmp_path, cli):
