@@ -2,8 +2,9 @@
 
 For a weak/strong pair: APGR, CPT(50%), CPT(80%) of the student (or an exported bundle, scored through
 the runtime exactly as a service would), the teacher, random, prompt length, TF-IDF + logistic
-regression, kNN on teacher embeddings, and the oracle. For pairwise data also per-battle win-prediction
-accuracy against the global Bradley-Terry ranking. One table, printed, written to
+regression, kNN, matrix factorisation and the cluster router on teacher embeddings, and the oracle.
+With more than two models also the mean outcome of the routed model (`multi_section`), and for pairwise
+data per-battle win-prediction accuracy against the global Bradley-Terry ranking. Printed, written to
 models/NAME/evaluation.json and logged to the training run in MLflow.
 """
 from __future__ import annotations
@@ -78,6 +79,40 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
     return out
 
 
+def multi_section(prep: Prepared, train: np.ndarray, test: np.ndarray,
+                  probs: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Mean outcome on the test prompts when each goes to the argmax of a router's per-model scores.
+
+    Routers: those in `probs` (aligned with `test`), the best single model on train, TF-IDF + ridge,
+    kNN and the cluster router (fitted on the train rows' observed outcomes), and the oracle. Masks: a
+    router picks only among the models observed on the prompt, and prompts with none observed are left
+    out, so every router is scored on the same prompts and the oracle is the best observed outcome.
+    "gap closed" = (x − best single) / (oracle − best single). With every model's cost known, also
+    AIQ of the first router's argmax p − λ·cost over a λ sweep and of the cluster router over an α sweep.
+    Returns the section and the baselines' score matrices.
+    """
+    from .baselines import multi_baselines
+    from .multi import alpha_sweep, frontier, lambda_sweep, routed
+
+    y, seen = prep.target[test], prep.mask[test]
+    baselines = multi_baselines([prep.prompts[r] for r in train], prep.target[train], prep.mask[train],
+                                [prep.prompts[r] for r in test], (prep.teacher_emb[train], prep.teacher_emb[test]))
+    quality = {label: routed(s, y, seen)[1] for label, s in (probs | baselines | {"oracle": y}).items()}
+    best, oracle = quality["best_single"], quality["oracle"]
+    out = {"n": int(seen.any(1).sum()), "n_models": len(prep.models),
+           "best_single_model": prep.models[int(baselines["best_single"][0].argmax())], "quality": quality,
+           "gap_closed": {k: (q - best) / (oracle - best) if oracle > best else float("nan")
+                          for k, q in quality.items()}}
+    if all(c is not None for c in prep.costs) and max(prep.costs) > 0:
+        costs = np.asarray(prep.costs, np.float64)
+        first = next(iter(probs))
+        sweeps = {first: lambda_sweep(probs[first], y, seen, costs),
+                  "cluster": alpha_sweep(baselines["cluster"], y, seen, costs)}
+        out["cost_quality"] = {k: {"aiq": frontier(s["cost"], s["quality"], costs.min() / costs.max())["aiq"]}
+                               | {key: v.tolist() for key, v in s.items()} for k, s in sweeps.items()}
+    return out, baselines
+
+
 def evaluate(name: str, bundle: Path | None = None) -> dict:
     """Routing metrics on the test split for the router, the teacher and the baselines."""
     from .baselines import baseline_table
@@ -113,7 +148,12 @@ def evaluate(name: str, bundle: Path | None = None) -> dict:
                                           prep.target[te, strong]) for label, p in probs.items()}
         result["pair"] = {"weak": prep.models[weak], "strong": prep.models[strong], "n": int(len(te))}
         result["routers"] = routers | table
-    battles = battle_accuracy(prep, test, probs)
+    battle_probs = probs
+    if len(prep.models) > 2:
+        result["multi"], baselines = multi_section(prep, train, test, probs)
+        # baselines' win rates as probabilities (a ridge prediction can leave [0, 1])
+        battle_probs = probs | {k: np.clip(baselines[k], 0.01, 0.99) for k in ("tfidf_ridge", "knn", "cluster")}
+    battles = battle_accuracy(prep, test, battle_probs)
     if battles:
         result["win_accuracy"] = battles
     _print(result)
@@ -134,6 +174,8 @@ def _print(result: dict) -> None:
             style = "bold" if label.startswith("router") else None
             table.add_row(label, f"{m['apgr']:.3f}", f"{m['cpt50']:.3f}", f"{m['cpt80']:.3f}", style=style)
         console.print(table)
+    if "multi" in result:
+        _print_multi(result["multi"])
     if "win_accuracy" in result:
         w = result["win_accuracy"]
         table = Table(title=f"win prediction on {w['n_battles']} test battles (ties excluded)")
@@ -147,6 +189,35 @@ def _print(result: dict) -> None:
         console.print(table)
 
 
+def _print_multi(multi: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{multi['n_models']} models: mean outcome of the routed model on {multi['n']} test prompts "
+                        f"(best single: {multi['best_single_model']})")
+    for col in ("router", "mean outcome", "gap closed"):
+        table.add_column(col, justify="left" if col == "router" else "right")
+    for label, q in sorted(multi["quality"].items(), key=lambda kv: -kv[1]):
+        style = "bold" if label.startswith("router") else None
+        table.add_row(label, f"{q:.3f}", f"{multi['gap_closed'][label]:.3f}", style=style)
+    console.print(table)
+    if "cost_quality" in multi:
+        table = Table(title="cost vs quality (AIQ over the cheapest…priciest model's cost)")
+        table.add_column("router")
+        table.add_column("sweep")
+        table.add_column("AIQ", justify="right")
+        for label, sweep in multi["cost_quality"].items():
+            table.add_row(label, "λ" if "lambda" in sweep else "α", f"{sweep['aiq']:.3f}")
+        console.print(table)
+
+
+def _multi_metrics(multi: dict) -> dict[str, float]:
+    """eval_multi_<router>_quality / _gap_closed / _aiq, finite values only."""
+    flat = {f"eval_multi_{k.split(' ')[0]}_{metric}": v for metric in ("quality", "gap_closed")
+            for k, v in multi.get(metric, {}).items()}
+    flat |= {f"eval_multi_{k.split(' ')[0]}_aiq": s["aiq"] for k, s in multi.get("cost_quality", {}).items()}
+    return {k: float(v) for k, v in flat.items() if np.isfinite(v)}
+
+
 def _log(run_id: str | None, result: dict) -> None:
     import mlflow
 
@@ -157,6 +228,7 @@ def _log(run_id: str | None, result: dict) -> None:
             for metric, v in m.items() if isinstance(v, float) and np.isfinite(v)}
     flat |= {f"eval_win_{k.split(' ')[0]}": v for k, v in result.get("win_accuracy", {}).items()
              if k not in ("n_battles", "vs_bradley_terry")}
+    flat |= _multi_metrics(result.get("multi", {}))
     try:
         nested = mlflow.active_run() is not None
         with mlflow.start_run(run_id=run_id, nested=nested) if run_id else mlflow.start_run(run_name="evaluate",

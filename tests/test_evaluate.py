@@ -36,3 +36,104 @@ def test_win_prediction_puts_win_rates_against_different_opponents_on_one_scale(
     assert out["bradley_terry"] == pytest.approx(0.5)
     assert out["router"] == pytest.approx(1.0)  # comparing 0.7 with 0.6 directly would score 0.5
     assert out["vs_bradley_terry"]["router"] == [4, 0]
+
+
+def _three_models(n=400, seed=0):
+    """Three models, each right on its own topic (a keyword and an embedding direction); the last is
+    also a bit better overall. Model 1 is never observed on even prompts."""
+    from pipeline.train import Prepared
+
+    rng = np.random.default_rng(seed)
+    topic = rng.integers(0, 3, n)
+    words = ["integral of", "capital of", "sort the list"]
+    prompts = [f"{rng.choice(['the', 'a', 'some'])} {words[t]} {rng.choice(['x', 'y', 'z'])} case {i}"
+               for i, t in enumerate(topic)]
+    p = np.where(topic[:, None] == np.arange(3), 0.9, 0.2)
+    p[:, 2] += 0.1
+    target = (rng.random((n, 3)) < p).astype(np.float32)
+    mask = np.ones((n, 3), bool)
+    mask[::2, 1] = False
+    emb = (np.random.default_rng(9).normal(size=(3, 16))[topic] + 0.5 * rng.normal(size=(n, 16))).astype(np.float32)
+    split = np.where(np.arange(n) < n // 4, "test", "train")
+    return Prepared(name="three", models=["a", "b", "c"], costs=[1.0, 2.0, 4.0], pair=(0, 2), prompts=prompts,
+                    prompt_ids=[str(i) for i in range(n)], target=target, mask=mask, split=split,
+                    teacher_emb=emb, data_hash="x", stats={}), topic
+
+
+def test_multi_section_scores_every_router_on_the_observed_models():
+    from pipeline.evaluate import multi_section
+
+    prep, topic = _three_models()
+    train, test = prep.rows("train"), prep.rows("test")
+    y, seen = prep.target[test], prep.mask[test]
+    # a router that knows the topic; model 1 picked where unobserved must fall back to an observed one
+    knows = np.eye(3)[topic[test]]
+    flat = np.full((len(test), 3), 0.5)
+    out, baselines = multi_section(prep, train, test, {"router (student)": knows, "teacher": flat})
+    q = out["quality"]
+    assert out["n"] == len(test) and out["n_models"] == 3 and out["best_single_model"] == "c"
+    assert set(q) == {"router (student)", "teacher", "best_single", "tfidf_ridge", "knn", "cluster", "oracle"}
+    assert q["oracle"] == pytest.approx(np.where(seen, y, 0).max(1).mean())
+    assert q["best_single"] == pytest.approx(y[:, 2].mean())  # c is observed everywhere
+    assert q["teacher"] == pytest.approx(y[:, 0].mean())  # all tied: the cheapest observed model
+    rows = np.arange(len(test))
+    expected = np.where(seen[rows, topic[test]], topic[test], 0)  # b unobserved: a and c tie at 0, a is cheaper
+    assert q["router (student)"] == pytest.approx(y[rows, expected].mean())
+    for name in ("router (student)", "tfidf_ridge", "knn", "cluster"):
+        assert q[name] > q["best_single"] + 0.1, (name, q)
+    assert out["gap_closed"]["best_single"] == 0 and out["gap_closed"]["oracle"] == 1
+    gap = (q["cluster"] - q["best_single"]) / (q["oracle"] - q["best_single"])
+    assert out["gap_closed"]["cluster"] == pytest.approx(gap)
+    assert set(baselines) == {"best_single", "tfidf_ridge", "knn", "cluster"}
+    # costs known: AIQ of the router's λ sweep and of the cluster router's α sweep
+    cq = out["cost_quality"]
+    assert set(cq) == {"router (student)", "cluster"}
+    assert "lambda" in cq["router (student)"] and "alpha" in cq["cluster"]
+    assert all(0 < s["aiq"] <= 1 for s in cq.values())
+    prep.costs = [1.0, None, 4.0]
+    assert "cost_quality" not in multi_section(prep, train, test, {"router": knows})[0]
+
+
+def test_evaluate_on_the_three_model_demo_writes_and_logs_the_multi_section(tmp_path, monkeypatch, demo_files):
+    """ingest → label → train (tiny teacher and student) → evaluate on the demo set's three priced models."""
+    import json
+
+    import mlflow
+    import torch
+
+    from pipeline.common import model_dir, setup_mlflow
+    from pipeline.config import load_config
+    from pipeline.evaluate import evaluate
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+    from pipeline.train import train
+    from tests.tiny import make_tiny_teacher
+
+    for var, sub in (("PREROUTER_DATA_DIR", "data"), ("PREROUTER_MLRUNS_DIR", "mlruns"),
+                     ("PREROUTER_CACHE_DIR", "cache"), ("PREROUTER_MODELS_DIR", "models")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    torch.set_num_threads(1)
+    ingest(str(demo_files["wide"]), name="demo")
+    label("demo")
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    cfg = load_config(overrides=[f"teacher.path={teacher}", "teacher.epochs=2", "teacher.head_hidden=16",
+                                 "student.dim=16", "student.hidden=16", "student.max_tokens=16", "student.heads=2",
+                                 "train.max_epochs=2", "train.batch_size=64"])
+    train("demo", cfg)
+    result = evaluate("demo")
+
+    assert "cluster" in result["routers"] and np.isfinite(result["routers"]["cluster"]["apgr"])
+    multi = result["multi"]
+    assert set(multi["quality"]) == {"router (student)", "teacher", "best_single", "tfidf_ridge", "knn", "cluster",
+                                     "oracle"}
+    assert multi["quality"]["oracle"] >= max(multi["quality"].values()) - 1e-12
+    assert set(multi["cost_quality"]) == {"router (student)", "cluster"}  # the demo manifest has costs
+    assert json.loads((model_dir("demo") / "evaluation.json").read_text())["multi"]["n"] == multi["n"]
+
+    setup_mlflow()
+    run = mlflow.search_runs(filter_string="tags.mlflow.runName = 'train-demo'", output_format="list")[0]
+    logged = run.data.metrics
+    assert logged["eval_multi_cluster_quality"] == pytest.approx(multi["quality"]["cluster"])
+    assert logged["eval_multi_router_aiq"] == pytest.approx(multi["cost_quality"]["router (student)"]["aiq"])
+    assert "eval_cluster_apgr" in logged
