@@ -60,8 +60,16 @@ bench-tune: setup  ## 20+ pruned trials on MMLU, into bench/results/tune.md
 bench-scale: setup  ## 1M pairwise battles over 50 models through ingest + label
 	$(VENV)/bin/python bench/scale.py
 
-mlflow-ui: setup  ## browse the local MLflow store
-	$(VENV)/bin/mlflow ui --backend-store-uri mlruns
+# The store setup_mlflow logs to (unless MLFLOW_TRACKING_URI names a server): SQLite + artifact folder.
+MLRUNS ?= $(or $(PREROUTER_MLRUNS_DIR),mlruns)
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_WORKERS ?= 1
+mlflow-ui: setup  ## browse the runs in mlruns/mlflow.db (MLRUNS=dir, MLFLOW_PORT=5000) at http://127.0.0.1:5000
+	mkdir -p $(MLRUNS)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath $(MLRUNS))/mlflow.db \
+		--default-artifact-root file://$(abspath $(MLRUNS))/artifacts \
+		--host $(MLFLOW_HOST) --port $(MLFLOW_PORT) --workers $(MLFLOW_WORKERS)
 
 clean:  ## remove generated data, models and runs (keeps .venv)
 	rm -rf data/raw data/processed models/*/ mlruns/*/ mlruns/*.log bench/out
