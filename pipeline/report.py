@@ -4,17 +4,18 @@
 into a folder beside the bundle, and logs the folder to MLflow:
 
 - pair routing: quality vs strong-call share of the router beside random, prompt-length, TF-IDF +
-  logistic regression, k-nearest-neighbour and matrix-factorisation baselines; APGR, CPT(50%),
-  CPT(80%); always-weak, always-strong and the oracle marked;
-- N models: the λ sweep's cost–quality points, RouterBench's AIQ, quality at cost budgets, the
-  best single model and the oracle;
+  logistic regression, k-nearest-neighbour, matrix-factorisation and cluster-router baselines; APGR,
+  CPT(50%), CPT(80%); always-weak, always-strong and the oracle marked;
+- N models: the λ sweep's cost–quality points (the cluster router's α sweep), RouterBench's AIQ,
+  quality at cost budgets, the best single model and the oracle;
 - calibration drift: each calibrated target (strong-call share, cost budget) against what it
   realises on this data;
 - a breakdown by metadata column (subject, category, eval_name, family, dataset);
 - router vs cascade vs ensemble economics from `pipeline.simulate`, with the bundle's measured
   decision latency.
 
-`write_model_card(bundle_dir, router)` writes the bundle's MODEL_CARD.md from router.json alone.
+The tables and figures are drawn by `pipeline.report_figures`; the bundle's model card is written by
+`pipeline.model_card` (re-exported here, where the exporter imports it from).
 """
 from __future__ import annotations
 
@@ -24,340 +25,15 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .common import DataError, flatten, read_json
-
-# ---------------------------------------------------------------------------------------------
-# Model card
-# ---------------------------------------------------------------------------------------------
-
-
-def _fmt(v) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "n/a"
-        return f"{v:.4g}"
-    return str(v)
-
-
-def _nested_table(d: Mapping, row_label: str = "metric") -> str:
-    """Entries that are flat {name: value} dicts side by side (e.g. splits × metrics), the rest flattened.
-
-    None values (e.g. an infinite budget written to JSON) are left out.
-    """
-    def scalar(v):
-        return not isinstance(v, (Mapping, list, tuple))
-
-    cols = [k for k, v in d.items() if isinstance(v, Mapping) and v and all(scalar(x) for x in v.values())]
-    parts = []
-    if cols:
-        rows = list(dict.fromkeys(k for c in cols for k, v in d[c].items() if v is not None))
-        lines = [f"| {row_label} | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-        lines += [f"| {r} | " + " | ".join(_fmt(d[c][r]) if d[c].get(r) is not None else "" for c in cols) + " |"
-                  for r in rows]
-        parts.append("\n".join(lines))
-    flat = {k: v for k, v in flatten({k: v for k, v in d.items() if k not in cols}, lists=False).items() if v is not None}
-    if flat:
-        parts.append("\n".join([f"| {row_label} | value |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()]))
-    return "\n\n".join(parts)
-
-
-def _label_method(cfg: Mapping) -> str:
-    label = cfg.get("label", {}) if isinstance(cfg, Mapping) else {}
-    if not label:
-        return "not recorded in router.json"
-    parts = ["per-model outcomes scaled to targets in [0, 1]"]
-    if label.get("score_range"):
-        parts.append(f"scores read on the range {label['score_range']}")
-    if label.get("threshold") is not None:
-        parts.append(f"binarised at {label['threshold']}")
-    if label.get("relaxation"):
-        parts.append(f"soft labels P[q(weak) ≥ q(strong) − {label['relaxation']}]")
-    parts.append(f"pairwise data: models ranked by Bradley–Terry strength into {label.get('tiers', 2)} tiers")
-    parts.append(f"hash split: test {label.get('test_fraction', 0.2):g}, validation {label.get('val_fraction', 0.1):g}")
-    return "; ".join(parts)
-
-
-def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> Path:
-    """Write BUNDLE/MODEL_CARD.md from the router.json dict (read from the bundle when not given).
-
-    A pure function of `router`: no clock, no other file, so the card hashes the same every time.
-    """
-    bundle_dir = Path(bundle_dir)
-    router = router if router is not None else read_json(bundle_dir / "router.json")
-    name = router.get("name") or bundle_dir.parent.name
-    models = sorted(router.get("models", []), key=lambda m: m["index"])
-    decision = router.get("decision", {})
-    cfg = router.get("training_config", {}) or {}
-    tok = router.get("tokenizer", {})
-    student = cfg.get("student", {})
-    pair = decision.get("weak") and decision.get("strong")
-
-    lines = [f"# Model card: prerouter router `{name}`", "",
-             f"A pre-generation LLM router exported by prerouter {router.get('pipeline_version', '?')} "
-             f"({router.get('created_at', 'date not recorded')}). Before any model generates, it reads the prompt "
-             f"and predicts for each of the {len(models)} candidate models the probability that the model answers "
-             "it well (`sigmoid(logits)` of the ONNX graph), then picks one model.", "",
-             "## Data", "",
-             f"- training data hash: `{router.get('data_hash') or 'not recorded'}`",
-             f"- label method: {_label_method(cfg)}",
-             "- training: a teacher head on sentence embeddings, distilled into the compact student below", "",
-             "## Models and costs", "",
-             "| index | model | cost | role |", "|---:|---|---:|---|"]
-    for m in models:
-        role = "weak" if m["name"] == decision.get("weak") else "strong" if m["name"] == decision.get("strong") else ""
-        cost = "unknown" if m.get("cost") is None else _fmt(m["cost"])
-        lines.append(f"| {m['index']} | {m['name']} | {cost} | {role} |")
-    if decision.get("costs_assumed"):
-        lines.append("\nSome costs were unknown; the N-model decision assumed cost = index + 1 for them.")
-
-    lines += ["", "## Decision rule", ""]
-    if pair:
-        lines += [f"Pair routing between `{decision['weak']}` and `{decision['strong']}`: score "
-                  f"`{decision.get('score', '(1 + p_strong - p_weak) / 2')}`; the prompt goes to the strong model "
-                  f"when the score reaches the threshold calibrated on validation prompts for the wanted share "
-                  f"of strong calls (default {decision.get('default_strong_fraction', 0.5):g}).", "",
-                  "| target strong-call share | score threshold |", "|---:|---:|"]
-        lines += [f"| {float(k):g} | {_fmt(float(v))} |" for k, v in sorted(decision.get("thresholds", {}).items(),
-                                                                           key=lambda kv: float(kv[0]))]
-    if decision.get("kind") == "multi":
-        lines += ["", "N-model routing: pick argmax_j p_j − λ·cost_j (cost relative to the priciest model); λ is "
-                  "calibrated on validation prompts per cost budget (a fraction of the priciest model's cost).", "",
-                  "| cost budget | λ |", "|---:|---:|"]
-        lines += [f"| {float(k):g} | {_fmt(float(v))} |" for k, v in sorted(decision.get("cost_lambdas", {}).items(),
-                                                                           key=lambda kv: float(kv[0]))]
-
-    lines += ["", "## Metrics", ""]
-    metrics = router.get("metrics") or {}
-    lines.append(_nested_table(metrics) if metrics else "No metrics recorded at export time.")
-    lines += ["", "## Latency", ""]
-    latency = router.get("latency") or {}
-    if latency:
-        lines += ["Single routing decisions (batch 1, tokenization included); times in milliseconds.", "",
-                  _nested_table({k: v for k, v in latency.items() if k != "buckets"}, "figure")]
-        if isinstance(latency.get("buckets"), Mapping):
-            lines += ["", "Milliseconds per decision by prompt length:", "",
-                      _nested_table(latency["buckets"], "figure")]
-    else:
-        lines.append("Not measured when this card was written; run `prerouter check-latency BUNDLE` "
-                     "(single decisions, batch 1, one thread, tokenization included).")
-
-    onnx = router.get("onnx", {})
-    lines += ["", "## Student and files", "",
-              f"- student: {student.get('family', '?')} encoder, width {student.get('dim', '?')}"
-              + (f", {student.get('layers')} layers" if student.get("family") == "transformer" else ""),
-              f"- tokenizer: `{tok.get('file', 'tokenizer.json')}`, at most {tok.get('max_tokens', '?')} tokens "
-              f"({tok.get('truncation', '?')}: {tok.get('head_tokens', '?')} from the start, "
-              f"{tok.get('tail_tokens', '?')} from the end)",
-              f"- ONNX opset {onnx.get('opset', '?')}: `{onnx.get('fp32', 'model.onnx')}` (fp32) and "
-              f"`{onnx.get('int8', 'model.int8.onnx')}` (int8, served by default); inputs `input_ids`, "
-              "`attention_mask` (int64 [batch, seq]), output `logits` [batch, n_models]",
-              "- `router.json` lists the sha256 of every file; the runtime refuses a bundle whose files changed", "",
-              "## Intended use", "",
-              "Choosing, per prompt and before generation, which of the listed models to call, to trade answer "
-              "quality against cost on traffic resembling the training data. Serve it with "
-              "`pipeline.runtime.Router` (numpy + onnxruntime, no torch).", "",
-              "## Limits", "",
-              "- It knows only the models listed above; adding, removing or updating a model needs new outcome "
-              "data and retraining.",
-              "- Quality figures hold for prompts like the training data. On other traffic the realised share of "
-              "strong calls drifts from its calibrated target: check with `prerouter report`.",
-              "- Labels come from the outcome data (correctness, judge scores or pairwise preferences) and carry "
-              "their noise and biases, e.g. a judge model's preferences.",
-              f"- Prompts longer than {tok.get('max_tokens', '?')} tokens are seen only through their start and "
-              "end; the vocabulary is that of the tokenizer, so other languages and scripts may route poorly.",
-              "- It predicts answer quality, not safety: it is no content filter.", ""]
-    path = bundle_dir / "MODEL_CARD.md"
-    path.write_text("\n".join(lines))
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables and figures (arrays in, Markdown or PNG out)
-# ---------------------------------------------------------------------------------------------
+from .common import DataError, flatten
+from .model_card import write_model_card  # noqa: F401  (the exporter imports it from here)
+from .multi import BUDGETS
+from .report_figures import (breakdown_rows, breakdown_table, drift_table, multi_table, pair_table, plot_cost_quality,
+                             plot_pair_curves)
 
 METADATA_COLUMNS = ("subject", "category", "eval_name", "family", "dataset")
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-_BASELINE_COLORS = ["tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
-
-
-def _pct(x) -> str:
-    return "not reached" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
-
-
-def pair_table(rows: Mapping[str, Mapping]) -> str:
-    """Markdown: one row per method with APGR, CPT(50%), CPT(80%) and quality at 50% strong calls."""
-    lines = ["| method | APGR | CPT(50%) | CPT(80%) | quality at 50% strong |", "|---|---:|---:|---:|---:|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['apgr']:.3f} | {_pct(r['cpt50'])} | {_pct(r['cpt80'])} | {r['q50']:.3f} |")
-    return "\n".join(lines)
-
-
-def plot_pair_curves(curves: Mapping[str, np.ndarray], weak_quality: float, strong_quality: float,
-                     path: str | Path, costs: tuple[float, float] | None = None, title: str = "",
-                     apgr: Mapping[str, float] | None = None) -> Path:
-    """Quality vs share of strong calls for each method; `curves` values are qualities on an even grid
-    of fractions from 0 to 1. "router" is drawn bold, "oracle" dotted; always-weak/strong are marked;
-    `apgr` values go into the legend."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8.5, 5.6), dpi=130)
-    palette = iter(_BASELINE_COLORS * 2)
-    for name, q in curves.items():
-        f = np.linspace(0, 100, len(q))
-        style = dict(lw=2.6, color="tab:blue", zorder=4) if name == "router" else \
-            dict(lw=1.4, ls=":", color="black") if name == "oracle" else dict(lw=1.3, alpha=0.9, color=next(palette))
-        label = f"{name} (APGR {apgr[name]:.3f})" if apgr and name in apgr else name
-        ax.plot(f, q, label=label, **style)
-    ax.plot([0, 100], [weak_quality, strong_quality], ls="--", lw=1, color="0.5", label="random mix (expected)")
-    ax.scatter([0], [weak_quality], marker="s", s=70, color="white", zorder=5, edgecolor="black",
-               label=f"always weak ({weak_quality:.3f})")
-    ax.scatter([100], [strong_quality], marker="s", s=70, color="0.25", zorder=5, edgecolor="black",
-               label=f"always strong ({strong_quality:.3f})")
-    ax.set_xlabel("calls to the strong model (% of prompts)")
-    ax.set_ylabel("quality (mean outcome of the chosen model)")
-    ax.set_xlim(-2, 102)
-    ax.grid(alpha=0.3)
-    if costs is not None and all(c is not None for c in costs):
-        cw, cs = costs
-        # Cost is affine in the strong-call share, so a second axis reads the same curves as cost.
-        sec = ax.secondary_xaxis("top", functions=(lambda f: cw + (cs - cw) * f / 100,
-                                                   lambda c: 100 * (c - cw) / ((cs - cw) or 1.0)))
-        sec.set_xlabel("cost per prompt (bundle cost units)")
-    ax.set_title(title or "Quality vs strong-call share", fontsize=11)
-    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def multi_table(rows: Mapping[str, Mapping], budgets: Sequence[float]) -> str:
-    """Markdown: AIQ and quality at each cost budget (fraction of the priciest model's cost) per method."""
-    head = "| method | AIQ | " + " | ".join(f"quality at ≤{100 * b:g}% cost" for b in budgets) + " |"
-    lines = [head, "|---|---:|" + "---:|" * len(budgets)]
-    for name, r in rows.items():
-        cells = [("n/a" if q is None else f"{q:.3f}") for q in r["at_budget"]]
-        aiq = r.get("aiq")
-        lines.append(f"| {name} | {'' if aiq is None else f'{aiq:.3f}'} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_cost_quality(sweep: np.ndarray, hull: np.ndarray, singles: Mapping[str, tuple[float, float]],
-                      oracle: tuple[float, float], path: str | Path, cost_unit: str = "bundle cost units",
-                      baselines: Mapping[str, np.ndarray] | None = None, aiq: Mapping[str, float] | None = None,
-                      title: str = "") -> Path:
-    """N models: the router's λ sweep ([k, 2] cost, quality), its non-decreasing convex hull, each
-    single model, the oracle and, thin, the hulls of `baselines`; cost per prompt on x; `aiq` values
-    go into the legend."""
-    plt = _pyplot()
-    aiq = aiq or {}
-
-    def label(name):
-        return f"{name} hull" + (f" (AIQ {aiq[name]:.3f})" if name in aiq else "")
-
-    fig, ax = plt.subplots(figsize=(8.5, 5.6), dpi=130)
-    for (name, h), color in zip((baselines or {}).items(), _BASELINE_COLORS):
-        ax.plot(h[:, 0], h[:, 1], lw=1.2, color=color, alpha=0.9, label=label(name))
-    ax.scatter(sweep[:, 0], sweep[:, 1], s=14, color="tab:blue", alpha=0.6, label="router, λ sweep")
-    ax.plot(hull[:, 0], hull[:, 1], color="tab:blue", lw=2.4, label=label("router"))
-    sc = np.array(list(singles.values()))
-    ax.scatter(sc[:, 0], sc[:, 1], marker="s", s=40, color="0.45", edgecolor="black", lw=0.5, zorder=3,
-               label="single models")
-    best = max(singles, key=lambda k: singles[k][1])
-    # Name the models only when the labels stay readable.
-    named = singles if len(singles) <= 12 else {best: singles[best], min(singles, key=lambda k: singles[k][0]):
-                                                 singles[min(singles, key=lambda k: singles[k][0])]}
-    for k, (c, q) in named.items():
-        ax.annotate(k, (c, q), textcoords="offset points", xytext=(5, 4), fontsize=7, color="0.2")
-    ax.scatter([oracle[0]], [oracle[1]], marker="*", s=180, color="gold", edgecolor="black", zorder=5,
-               label=f"oracle ({oracle[1]:.3f})")
-    ax.set_xlabel(f"cost per prompt ({cost_unit})")
-    ax.set_ylabel("quality (mean outcome of the chosen model)")
-    ax.grid(alpha=0.3)
-    ax.set_title(title or "Cost vs quality over the λ sweep", fontsize=11)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: never over points
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def drift_table(rows: Sequence[Mapping], target_name: str, setting_name: str, budget: bool = False) -> str:
-    """Markdown: calibrated target, its setting (threshold or λ), what it realises here, and the gap.
-
-    `budget`: the target is a ceiling (a cost budget), so only going over it is drift.
-    """
-    last = "over budget (points)" if budget else "drift (points)"
-    lines = [f"| {target_name} | {setting_name} | realised on this data | {last} |", "|---:|---:|---:|---:|"]
-    for r in rows:
-        gap = 100 * (r["realised"] - r["target"])
-        cell = ("within" if gap <= 0.05 else f"+{gap:.1f}") if budget else f"{gap:+.1f}"
-        lines.append(f"| {100 * r['target']:g}% | {r['setting']:.4g} | {100 * r['realised']:.1f}% | {cell} |")
-    return "\n".join(lines)
-
-
-def breakdown_rows(values: Sequence, choices: np.ndarray, outcomes: np.ndarray, references: Mapping[str, int],
-                   share_of: int, rel_cost: np.ndarray | None = None, max_groups: int = 40) -> list[dict]:
-    """Per metadata value: n, the share routed to model `share_of`, the mean relative cost of the picks
-    (when `rel_cost` is given), and the quality of the router and of always calling each reference model.
-
-    outcomes: [n, n_models] with every used model observed. The largest `max_groups` groups are kept;
-    the rest are merged into one "other" row.
-    """
-    values = np.array(["(missing)" if v is None else str(v) for v in values], dtype=object)
-    chosen = outcomes[np.arange(len(values)), choices]
-    names, counts = np.unique(values, return_counts=True)
-    order = [names[i] for i in np.lexsort((names, -counts))]
-    groups = [(g, values == g) for g in order[:max_groups]]
-    if len(order) > max_groups:
-        groups.append((f"(other {len(order) - max_groups} groups)", ~np.isin(values, order[:max_groups])))
-    out = []
-    for g, sel in groups:
-        row = {"group": g, "n": int(sel.sum()), "share": float(np.mean(choices[sel] == share_of))}
-        if rel_cost is not None:
-            row["cost"] = float(rel_cost[choices[sel]].mean())
-        row["router"] = float(chosen[sel].mean())
-        row.update({name: float(outcomes[sel, j].mean()) for name, j in references.items()})
-        out.append(row)
-    return out
-
-
-def breakdown_table(column: str, rows: Sequence[Mapping], share_label: str = "strong share") -> str:
-    """Markdown of `breakdown_rows`: shares in %, relative cost in %, qualities to 3 decimals."""
-    if not rows:
-        return ""
-    refs = [k for k in rows[0] if k not in ("group", "n", "share", "cost", "router")]
-    has_cost = "cost" in rows[0]
-    head = [column, "n", share_label] + (["mean cost"] if has_cost else []) + ["router quality"] + \
-        [f"{r} quality" for r in refs]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    for r in rows:
-        cells = [r["group"], str(r["n"]), f"{100 * r['share']:.0f}%"] + ([f"{100 * r['cost']:.0f}%"] if has_cost else [])
-        cells += [f"{r['router']:.3f}"] + [f"{r[k]:.3f}" for k in refs]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# The report
-# ---------------------------------------------------------------------------------------------
-
 PAIR_FRACTIONS = np.linspace(0.0, 1.0, 51)  # operating points of the pair router in the simulation
-BUDGETS = (0.25, 0.5, 0.75, 1.0)
-RANDOM_SEEDS = 10  # cost budgets (fraction of the priciest model's cost) in the N-model table
+RANDOM_SEEDS = 10  # the random router is averaged over this many seeds
 
 
 def _load_data(data: str, training_config: Mapping):
@@ -458,6 +134,9 @@ def _pair_section(cols, p, train, test, weak, strong, emb, costs, known_costs: b
         mf = bl.matrix_factorization(emb[both_tr], cols.target[both_tr][:, [weak, strong]],
                                      np.ones((len(both_tr), 2), bool), emb[both_te])
         scores["matrix factorisation"] = mf[:, 1] - mf[:, 0]
+        cl = bl.cluster_router(emb[both_tr], cols.target[both_tr][:, [weak, strong]],
+                               np.ones((len(both_tr), 2), bool), emb[both_te])
+        scores["cluster router"] = cl[:, 1] - cl[:, 0]
     scores["oracle"] = bl.oracle_scores(yw, ys)
     rows, curves = {}, {}
     for name, s in scores.items():
@@ -475,33 +154,18 @@ def _pair_section(cols, p, train, test, weak, strong, emb, costs, known_costs: b
                 "methods": rows}
 
 
-def _lambda_grid(p: np.ndarray, costs: np.ndarray, n: int = 120) -> np.ndarray:
-    """λ from 0 (best predicted model) to the λ above which every prompt goes to the cheapest model."""
-    c = costs / costs.max()
-    cheap = int(np.argmin(c))
-    dearer = c > c[cheap]
-    hi = float(np.max((p[:, dearer] - p[:, [cheap]]) / (c[dearer] - c[cheap]), initial=0.0)) if dearer.any() else 0.0
-    if hi <= 0:
-        return np.array([0.0])
-    return np.unique(np.r_[0.0, np.geomspace(hi * 1e-3, hi * 1.001, n)])
+def _sweep(points: Mapping[str, np.ndarray], cheapest: float) -> dict:
+    """A method's swept (cost, quality) points with their hull, AIQ and quality within each budget."""
+    from .multi import frontier
 
-
-def _sweep(p: np.ndarray, y: np.ndarray, costs: np.ndarray) -> dict:
-    from .metrics import _nondecreasing_hull, aiq, cost_quality_points
-
-    c, q = cost_quality_points(p, y, None, costs, _lambda_grid(p, costs))
-    lo = float((costs / costs.max()).min())
-    hx, hy = _nondecreasing_hull(c, q)
-    if hx[-1] < 1.0:  # AIQ counts the hull as flat up to the priciest model's cost
-        hx, hy = np.r_[hx, 1.0], np.r_[hy, hy[-1]]
-    at = [float(q[c <= b + 1e-12].max()) if (c <= b + 1e-12).any() else None for b in BUDGETS]
-    return {"points": np.stack([c, q], 1), "hull": np.stack([hx, hy], 1),
-            "aiq": aiq(c, q, cost_range=(lo, 1.0)) if lo < 1.0 else float("nan"), "at_budget": at}
+    return {"points": np.stack([points["cost"], points["quality"]], 1)} | frontier(points["cost"], points["quality"],
+                                                                                    cheapest, BUDGETS)
 
 
 def _multi_section(cols, p, test, train, emb, costs, known_costs: bool, models, figdir: Path,
                    title: str) -> tuple[list[str], dict]:
     from . import baselines as bl
+    from .multi import alpha_sweep, lambda_sweep
 
     full = cols.mask[test].all(1)
     if full.sum() < 2:
@@ -517,7 +181,10 @@ def _multi_section(cols, p, test, train, emb, costs, known_costs: bool, models, 
     if len(train):
         methods["matrix factorisation"] = bl.matrix_factorization(emb[train], cols.target[train], cols.mask[train],
                                                                   emb[rows_te])
-    sweeps = {name: _sweep(pr, y, costs) for name, pr in methods.items()}
+    sweeps = {name: _sweep(lambda_sweep(pr, y, None, costs), c.min()) for name, pr in methods.items()}
+    if len(train):
+        accuracy = bl.cluster_router(emb[train], cols.target[train], cols.mask[train], emb[rows_te])
+        sweeps["cluster router"] = _sweep(alpha_sweep(accuracy, y, None, costs), c.min())
     singles = {m: (float(c[j]), float(y[:, j].mean())) for j, m in enumerate(models)}
     # Oracle: per prompt the best outcome, from the cheapest model that reaches it.
     by_cost = np.argsort(c, kind="stable")
@@ -533,7 +200,7 @@ def _multi_section(cols, p, test, train, emb, costs, known_costs: bool, models, 
                       baselines={k: v["hull"] for k, v in sweeps.items() if k != "router"},
                       aiq={k: v["aiq"] for k, v in sweeps.items()}, title=title)
     md = [f"Test prompts with every model observed: {len(rows_te)}. Each method picks argmax_j p_j − λ·cost_j over a "
-          "sweep of λ; AIQ (RouterBench) is the area under the non-decreasing convex hull of its (cost, quality) "
+          "sweep of λ (the cluster router: argmax of α·accuracy + (1 − α)·(1 − cost) over a sweep of α); AIQ (RouterBench) is the area under the non-decreasing convex hull of its (cost, quality) "
           "points over the cost range from the cheapest to the priciest model, divided by that range. Costs are "
           "relative to the priciest model" + (" (unknown costs: model j is taken to cost j + 1, as the decision rule "
                                               "assumed)" if not known_costs else "")
@@ -560,6 +227,7 @@ def _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, str
     """Simulate router, cascade and ensemble; `sim_costs` (None = unknown) only rank models missing from
     the profile, while `costs` are the ones the routing decision uses."""
     from .metrics import choose
+    from .multi import lambda_grid
     from .simulate import economics_table, plot_economics, simulate
 
     if kind == "pair":
@@ -574,7 +242,7 @@ def _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, str
         router_choices, knob = (choices == strong).astype(int), "strong fraction"
     else:
         use = list(range(len(models)))
-        lambdas = _lambda_grid(p, costs, n=60)
+        lambdas = lambda_grid(p, costs, n=60)
         curve = {float(lam): choose(p, costs, lam) for lam in lambdas}
         router_choices, knob = choices, "λ"
     res = simulate(cols.target[test][:, use], cols.mask[test][:, use], [sim_costs[j] for j in use], profile,

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from pipeline.report import (breakdown_rows, breakdown_table, drift_table, multi_table, pair_table,
-                             plot_cost_quality, plot_pair_curves, write_model_card)
+from pipeline.model_card import write_model_card
+from pipeline.report_figures import (breakdown_rows, breakdown_table, drift_table, multi_table, pair_table,
+                                     plot_cost_quality, plot_pair_curves)
 
 
 def _is_real_png(path, min_bytes=15_000):
@@ -92,6 +93,9 @@ def test_model_card_is_a_pure_function_of_router_json(tmp_path):
         assert needle in text, needle
     (tmp_path / "b").mkdir()
     assert write_model_card(tmp_path / "b", r).read_text() == text  # deterministic
+    from pipeline import report
+
+    assert report.write_model_card is write_model_card  # where the exporter imports it from
     multi = write_model_card(tmp_path / "b", _router_json("multi")).read_text()
     assert "argmax_j" in multi and "| 0.25 | 0.8 |" in multi and "Pair routing" not in multi
 
@@ -189,6 +193,8 @@ def test_report_on_a_three_model_bundle(env):
     assert {"router", "cascade (judge acc 0.85)", "ensemble (judge pick)"} <= set(strategies)
     assert strategies["ensemble (judge pick)"]["p50_s"] >= strategies["always large-70b"]["p50_s"]
     assert numbers["multi"]["methods"]["router"]["aiq"] > 0
+    assert numbers["multi"]["methods"]["cluster router"]["aiq"] > 0  # its α sweep
+    assert "cluster router" in numbers["pair"]["methods"] and "| cluster router | " in text
 
     setup_mlflow()
     runs = mlflow.search_runs(filter_string="tags.mlflow.runName = 'report-demo'", output_format="list")
