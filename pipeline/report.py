@@ -146,9 +146,10 @@ def _pair_section(cols, p, train, test, weak, strong, emb, costs, known_costs: b
         curves[name] = q
         rows[name] = {k: float(np.mean([m[k] for m in ms])) for k in ("apgr", "cpt50", "cpt80")} | {"q50": float(q[50])}
     plot_pair_curves(curves, float(yw.mean()), float(ys.mean()), figdir / "quality_curves.png",
-                     costs=(costs[weak], costs[strong]) if known_costs else None, title=title, apgr={k: v["apgr"] for k, v in rows.items()})
-    md = [f"Test prompts with both models observed: {len(both_te)}. Random is averaged over {RANDOM_SEEDS} seeds; the oracle knows the "
-          "outcomes. CPT(x) is the share of strong calls needed to recover x of the weak→strong gap.", "",
+                     costs=(costs[weak], costs[strong]) if known_costs else None, title=title,
+                     apgr={k: v["apgr"] for k, v in rows.items()})
+    md = [f"Test prompts with both models observed: {len(both_te)}. Random is averaged over {RANDOM_SEEDS} seeds; the "
+          "oracle knows the outcomes. CPT(x) is the share of strong calls needed to recover x of the weak→strong gap.", "",
           pair_table(rows), "", "![quality vs strong-call share](quality_curves.png)"]
     return md, {"n": int(len(both_te)), "weak_quality": float(yw.mean()), "strong_quality": float(ys.mean()),
                 "methods": rows}
@@ -200,8 +201,9 @@ def _multi_section(cols, p, test, train, emb, costs, known_costs: bool, models, 
                       baselines={k: v["hull"] for k, v in sweeps.items() if k != "router"},
                       aiq={k: v["aiq"] for k, v in sweeps.items()}, title=title)
     md = [f"Test prompts with every model observed: {len(rows_te)}. Each method picks argmax_j p_j − λ·cost_j over a "
-          "sweep of λ (the cluster router: argmax of α·accuracy + (1 − α)·(1 − cost) over a sweep of α); AIQ (RouterBench) is the area under the non-decreasing convex hull of its (cost, quality) "
-          "points over the cost range from the cheapest to the priciest model, divided by that range. Costs are "
+          "sweep of λ (the cluster router: argmax of α·accuracy + (1 − α)·(1 − cost) over a sweep of α); AIQ "
+          "(RouterBench) is the area under the non-decreasing convex hull of its (cost, quality) points "
+          "over the cost range from the cheapest to the priciest model, divided by that range. Costs are "
           "relative to the priciest model" + (" (unknown costs: model j is taken to cost j + 1, as the decision rule "
                                               "assumed)" if not known_costs else "")
           + ". Quality at a budget is the best swept point within it.", "",
