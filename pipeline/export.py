@@ -319,12 +319,28 @@ def write_bundle(out: str | Path, fp32: Path, int8: Path, meta: dict, *, opset: 
         shutil.copyfile(int8, tmp / INT8)
         shutil.copyfile(_tokenizer_file(meta["tokenizer"]["source"]), tmp / TOKENIZER)
         if latency_decisions:
-            write_json(tmp / ROUTER, router)  # what Router.load reads; `files` is filled in below
+            router = seal_bundle(tmp, router)  # what Router.load reads; sealed again below with the card
             router["latency"] = check_latency(tmp, budget_ms=None, decisions=latency_decisions, show=False)
         write_model_card(tmp, router)
-        router["files"] = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name != ROUTER}
-        write_json(tmp / ROUTER, router)
+        seal_bundle(tmp, router)
     return out
+
+
+def seal_bundle(folder: Path, router: dict) -> dict:
+    """Write router.json into `folder` with `files` (sha256 of every other file there) and `bundle_sha256`.
+
+    The digest is computed on router.json as it is read back (values that JSON cannot hold are written
+    as strings), so `Router.load` recomputes the same. Returns that read-back dict.
+    """
+    from .runtime import bundle_digest
+
+    router = {k: v for k, v in router.items() if k != "bundle_sha256"}
+    router["files"] = {f.name: sha256_file(f) for f in sorted(Path(folder).iterdir())
+                       if f.is_file() and f.name != ROUTER}
+    router = json.loads(json.dumps(router, default=str))
+    router["bundle_sha256"] = bundle_digest(router)
+    write_json(Path(folder) / ROUTER, router)
+    return router
 
 
 def _tokenizer_file(source: str | Path) -> Path:

