@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import console, model_dir, processed_dir, read_json, write_json
+from .common import console, model_dir, processed_dir, write_json
 from .config import load_config
 from .train import Prepared, load_trained, pair_score, predict, prepare
 
