@@ -66,6 +66,7 @@ class StudentConfig(_Section):
     heads: int = Field(4, ge=1, le=16)  # transformer only
     max_tokens: int = Field(128, ge=8, le=512)
     truncation: Literal["head_tail", "head"] = "head_tail"
+    templates: bool = True  # shorten prefixes/suffixes shared by many train prompts before tokenizing
     head_fraction: float = Field(0.75, gt=0.0, le=1.0)  # share of max_tokens kept from the start
     hidden: int = Field(256, ge=8)  # MLP head width
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
@@ -85,6 +86,7 @@ class TrainConfig(_Section):
     patience: int = Field(3, ge=1)
     distill_weight: float = Field(0.5, ge=0.0, le=1.0)  # soft-target share of the label loss
     repr_weight: float = Field(0.1, ge=0.0)  # representation regression onto teacher embeddings
+    contrast_weight: float = Field(1.0, ge=0.0)  # BCE on logit differences between models (see train.contrast_loss)
     # Per-prompt outcomes are single noisy draws; with a metadata column that groups prompts (MMLU's
     # `subject`), training targets move this share of the way to their group's train-split rate.
     # Only training reads the column: serving still sees the prompt alone.

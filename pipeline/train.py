@@ -25,12 +25,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .common import (DataError, atomic_dir, console, flatten, labels_dir, model_dir, processed_dir, read_json,
-                     sha256_json, write_json)
+from .common import (DataError, atomic_dir, console, flatten, labels_dir, model_dir, processed_dir, prompt_hash,
+                     read_json, sha256_json, write_json)
 from .config import Config, load_config
 from .encoders import (EmbeddingRouter, build_student, teacher_embeddings, teacher_path,
                        tokenizer_file)
-from .runtime import encode, load_tokenizer, make_spec
+from .runtime import compact_templates, encode, learn_templates, load_tokenizer, make_spec
 
 CHECKPOINT = "checkpoint"
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners per fit
@@ -56,6 +56,8 @@ class Prepared:
     stats: dict
     teacher_prob: np.ndarray | None = None  # [n, m], filled by the teacher head
     fit_target: np.ndarray | None = None  # [n, m] what the nets fit: `target`, train rows group-smoothed
+    templates: dict | None = None  # shared prefixes/suffixes of the train prompts (runtime.compact_templates)
+    battles: list[np.ndarray] | None = None  # pairwise data: per row, [k, 3] (model a, model b, a's score)
     tokens: dict = field(default_factory=dict)  # spec key -> (ids list, spec)
 
     def __post_init__(self):
@@ -95,17 +97,45 @@ def prepare(name: str, cfg: Config) -> Prepared:
     for s in ("train", "val"):
         if not (split == s).any():
             raise DataError(f"the {s} split of {name!r} is empty: need more prompts or other split fractions")
+    templates = learn_templates([prompts[i] for i in np.flatnonzero(split == "train")]) if cfg.student.templates else None
+    if templates and (templates["prefixes"] or templates["suffixes"]):
+        console.print(f"templates: {len(templates['prefixes'])} shared prefixes and {len(templates['suffixes'])} "
+                      "suffixes shortened before tokenizing")
+    else:
+        templates = None
+    # The teacher reads the prompt as the student will (templates shortened), cached under that text's hash.
+    texts = [compact_templates(p, {"templates": templates}) for p in prompts]
+    text_ids = [pid if t == p else prompt_hash(t)[:16] for pid, p, t in zip(prompt_ids, prompts, texts)]
     prep = Prepared(
         name=name, models=models, costs=costs, pair=pair, prompts=prompts, prompt_ids=prompt_ids,
         target=list_matrix(table, "target", np.float32), mask=list_matrix(table, "mask", bool),
-        split=split, teacher_emb=teacher_embeddings(prompts, prompt_ids, cfg.teacher.path,
+        split=split, teacher_emb=teacher_embeddings(texts, text_ids, cfg.teacher.path,
                                                     cfg.teacher.max_tokens, cfg.teacher.batch_size),
         data_hash=stats.get("content_hash", manifest.get("content_hash", "")), stats=stats,
+        templates=templates, battles=_battles(name, prompt_ids),
     )
     if groups is not None:
         prep.fit_target = group_smoothed(prep.target, prep.mask, groups, split == "train",
                                          cfg.train.group_smoothing)
     return prep
+
+
+def _battles(name: str, prompt_ids: list[str]) -> list[np.ndarray] | None:
+    """Pairwise data: each labeled prompt's battles as rows (model a, model b, a's score); else None."""
+    path = processed_dir(name) / "battles"
+    if not path.exists():
+        return None
+    from datasets import load_from_disk
+
+    table = load_from_disk(str(path)).data
+    row_of = {pid: j for j, pid in enumerate(prompt_ids)}
+    rows = np.array([row_of.get(pid, -1) for pid in table.column("prompt_id").to_pylist()])
+    abs_ = np.stack([table.column(c).to_numpy().astype(np.float32) for c in ("model_a", "model_b", "score_a")], 1)
+    keep = rows >= 0
+    rows, abs_ = rows[keep], abs_[keep]
+    order = np.argsort(rows, kind="stable")
+    bounds = np.searchsorted(rows[order], np.arange(len(prompt_ids) + 1))
+    return [abs_[order[bounds[i]:bounds[i + 1]]] for i in range(len(prompt_ids))]
 
 
 def group_smoothed(target: np.ndarray, mask: np.ndarray, groups: list[str], train: np.ndarray,
@@ -141,11 +171,25 @@ class _Rows(Dataset):
             item["soft"] = self.prep.teacher_prob[r]
         if self.ids is not None:
             item["ids"] = self.ids[r]
+        if self.prep.battles is not None:
+            item["battles"] = self.prep.battles[r]
         return item
 
 
 def _collate(items: list[dict]) -> dict:
-    batch = {k: torch.as_tensor(np.stack([it[k] for it in items])) for k in items[0] if k != "ids"}
+    batch = {k: torch.as_tensor(np.stack([it[k] for it in items])) for k in items[0] if k not in ("ids", "battles")}
+    if "battles" in items[0]:  # pairwise data: per-prompt battle outcomes as dense [b, m, m] pair targets
+        m = items[0]["target"].shape[0]
+        score = np.zeros((len(items), m, m), dtype=np.float32)
+        count = np.zeros_like(score)
+        for j, it in enumerate(items):
+            a, b, s = it["battles"][:, 0].astype(int), it["battles"][:, 1].astype(int), it["battles"][:, 2]
+            np.add.at(score[j], (a, b), s)
+            np.add.at(score[j], (b, a), 1 - s)
+            np.add.at(count[j], (a, b), 1)
+            np.add.at(count[j], (b, a), 1)
+        batch["pair_target"] = torch.from_numpy(score / np.maximum(count, 1))
+        batch["pair_weight"] = torch.from_numpy((count > 0).astype(np.float32))
     if "ids" in items[0]:
         width = max(len(it["ids"]) for it in items)
         ids = np.zeros((len(items), width), dtype=np.int64)
@@ -187,6 +231,24 @@ def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
     return (loss * m).sum() / m.sum().clamp(min=1.0)
 
 
+def contrast_loss(logits: torch.Tensor, pair_target: torch.Tensor, pair_weight: torch.Tensor) -> torch.Tensor:
+    """BCE of sigmoid(logit_j - logit_k) against P(j beats k on the prompt), over weighted pairs.
+
+    Per-model heads trained apart fit each model's level; routing needs their differences. This term
+    trains the differences directly: on pairwise data against the prompt's battles, on outcome tables
+    against (1 + y_j - y_k) / 2 for every pair of models observed on the prompt."""
+    diff = logits.unsqueeze(2) - logits.unsqueeze(1)  # [b, m, m]
+    loss = nn.functional.binary_cross_entropy_with_logits(diff, pair_target, reduction="none")
+    return (loss * pair_weight).sum() / pair_weight.sum().clamp(min=1.0)
+
+
+def outcome_pairs(target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair targets (1 + y_j - y_k) / 2 and weights (both observed, j != k) from an outcome table [b, m]."""
+    both = (mask.unsqueeze(2) & mask.unsqueeze(1)).to(target.dtype)
+    both = both * (1 - torch.eye(target.shape[1], dtype=target.dtype, device=target.device))
+    return (1 + target.unsqueeze(2) - target.unsqueeze(1)) / 2, both
+
+
 def pair_score(p: np.ndarray, pair: tuple[int, int]) -> np.ndarray:
     """Routing score for a weak/strong pair: expected quality gain of the strong model, mapped to [0, 1]."""
     weak, strong = pair
@@ -197,9 +259,10 @@ class RouterModule(pl.LightningModule):
     """Masked BCE on observed targets, plus distillation from the teacher when the net is a student."""
 
     def __init__(self, net: nn.Module, lr: float, weight_decay: float, distill_weight: float = 0.0,
-                 repr_weight: float = 0.0, teacher_dim: int | None = None, pair=None, uses_tokens=True):
+                 repr_weight: float = 0.0, teacher_dim: int | None = None, pair=None, uses_tokens=True,
+                 contrast_weight: float = 0.0):
         super().__init__()
-        self.net, self.lr, self.weight_decay = net, lr, weight_decay
+        self.net, self.lr, self.weight_decay, self.contrast_weight = net, lr, weight_decay, contrast_weight
         self.distill_weight, self.repr_weight, self.pair, self.uses_tokens = (
             distill_weight, repr_weight, pair, uses_tokens)
         self.proj = nn.Linear(net.feature_dim, teacher_dim) if repr_weight > 0 and teacher_dim else None
@@ -211,10 +274,40 @@ class RouterModule(pl.LightningModule):
         return self.net.features(batch["emb"])
 
     def _loss(self, batch, h, logits):
+        if "pair_target" in batch:
+            return self._battle_loss(batch, h, logits)
         hard = masked_bce(logits, batch["target"], batch["mask"])
         loss = hard
         if self.distill_weight > 0 and "soft" in batch:
             soft = nn.functional.binary_cross_entropy_with_logits(logits, batch["soft"])
+            loss = (1 - self.distill_weight) * hard + self.distill_weight * soft
+        if self.contrast_weight > 0:
+            if "pair_target" in batch:
+                pt, pw = batch["pair_target"], batch["pair_weight"]
+            else:
+                pt, pw = outcome_pairs(batch["target"], batch["mask"])
+            if self.distill_weight > 0 and "soft" in batch:  # the teacher's differences, like its levels
+                t_logit = torch.logit(batch["soft"].clamp(1e-4, 1 - 1e-4))
+                t_pair = torch.sigmoid(t_logit.unsqueeze(2) - t_logit.unsqueeze(1))
+                pt = (1 - self.distill_weight) * pt + self.distill_weight * t_pair
+                pw = torch.maximum(pw, 1 - torch.eye(pw.shape[1], dtype=pw.dtype, device=pw.device))
+            loss = loss + self.contrast_weight * contrast_loss(logits, pt, pw)
+        if self.proj is not None:
+            cos = nn.functional.cosine_similarity(self.proj(h), batch["emb"], dim=-1)
+            loss = loss + self.repr_weight * (1 - cos).mean()
+        return loss, hard
+
+    def _battle_loss(self, batch, h, logits):
+        """Pairwise data: a per-prompt Bradley-Terry model. Only differences of logits are observed (who
+        beat whom), so the logits are strengths and every term is on differences: the battles, the
+        teacher's strength differences (distillation), and the representation regression."""
+        hard = contrast_loss(logits, batch["pair_target"], batch["pair_weight"])
+        loss = hard
+        if self.distill_weight > 0 and "soft" in batch:
+            t_logit = torch.logit(batch["soft"].clamp(1e-4, 1 - 1e-4))
+            off = 1 - torch.eye(logits.shape[1], dtype=logits.dtype, device=logits.device)
+            soft = contrast_loss(logits, torch.sigmoid(t_logit.unsqueeze(2) - t_logit.unsqueeze(1)),
+                                 off.expand(len(logits), -1, -1))
             loss = (1 - self.distill_weight) * hard + self.distill_weight * soft
         if self.proj is not None:
             cos = nn.functional.cosine_similarity(self.proj(h), batch["emb"], dim=-1)
@@ -257,14 +350,15 @@ class RouterModule(pl.LightningModule):
 
 # ----------------------------------------------------------------------------- fitting
 
-def token_spec(cfg: Config) -> dict:
+def token_spec(cfg: Config, prep: Prepared | None = None) -> dict:
     s = cfg.student
-    return make_spec(s.max_tokens, s.truncation, s.head_fraction)
+    spec = make_spec(s.max_tokens, s.truncation, s.head_fraction)
+    return spec | {"templates": prep.templates} if prep is not None and prep.templates else spec
 
 
 def tokenize(prep: Prepared, cfg: Config) -> list[np.ndarray]:
     """Token ids per prompt with the runtime's own encoder, so training sees what serving sees."""
-    spec = token_spec(cfg)
+    spec = token_spec(cfg, prep)
     key = json.dumps(spec, sort_keys=True)
     if key not in prep.tokens:
         tok = load_tokenizer(tokenizer_file(cfg.teacher.path))
@@ -297,7 +391,8 @@ def fit_teacher(prep: Prepared, cfg: Config, workdir: Path) -> EmbeddingRouter:
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     tc = cfg.teacher
     net = EmbeddingRouter(prep.teacher_emb.shape[1], tc.head_hidden, len(prep.models), tc.dropout)
-    module = RouterModule(net, tc.lr, tc.weight_decay, pair=prep.pair, uses_tokens=False)
+    module = RouterModule(net, tc.lr, tc.weight_decay, pair=prep.pair, uses_tokens=False,
+                          contrast_weight=cfg.train.contrast_weight)
     trainer, ckpt = _trainer(cfg, workdir / "teacher", max_epochs=tc.epochs)
     saved, prep.teacher_prob = prep.teacher_prob, None  # the teacher learns from hard labels only
     trainer.fit(module, datamodule=RouterData(prep, tc.batch_size))
@@ -316,7 +411,7 @@ def fit_student(prep: Prepared, cfg: Config, workdir: Path, callbacks=(), logger
                         n_models=len(prep.models), teacher=cfg.teacher.path)
     t = cfg.train
     module = RouterModule(net, t.lr, t.weight_decay, t.distill_weight, t.repr_weight,
-                          prep.teacher_emb.shape[1], prep.pair)
+                          prep.teacher_emb.shape[1], prep.pair, contrast_weight=t.contrast_weight)
     trainer, ckpt = _trainer(cfg, workdir / "student", callbacks, logger, monitor)
     trainer.fit(module, datamodule=RouterData(prep, t.batch_size, tokenize(prep, cfg), t.num_workers))
     module.load_state_dict(torch.load(ckpt.best_model_path, weights_only=True)["state_dict"])
@@ -358,7 +453,7 @@ def bundle_meta(prep: Prepared, cfg: Config, p_val: np.ndarray) -> dict:
     decision rules (from its validation outputs `p_val`), data hash and config."""
     return {"name": prep.name,
             "models": [{"name": m, "cost": c, "index": i} for i, (m, c) in enumerate(zip(prep.models, prep.costs))],
-            "tokenizer": token_spec(cfg) | {"source": str(tokenizer_file(cfg.teacher.path))},
+            "tokenizer": token_spec(cfg, prep) | {"source": str(tokenizer_file(cfg.teacher.path))},
             "decision": decision_rules(prep, p_val), "data_hash": prep.data_hash, "config": cfg.to_dict()}
 
 

@@ -135,3 +135,32 @@ def test_prepare_smooths_by_a_metadata_column_and_names_the_columns_when_it_is_m
     np.testing.assert_array_equal(smooth.target, raw.target)  # evaluation still reads the raw outcomes
     with pytest.raises(DataError, match=r"train.group_by='subject'.*metadata columns: sample_id, family\)"):
         prepare("demo", load_config(overrides=base + ["train.group_by=subject"]))
+
+
+def test_contrast_loss_is_lowest_at_the_true_differences():
+    import torch
+
+    from pipeline.train import contrast_loss, outcome_pairs
+
+    target = torch.tensor([[1.0, 0.0, 1.0]])
+    mask = torch.tensor([[True, True, False]])
+    pt, pw = outcome_pairs(target, mask)
+    assert pw.tolist() == [[[0, 1, 0], [1, 0, 0], [0, 0, 0]]]  # only the observed pair, both ways
+    assert pt[0, 0, 1].item() == 1.0 and pt[0, 1, 0].item() == 0.0
+    right = contrast_loss(torch.tensor([[4.0, -4.0, 0.0]]), pt, pw)
+    wrong = contrast_loss(torch.tensor([[-4.0, 4.0, 0.0]]), pt, pw)
+    level = contrast_loss(torch.tensor([[9.0, 1.0, -50.0]]), pt, pw)  # unobserved model 2 is free
+    assert right < 0.05 < wrong and abs(level.item() - contrast_loss(torch.tensor([[4.0, -4.0, 7.0]]), pt, pw).item()) < 1e-6
+
+
+def test_battles_collate_into_pair_targets():
+    from pipeline.train import _collate
+
+    battles = np.array([[0, 1, 1.0], [0, 1, 0.5], [2, 0, 0.0]], dtype=np.float32)
+    item = {"target": np.zeros(3, np.float32), "mask": np.ones(3, bool), "emb": np.zeros(2, np.float32),
+            "battles": battles}
+    batch = _collate([item])
+    pt, pw = batch["pair_target"][0], batch["pair_weight"][0]
+    assert pt[0, 1].item() == 0.75 and pt[1, 0].item() == 0.25  # two battles averaged
+    assert pt[0, 2].item() == 1.0 and pt[2, 0].item() == 0.0
+    assert pw.sum().item() == 4 and pw[1, 2].item() == 0
