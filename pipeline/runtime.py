@@ -230,6 +230,72 @@ def special_ids(tok: Tokenizer) -> tuple[int, int, int]:
     return first("[CLS]", "<s>", "<cls>"), first("[SEP]", "</s>", "<sep>"), first("[PAD]", "<pad>")
 
 
+def compact_templates(prompt: str, spec: dict) -> str:
+    """The prompt with a learned shared prefix and suffix shortened to their first / last few characters.
+
+    Prompts built from one template (a long system prompt, few-shot examples, a closing instruction)
+    differ only in the middle, which a head + tail cut would drop. `spec["templates"]` (learned from
+    the training prompts by `learn_templates`) lists such prefixes and suffixes, longest first, each
+    with how many characters to keep (enough to tell templates apart). The first listed prefix the
+    prompt starts with, then the first listed suffix the rest ends with, are shortened; lengths are
+    in Unicode code points. Without templates the prompt is returned unchanged.
+    """
+    templates = spec.get("templates")
+    if not templates:
+        return prompt
+    head, body, tail = "", prompt, ""
+    for t in templates["prefixes"]:
+        if body.startswith(t["text"]):
+            head, body = t["text"][:t["keep"]], body[len(t["text"]):]
+            break
+    for t in templates["suffixes"]:
+        if body.endswith(t["text"]):
+            body, tail = body[:len(body) - len(t["text"])], t["text"][len(t["text"]) - t["keep"]:]
+            break
+    return head + body + tail
+
+
+def learn_templates(prompts: list[str], min_support: int = 20, min_chars: int = 64, keep_chars: int = 32,
+                    max_templates: int = 32) -> dict:
+    """Shared prefixes and suffixes of at least `min_chars` characters that `min_support` or more prompts
+    start (end) with, for `compact_templates`: `{"prefixes": [{"text", "keep", "support"}], "suffixes": [...]}`.
+
+    Sorted prompts that share a prefix are neighbours, so the longest prefix that prompt i shares with
+    at least `min_support - 1` others is the best window minimum of adjacent common-prefix lengths.
+    A prefix is cut back to the last whitespace (a template never ends inside the varying word), and
+    `keep` is its first whitespace-delimited stretch of at most `keep_chars` characters.
+    """
+    def side(texts: list[str], reverse: bool) -> list[dict]:
+        texts = sorted({t[::-1] if reverse else t for t in texts})
+        n, w = len(texts), min_support - 1
+        if n < min_support or w < 1:
+            return []
+        lcp = np.array([len(os.path.commonprefix([a, b])) for a, b in zip(texts, texts[1:])])
+        window = np.lib.stride_tricks.sliding_window_view(lcp, w).min(1)  # window j covers texts j..j+w
+        best = np.zeros(n, dtype=np.int64)
+        for j, v in enumerate(window):
+            best[j:j + w + 1] = np.maximum(best[j:j + w + 1], v)
+        found: dict[str, int] = {}
+        for t, length in zip(texts, best):
+            if length < min_chars:
+                continue
+            cut = t[:length]
+            cut = cut[:max(cut.rfind(" "), cut.rfind("\n")) + 1] if not t[length:length + 1].isspace() else cut
+            if len(cut) >= min_chars:
+                found[cut] = found.get(cut, 0) + 1
+        out = []
+        for text, support in found.items():
+            if support < min_support:
+                continue
+            part = text[:keep_chars]  # (reversed for a suffix) cut back to whitespace: no half words
+            part = part[:max(part.rfind(" "), part.rfind("\n")) + 1] if len(text) > keep_chars else part
+            out.append({"text": text[::-1] if reverse else text, "keep": len(part), "support": support})
+        out.sort(key=lambda t: (-t["support"] * len(t["text"]), t["text"]))
+        return sorted(out[:max_templates], key=lambda t: (-len(t["text"]), t["text"]))
+
+    return {"prefixes": side(prompts, False), "suffixes": side(prompts, True)}
+
+
 def clip_chars(prompt: str, spec: dict) -> str:
     """Keep at most `char_window` characters, shared between head and tail like the tokens."""
     window = spec["char_window"]
@@ -255,12 +321,14 @@ def _cut(ids: list[int], spec: dict) -> list[int]:
 
 def encode_one(tok: RouterTokenizer, prompt: str, spec: dict) -> np.ndarray:
     """input_ids [1, L] of one prompt (its attention mask is all ones): the serving path."""
-    return np.array([[tok.cls, *_cut(tok.content_ids(clip_chars(prompt, spec)), spec), tok.sep]], dtype=np.int64)
+    return np.array([[tok.cls, *_cut(tok.content_ids(clip_chars(compact_templates(prompt, spec), spec)), spec), tok.sep]],
+                    dtype=np.int64)
 
 
 def encode(tok: RouterTokenizer, prompts: list[str], spec: dict) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask), int64 [n, L]: [CLS] head … tail [SEP], padded to the longest."""
-    rows = [_cut(ids, spec) for ids in tok.batch_content_ids([clip_chars(p, spec) for p in prompts])]
+    rows = [_cut(ids, spec) for ids in tok.batch_content_ids([clip_chars(compact_templates(p, spec), spec)
+                                                               for p in prompts])]
     width = max((len(r) for r in rows), default=0) + 2
     input_ids = np.full((len(rows), width), tok.pad, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
