@@ -77,11 +77,16 @@ def time_decisions(router: Router, prompts: list[str], warmup: int = 200) -> tup
 
 
 def check_latency(bundle: str | Path, budget_ms: float | None = 1.0, decisions: int = 1000, quantized: bool = True,
-                  threads: int = 1, seed: int = 0, clock: str = "wall", show: bool = True) -> dict:
+                  threads: int = 1, seed: int = 0, clock: str = "cpu", show: bool = True) -> dict:
     """Time `decisions` single routing decisions; raise GateError when the overall p99 exceeds `budget_ms`.
 
-    `clock` picks the p99 the gate reads: "wall" (what a caller waits) or "cpu" (the router's own
-    work, stable on a busy machine). `budget_ms=None` only measures. Returns the figures in ms.
+    Every decision is timed on both clocks: wall time (what a caller waits, including time the OS
+    gives to other processes) and the calling thread's CPU time (the router's own work: with one
+    intra-op thread onnxruntime computes on the caller's thread). `clock` picks the p99 the gate
+    reads: "cpu" (default: a busy or shared machine does not fail a fast router) or "wall" (on a
+    quiet, dedicated machine, what a caller waits). The figures hold both and name the gating clock
+    (`clock`), which is what router.json's `latency` records. `budget_ms=None` only measures.
+    Returns the figures in ms.
     """
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")

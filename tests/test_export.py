@@ -79,6 +79,8 @@ def test_export_module_writes_a_faithful_bundle(tmp_path, family):
     assert parity["n_prompts"] == 120 and parity["fp32_max_abs_diff"] <= 1e-4
     assert parity["int8_min_agreement"] >= 0.99 and len(parity["int8_agreement"]) == 9
     assert config["latency"]["decisions"] == 40 and config["latency"]["overall"]["p99"] > 0
+    # Both clocks, and the one a latency gate reads by default: the router's own CPU time.
+    assert config["latency"]["clock"] == "cpu" and config["latency"]["overall"]["cpu_p99"] > 0
     assert config["onnx"]["opset"] == 17 and config["metrics"]["val_apgr"] == 0.5
     # New prompts, other batch sizes and lengths (some past max_tokens): the axes really are dynamic.
     fresh = prompts(50, seed=1, longest=120)
