@@ -33,10 +33,13 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
-def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarray]) -> dict | None:
+def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarray],
+                    strengths_in: tuple[str, ...] = ()) -> dict | None:
     """Winner prediction per battle on `rows` (ties excluded): each router's P(a beats b) =
-    sigmoid(s_a - s_b) from per-prompt strengths fitted to its per-prompt win probabilities given who
-    each model met in the train battles (`opponent_adjusted_strengths`), against the global
+    sigmoid(s_a - s_b). For the routers named in `strengths_in` (the student and teacher, trained as
+    per-prompt Bradley-Terry models) s is the logit itself, exactly as `Router.win_probability` serves
+    it; for the others (per-model win rates against whoever each model met) s are per-prompt strengths
+    fitted given who each model met in the train battles (`opponent_adjusted_strengths`), against the global
     Bradley-Terry ranking (the same winner for every prompt). `vs_bradley_terry` counts the battles a
     router gets right and Bradley-Terry wrong, and the reverse: the difference is what beats the ranking."""
     from datasets import load_from_disk
@@ -70,13 +73,26 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
     decided = score_a != 0.5
     bt_right = (bt > 0.5) == (score_a > 0.5)
     for label, p in probs.items():
-        s = opponent_adjusted_strengths(_logit(p), counts)
+        s = _logit(p) if label in strengths_in else opponent_adjusted_strengths(_logit(p), counts)
         p_a = 1 / (1 + np.exp(-(s[at, a] - s[at, b])))
         out[label] = win_accuracy(p_a, score_a)
         right = (p_a > 0.5) == (score_a > 0.5)
         out["vs_bradley_terry"][label] = [int((decided & right & ~bt_right).sum()),
                                           int((decided & bt_right & ~right).sum())]
     return out
+
+
+def check_bundle_matches(config: dict, prep: Prepared, bundle: Path) -> None:
+    """A bundle is evaluated only on the data it was trained on: same data hash, same models in the same order."""
+    from .common import DataError
+
+    models = [m["name"] for m in sorted(config["models"], key=lambda m: m["index"])]
+    if models != prep.models:
+        raise DataError(f"the bundle's models {models} are not the dataset's {prep.models} (in output order)",
+                        file=bundle)
+    if config.get("data_hash") != prep.data_hash:
+        raise DataError(f"the bundle was trained on other data (data hash {config.get('data_hash')!r}, "
+                        f"dataset {prep.name!r} has {prep.data_hash!r})", file=bundle)
 
 
 def multi_section(prep: Prepared, train: np.ndarray, test: np.ndarray,
@@ -108,7 +124,10 @@ def multi_section(prep: Prepared, train: np.ndarray, test: np.ndarray,
         first = next(iter(probs))
         sweeps = {first: lambda_sweep(probs[first], y, seen, costs),
                   "cluster": alpha_sweep(baselines["cluster"], y, seen, costs)}
-        out["cost_quality"] = {k: {"aiq": frontier(s["cost"], s["quality"], costs.min() / costs.max())["aiq"]}
+        # AIQ over one cost range for both: from the cheapest cost both sweeps reach (with sparse masks,
+        # e.g. pairwise data, the cheapest model is not observed on every prompt) to the priciest model
+        low = max([costs.min() / costs.max()] + [float(np.nanmin(s["cost"])) for s in sweeps.values()])
+        out["cost_quality"] = {k: {"aiq": frontier(s["cost"], s["quality"], low)["aiq"]}
                                | {key: v.tolist() for key, v in s.items()} for k, s in sweeps.items()}
     return out, baselines
 
@@ -117,6 +136,9 @@ def evaluate(name: str, bundle: Path | None = None) -> dict:
     """Routing metrics on the test split for the router, the teacher and the baselines."""
     from .baselines import baseline_table
 
+    from .label import require_test_split
+
+    require_test_split(name)
     trained = load_trained(name)
     cfg = load_config(base=trained.meta["config"])
     prep = prepare(name, cfg)
@@ -124,7 +146,9 @@ def evaluate(name: str, bundle: Path | None = None) -> dict:
     if bundle is not None:
         from .runtime import Router
 
-        router_p = Router.load(bundle, quantized=True).scores([prep.prompts[r] for r in test])
+        router = Router.load(bundle, quantized=True)
+        check_bundle_matches(router.config, prep, bundle)
+        router_p = router.scores([prep.prompts[r] for r in test])
         router_label = "router (int8 bundle)"
     else:
         router_p = predict(trained.student, prep, cfg, test)
@@ -153,7 +177,7 @@ def evaluate(name: str, bundle: Path | None = None) -> dict:
         result["multi"], baselines = multi_section(prep, train, test, probs)
         # baselines' win rates as probabilities (a ridge prediction can leave [0, 1])
         battle_probs = probs | {k: np.clip(baselines[k], 0.01, 0.99) for k in ("tfidf_ridge", "knn", "cluster")}
-    battles = battle_accuracy(prep, test, battle_probs)
+    battles = battle_accuracy(prep, test, battle_probs, strengths_in=tuple(probs))
     if battles:
         result["win_accuracy"] = battles
     _print(result)

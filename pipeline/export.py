@@ -298,6 +298,7 @@ def router_config(meta: dict, *, opset: int, parity: dict | None = None) -> dict
         "data_hash": meta.get("data_hash"),
         "training_config": meta.get("config", {}),
         "export_fingerprint": meta.get("export_fingerprint"),
+        "selection": meta.get("selection"),  # settings the pipeline chose on validation (pipeline/select.py)
         "files": {},
     }
 

@@ -744,6 +744,16 @@ class Router:
         lambdas = {float(k): float(v) for k, v in self.decision.get("cost_lambdas", {}).items()}
         return lambdas[min(lambdas, key=lambda b: abs(b - 0.5))] if lambdas else 0.0
 
+    def win_probability(self, prompts: list[str], model_a: str, model_b: str) -> np.ndarray:
+        """Pairwise bundles: P(model_a beats model_b) on each prompt, sigmoid(logit_a - logit_b)."""
+        if "win_probability" not in self.decision:
+            raise ValueError("this bundle was not trained on pairwise battles: it has no win probabilities")
+        unknown = [m for m in (model_a, model_b) if m not in self.models]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; the bundle routes between {self.models}")
+        logits = self.logits(prompts).astype(np.float64)
+        return _sigmoid(logits[:, self.models.index(model_a)] - logits[:, self.models.index(model_b)])
+
     def route(self, prompt: str, strong_fraction: float | None = None, threshold: float | None = None,
               cost_weight: float | None = None) -> str:
         """The model name one prompt is routed to (batch 1: the latency-critical path)."""

@@ -58,6 +58,7 @@ class Prepared:
     fit_target: np.ndarray | None = None  # [n, m] what the nets fit: `target`, train rows group-smoothed
     templates: dict | None = None  # shared prefixes/suffixes of the train prompts (runtime.compact_templates)
     battles: list[np.ndarray] | None = None  # pairwise data: per row, [k, 3] (model a, model b, a's score)
+    group_columns: dict = field(default_factory=dict)  # train.group_by=auto: candidate column -> values
     tokens: dict = field(default_factory=dict)  # spec key -> (ids list, spec)
 
     def __post_init__(self):
@@ -87,8 +88,13 @@ def prepare(name: str, cfg: Config) -> Prepared:
     if cfg.train.limit_train_prompts:
         train_rows = np.flatnonzero(split == "train")
         split[train_rows[cfg.train.limit_train_prompts:]] = "unused"
-    groups = None
-    if cfg.train.group_by:  # checked before the (slow) teacher embeddings
+    groups, group_columns = None, {}
+    if cfg.train.group_by == "auto":  # candidates for select.choose_group_by
+        from .select import group_candidates
+
+        known = [c for c in manifest.get("metadata_columns", []) if c in table.column_names]
+        group_columns = group_candidates({c: table.column(c).to_pylist() for c in known}, split == "train")
+    elif cfg.train.group_by:  # checked before the (slow) teacher embeddings
         if cfg.train.group_by not in table.column_names:
             known = manifest.get("metadata_columns", [])
             raise DataError(f"train.group_by={cfg.train.group_by!r}: {name!r} has no such column "
@@ -112,7 +118,7 @@ def prepare(name: str, cfg: Config) -> Prepared:
         split=split, teacher_emb=teacher_embeddings(texts, text_ids, cfg.teacher.path,
                                                     cfg.teacher.max_tokens, cfg.teacher.batch_size),
         data_hash=stats.get("content_hash", manifest.get("content_hash", "")), stats=stats,
-        templates=templates, battles=_battles(name, prompt_ids),
+        templates=templates, battles=_battles(name, prompt_ids), group_columns=group_columns,
     )
     if groups is not None:
         prep.fit_target = group_smoothed(prep.target, prep.mask, groups, split == "train",
@@ -436,6 +442,8 @@ def decision_rules(prep: Prepared, p_val: np.ndarray) -> dict:
     from .metrics import calibrate_lambdas, calibrate_thresholds
 
     rules: dict = {"kind": "pair" if len(prep.models) == 2 else "multi"}
+    if prep.battles is not None:  # trained as per-prompt Bradley-Terry strengths (RouterModule._battle_loss)
+        rules["win_probability"] = "sigmoid(logit_a - logit_b)"
     if prep.pair is not None:
         rules.update(weak=prep.models[prep.pair[0]], strong=prep.models[prep.pair[1]],
                      score="(1 + p_strong - p_weak) / 2",
@@ -522,7 +530,15 @@ def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, fo
                          "dataset": name, "student": cfg.student.family})
         mlflow.log_dict(prep.stats, "label_stats.json")
         console.print(f"[bold]teacher[/] head on {prep.teacher_emb.shape[1]}-d embeddings")
-        teacher = fit_teacher(prep, cfg, tmp)
+        selection = None
+        if cfg.train.group_by == "auto":
+            from .select import choose_group_by
+
+            teacher, cfg, selection = choose_group_by(prep, cfg, tmp)
+            mlflow.log_dict(selection, "selection.json")
+            mlflow.set_tag("group_by", str(cfg.train.group_by))
+        else:
+            teacher = fit_teacher(prep, cfg, tmp)
         logger = MLFlowLogger(run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri())
         console.print(f"[bold]student[/] {cfg.student.family} dim={cfg.student.dim}")
         student, _ = fit_student(prep, cfg, tmp, logger=logger)
@@ -534,7 +550,7 @@ def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, fo
             mlflow.log_metrics({f"{split}_{k}": v for k, v in values.items() if isinstance(v, (int, float))})
         meta = bundle_meta(prep, cfg, p_val) | {
             "pipeline_version": __version__, "metrics": metrics, "teacher": teacher_path(cfg.teacher.path),
-            "mlflow_run_id": run.info.run_id, "fingerprint": fp,
+            "mlflow_run_id": run.info.run_id, "fingerprint": fp, "selection": selection,
         }
         torch.save(student.state_dict(), tmp / "student.pt")
         torch.save(teacher.state_dict(), tmp / "teacher_head.pt")

@@ -137,3 +137,72 @@ def test_evaluate_on_the_three_model_demo_writes_and_logs_the_multi_section(tmp_
     assert logged["eval_multi_cluster_quality"] == pytest.approx(multi["quality"]["cluster"])
     assert logged["eval_multi_router_aiq"] == pytest.approx(multi["cost_quality"]["router (student)"]["aiq"])
     assert "eval_cluster_apgr" in logged
+
+
+def _tiny_pipeline(tmp_path, monkeypatch, data_file, name):
+    """ingest → label → train (tiny teacher and student) → export into models/NAME/bundle."""
+    import torch
+
+    from pipeline.common import model_dir
+    from pipeline.config import load_config
+    from pipeline.export import export
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+    from pipeline.train import train
+    from tests.tiny import make_tiny_teacher
+
+    for var, sub in (("PREROUTER_DATA_DIR", "data"), ("PREROUTER_MLRUNS_DIR", "mlruns"),
+                     ("PREROUTER_CACHE_DIR", "cache"), ("PREROUTER_MODELS_DIR", "models")):
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    torch.set_num_threads(1)
+    ingest(str(data_file), name=name)
+    label(name)
+    teacher = tmp_path / "teacher"
+    if not teacher.exists():
+        make_tiny_teacher(teacher)
+    cfg = load_config(overrides=[f"teacher.path={teacher}", "teacher.epochs=3", "teacher.head_hidden=16",
+                                 "student.dim=16", "student.hidden=16", "student.max_tokens=16", "student.heads=2",
+                                 "train.max_epochs=3", "train.batch_size=64", "export.latency_decisions=10"])
+    train(name, cfg)
+    export(name, config=cfg)
+    return model_dir(name) / "bundle"
+
+
+def test_pairwise_bundle_serves_the_win_predictions_evaluate_scores(tmp_path, monkeypatch, demo_files):
+    """What is served is what is measured: evaluate --bundle and Router.win_probability agree battle for battle."""
+    from datasets import load_from_disk
+
+    from pipeline.common import processed_dir
+    from pipeline.evaluate import evaluate
+    from pipeline.runtime import Router
+    from pipeline.train import load_trained
+
+    bundle = _tiny_pipeline(tmp_path, monkeypatch, demo_files["pairwise"], "duel")
+    result = evaluate("duel", bundle=bundle)
+    router = Router.load(bundle)
+    assert router.decision["win_probability"] == "sigmoid(logit_a - logit_b)"
+
+    from pipeline.config import load_config
+    from pipeline.train import prepare
+
+    prep = prepare("duel", load_config(base=load_trained("duel").meta["config"]))
+    test_ids = {prep.prompt_ids[r]: prep.prompts[r] for r in prep.rows("test")}
+    battles = load_from_disk(str(processed_dir("duel") / "battles")).to_pandas()
+    battles = battles[battles.prompt_id.isin(list(test_ids)) & (battles.score_a != 0.5)]
+    right = 0
+    for row in battles.itertuples():
+        p = router.win_probability([test_ids[row.prompt_id]], prep.models[row.model_a], prep.models[row.model_b])[0]
+        right += (p > 0.5) == (row.score_a > 0.5)
+    assert result["win_accuracy"]["n_battles"] >= len(battles)
+    assert result["win_accuracy"]["router (int8 bundle)"] == pytest.approx(right / len(battles))
+
+
+def test_evaluate_refuses_a_bundle_trained_on_other_data(tmp_path, monkeypatch, demo_files):
+    from pipeline.common import DataError
+    from pipeline.evaluate import evaluate
+
+    bundle = _tiny_pipeline(tmp_path, monkeypatch, demo_files["wide"], "one")
+    _tiny_pipeline(tmp_path, monkeypatch, demo_files["long"], "two")
+    with pytest.raises(DataError, match="other data|models"):
+        evaluate("two", bundle=bundle)

@@ -1,0 +1,124 @@
+"""Settings that depend on the data, chosen by the pipeline on the validation split.
+
+`train.group_by: auto` (the default): every categorical metadata column (2 or more values, at least
+10 train prompts per value on average) is a candidate for group smoothing (`train.group_smoothed`).
+The teacher head, seconds on cached embeddings, is fitted once without smoothing and once per
+candidate; a candidate replaces "none" only when it routes the validation prompts better in at least
+90% of paired bootstrap resamples, so a noise-level gain never changes the defaults. The choice and
+every candidate's validation quality go into the training run and into router.json (`selection`).
+
+Validation quality (`val_quality`) is the routing measure of the data: APGR for a weak/strong pair of
+two models, the mean outcome of each prompt's argmax model for more, and for pairwise data the share
+of validation battles whose winner sigmoid(logit_a - logit_b) predicts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .common import console
+
+BOOTSTRAP = 200
+MIN_WIN_RATE = 0.9
+MIN_PER_GROUP = 10  # train prompts per group value, on average
+
+
+def group_candidates(columns: dict[str, list], train: np.ndarray) -> dict[str, list[str]]:
+    """Metadata columns usable as groups: string values per prompt, keyed by column name."""
+    out = {}
+    n_train = int(train.sum())
+    for name, values in columns.items():
+        values = ["" if v is None else str(v) for v in values]
+        distinct = len({v for v, t in zip(values, train) if t})
+        if 2 <= distinct <= n_train / MIN_PER_GROUP:
+            out[name] = values
+    return out
+
+
+def _battle_parts(prep, p: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per battle of `rows` (ties left out): whether the logit difference predicts the winner, and its row."""
+    logit = np.log(np.clip(p, 1e-6, 1 - 1e-6)) - np.log(np.clip(1 - p, 1e-6, 1))
+    right, owner = [], []
+    for j, r in enumerate(rows):
+        b = prep.battles[r]
+        decided = b[:, 2] != 0.5
+        a, o, s = b[decided, 0].astype(int), b[decided, 1].astype(int), b[decided, 2]
+        right.append((logit[j, a] > logit[j, o]) == (s > 0.5))
+        owner.append(np.full(len(a), j))
+    return np.concatenate(right or [np.zeros(0, bool)]), np.concatenate(owner or [np.zeros(0, int)])
+
+
+def val_quality(prep, p: np.ndarray, rows: np.ndarray, resample: np.ndarray | None = None) -> float:
+    """The routing measure of `p` (probabilities for `rows`), optionally on resampled positions of `rows`."""
+    from .metrics import apgr
+    from .multi import routed
+    from .train import pair_score
+
+    i = np.arange(len(rows)) if resample is None else resample
+    if prep.battles is not None:
+        right, owner = _battle_parts(prep, p, rows)
+        counts = np.bincount(owner, minlength=len(rows)).astype(float)
+        hits = np.bincount(owner, weights=right.astype(float), minlength=len(rows))
+        return float(hits[i].sum() / max(counts[i].sum(), 1.0))
+    t, m = prep.target[rows][i], prep.mask[rows][i]
+    if len(prep.models) == 2 and prep.pair is not None:
+        w, s = prep.pair
+        both = m[:, w] & m[:, s]
+        return float(apgr(pair_score(p[i][both], prep.pair), t[both, w], t[both, s]))
+    return routed(p[i], t, m)[1]
+
+
+def bootstrap_win_rate(prep, p: np.ndarray, base: np.ndarray, rows: np.ndarray, seed: int = 0) -> float:
+    """Share of paired bootstrap resamples of `rows` where `p` routes better than `base`."""
+    rng = np.random.default_rng(seed)
+    wins = 0
+    for _ in range(BOOTSTRAP):
+        i = rng.integers(len(rows), size=len(rows))
+        wins += val_quality(prep, p, rows, i) > val_quality(prep, base, rows, i)
+    return wins / BOOTSTRAP
+
+
+def choose_group_by(prep, cfg, workdir: Path):
+    """Fit the teacher head without and with each candidate's smoothing; keep the winner.
+
+    Returns (teacher net, config with `train.group_by` resolved, selection record). Leaves the chosen
+    targets in `prep.fit_target` and the chosen teacher's probabilities in `prep.teacher_prob`."""
+    from .train import fit_teacher, group_smoothed
+
+    val = prep.rows("val")
+    train_rows = prep.split == "train"
+    raw = prep.target
+    fitted = {}
+    for name, groups in [(None, None), *prep.group_columns.items()]:
+        prep.fit_target = raw if groups is None else group_smoothed(raw, prep.mask, groups, train_rows,
+                                                                   cfg.train.group_smoothing)
+        net = fit_teacher(prep, cfg, workdir / f"select-{name or 'none'}")
+        fitted[name] = (net, prep.teacher_prob, prep.fit_target, val_quality(prep, prep.teacher_prob[val], val))
+    record = {"rule": f"teacher head, validation {_measure(prep)}; a group replaces none when it wins in "
+                      f">= {MIN_WIN_RATE:.0%} of {BOOTSTRAP} paired bootstrap resamples",
+              "candidates": {str(k): round(v[3], 4) for k, v in fitted.items()}, "win_rate": {}}
+    chosen = None
+    for name in prep.group_columns:
+        if fitted[name][3] <= fitted[chosen][3]:
+            continue
+        rate = bootstrap_win_rate(prep, fitted[name][1][val], fitted[None][1][val], val)
+        record["win_rate"][name] = rate
+        if rate >= MIN_WIN_RATE:
+            chosen = name
+    net, prep.teacher_prob, prep.fit_target, _ = fitted[chosen]
+    record["group_by"] = chosen
+    console.print(f"group smoothing chosen on validation: [bold]{chosen or 'none'}[/] "
+                  f"({', '.join(f'{k}: {v:.4f}' for k, v in record['candidates'].items())})")
+    resolved = cfg.model_copy(update={"train": replace_group(cfg.train, chosen)})
+    return net, resolved, record
+
+
+def replace_group(train_cfg, column: str | None):
+    return train_cfg.model_copy(update={"group_by": column})
+
+
+def _measure(prep) -> str:
+    if prep.battles is not None:
+        return "win prediction on battles"
+    return "APGR" if len(prep.models) == 2 and prep.pair is not None else "mean outcome of the argmax model"

@@ -1,0 +1,49 @@
+"""Settings chosen on validation: group smoothing by a metadata column, only when it clearly helps."""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.config import load_config
+from pipeline.select import choose_group_by, group_candidates, val_quality
+from pipeline.train import Prepared
+
+
+def _prep(n=5000, seed=0) -> Prepared:
+    """Two models; whether the strong one is needed depends on a hidden group (10 groups) that the
+    embeddings show only faintly, and each outcome is one noisy draw: the group's rate is the signal."""
+    rng = np.random.default_rng(seed)
+    group = rng.integers(0, 10, n)
+    need = np.linspace(0.0, 0.9, 10)[group]  # P(strong right | weak wrong) per group
+    weak = (rng.random(n) < 0.5).astype(np.float32)
+    strong = np.maximum(weak, rng.random(n) < need).astype(np.float32)
+    emb = rng.normal(size=(n, 64)).astype(np.float32)
+    emb[np.arange(n), group] += 3.0  # the group shows, among noise the head can overfit
+    split = np.where(np.arange(n) % 10 < 7, "train", np.where(np.arange(n) % 10 < 9, "val", "test"))
+    prep = Prepared(name="t", models=["weak", "strong"], costs=[None, None], pair=(0, 1), prompts=[""] * n,
+                    prompt_ids=[str(i) for i in range(n)], target=np.stack([weak, strong], 1),
+                    mask=np.ones((n, 2), bool), split=split, teacher_emb=emb, data_hash="x", stats={})
+    prep.group_columns = group_candidates({"topic": [f"g{g}" for g in group],
+                                           "noise": [f"r{r}" for r in rng.integers(0, 10, n)],
+                                           "row": list(range(n))}, split == "train")
+    return prep
+
+
+def test_candidates_are_categorical_columns_with_enough_prompts_per_value():
+    prep = _prep()
+    assert set(prep.group_columns) == {"topic", "noise"}  # "row" is unique per prompt
+
+
+def test_an_informative_group_is_chosen_and_recorded(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    prep = _prep()
+    cfg = load_config(overrides=["teacher.epochs=20", "teacher.head_hidden=256", "teacher.dropout=0", "train.patience=20"])
+    _, resolved, record = choose_group_by(prep, cfg, tmp_path)
+    assert record["group_by"] == "topic" and resolved.train.group_by == "topic"
+    assert record["candidates"]["topic"] > record["candidates"]["None"]
+    assert record.get("win_rate", {}).get("noise", 0.0) < 0.9  # noise never wins the bootstrap
+    val = prep.rows("val")
+    assert val_quality(prep, prep.teacher_prob[val], val) == record["candidates"]["topic"] or \
+        abs(val_quality(prep, prep.teacher_prob[val], val) - record["candidates"]["topic"]) < 1e-4
+    assert not np.array_equal(prep.fit_target, prep.target)  # the chosen smoothing is what the student fits
