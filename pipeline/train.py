@@ -33,6 +33,7 @@ from .encoders import (EmbeddingRouter, build_student, teacher_embeddings, teach
 from .runtime import compact_templates, encode, learn_templates, load_tokenizer, make_spec
 
 CHECKPOINT = "checkpoint"
+UNREACHABLE_TOLERANCE = 0.05  # a calibrated strong share realised further off than this on validation is reported
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners per fit
 
 
@@ -439,16 +440,24 @@ def predict(net: nn.Module, prep: Prepared, cfg: Config, rows: np.ndarray, batch
 
 def decision_rules(prep: Prepared, p_val: np.ndarray) -> dict:
     """Thresholds for strong-call fractions (pair) and λ for cost budgets (N models), from validation."""
-    from .metrics import calibrate_lambdas, calibrate_thresholds
+    from .metrics import calibrate_lambdas, calibrate_thresholds, realised_fractions
 
     rules: dict = {"kind": "pair" if len(prep.models) == 2 else "multi"}
     if prep.battles is not None:  # trained as per-prompt Bradley-Terry strengths (RouterModule._battle_loss)
         rules["win_probability"] = "sigmoid(logit_a - logit_b)"
     if prep.pair is not None:
+        scores = pair_score(p_val, prep.pair)
+        thresholds = calibrate_thresholds(scores)
         rules.update(weak=prep.models[prep.pair[0]], strong=prep.models[prep.pair[1]],
-                     score="(1 + p_strong - p_weak) / 2",
-                     thresholds=calibrate_thresholds(pair_score(p_val, prep.pair)),
-                     default_strong_fraction=0.5)
+                     score="(1 + p_strong - p_weak) / 2", thresholds=thresholds, default_strong_fraction=0.5)
+        # Tied scores (identical prompts, or a template the student cannot see past) send all or none of
+        # a tie to strong: say which targets validation could not meet, with what it realised instead.
+        missed = {k: round(v, 4) for k, v in realised_fractions(scores, thresholds).items()
+                  if abs(v - float(k)) > UNREACHABLE_TOLERANCE}
+        if missed:
+            rules["unreachable_fractions"] = missed
+            console.print(f"[yellow]tied scores: strong shares {', '.join(missed)} cannot be met "
+                          f"(validation realises {', '.join(map(str, missed.values()))})[/]")
     if len(prep.models) > 2:
         costs = np.array([c if c is not None else i + 1.0 for i, c in enumerate(prep.costs)], dtype=float)
         rules["costs_assumed"] = any(c is None for c in prep.costs)

@@ -164,3 +164,20 @@ def test_battles_collate_into_pair_targets():
     assert pt[0, 1].item() == 0.75 and pt[1, 0].item() == 0.25  # two battles averaged
     assert pt[0, 2].item() == 1.0 and pt[2, 0].item() == 0.0
     assert pw.sum().item() == 4 and pw[1, 2].item() == 0
+
+
+def test_decision_rules_report_strong_shares_that_ties_make_unreachable():
+    from pipeline.train import Prepared, decision_rules
+
+    n = 200
+    prep = Prepared(name="t", models=["weak", "strong"], costs=[None, None], pair=(0, 1), prompts=[""] * n,
+                    prompt_ids=[str(i) for i in range(n)], target=np.zeros((n, 2), np.float32),
+                    mask=np.ones((n, 2), bool), split=np.array(["val"] * n), teacher_emb=np.zeros((n, 2), np.float32),
+                    data_hash="x", stats={})
+    p = np.zeros((n, 2))
+    p[:, 1] = np.linspace(0, 1, n)
+    assert "unreachable_fractions" not in decision_rules(prep, p)
+    p[: int(0.7 * n), 1] = 0.5  # 70% of prompts tie: shares between 30% and 100% collapse onto the tie
+    missed = decision_rules(prep, p)["unreachable_fractions"]
+    assert {"0.5", "0.6"} <= set(missed) and "0.1" not in missed and "0.2" not in missed
+    assert all(v == 1.0 for v in missed.values())  # the tied score sends every prompt to strong
