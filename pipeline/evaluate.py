@@ -16,6 +16,7 @@ import torch
 
 from .common import console, model_dir, processed_dir, write_json
 from .config import load_config
+from .routing import sigmoid
 from .train import Prepared, load_trained, pair_score, predict, prepare
 
 
@@ -68,13 +69,13 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
     keep = at >= 0
     a, b, score_a, at = a[keep], b[keep], score_a[keep], at[keep]
     strength = np.array([strengths[name] for name in prep.models])
-    bt = 1 / (1 + np.exp(-(strength[a] - strength[b])))
+    bt = sigmoid(strength[a] - strength[b])
     out = {"n_battles": int(keep.sum()), "bradley_terry": win_accuracy(bt, score_a), "vs_bradley_terry": {}}
     decided = score_a != 0.5
     bt_right = (bt > 0.5) == (score_a > 0.5)
     for label, p in probs.items():
         s = _logit(p) if label in strengths_in else opponent_adjusted_strengths(_logit(p), counts)
-        p_a = 1 / (1 + np.exp(-(s[at, a] - s[at, b])))
+        p_a = sigmoid(s[at, a] - s[at, b])
         out[label] = win_accuracy(p_a, score_a)
         right = (p_a > 0.5) == (score_a > 0.5)
         out["vs_bradley_terry"][label] = [int((decided & right & ~bt_right).sum()),

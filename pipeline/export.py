@@ -21,7 +21,8 @@ from . import __version__
 from .common import (ConfigError, DataError, GateError, atomic_dir, console, model_dir, read_json, sha256_file, sha256_json,
                      write_json)
 from .config import Config, ExportConfig
-from .runtime import SCHEMA_VERSION, _sigmoid, choose, encode, load_tokenizer, relative_costs
+from .routing import choose, pair_score, sigmoid
+from .runtime import SCHEMA_VERSION, encode, load_tokenizer, relative_costs
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "logits"
@@ -223,7 +224,7 @@ def _choices(p: np.ndarray, decision: dict, names: list[str], rel_cost: np.ndarr
     out = {}
     if "weak" in decision and "strong" in decision:
         weak, strong = names.index(decision["weak"]), names.index(decision["strong"])
-        score = (1.0 + p[:, strong] - p[:, weak]) / 2.0
+        score = pair_score(p, weak, strong)
         out.update({f"threshold@{k}": score >= float(t) for k, t in (decision.get("thresholds") or {}).items()})
     if decision["kind"] == "multi":
         out.update({f"lambda@{k}": choose(p, rel_cost, float(lam))
@@ -235,7 +236,7 @@ def int8_parity(l32: np.ndarray, l8: np.ndarray, meta: dict, outcomes: np.ndarra
     """fp32 vs int8 logits: max |Δ|, routing agreement at every calibrated point, test APGR of both."""
     ordered = sorted(meta["models"], key=lambda m: m["index"])
     names, costs = [m["name"] for m in ordered], relative_costs(ordered)
-    p32, p8 = _sigmoid(l32), _sigmoid(l8)
+    p32, p8 = sigmoid(l32), sigmoid(l8)
     c32, c8 = _choices(p32, meta["decision"], names, costs), _choices(p8, meta["decision"], names, costs)
     agreement = {k: float(np.mean(c32[k] == c8[k])) for k in c32}
     report: dict[str, Any] = {"int8_max_abs_diff": float(np.max(np.abs(l8 - l32))), "int8_agreement": agreement,
@@ -269,7 +270,7 @@ def _apgr_pair(p32: np.ndarray, p8: np.ndarray, outcomes: np.ndarray, decision: 
     q_weak, q_strong = outcomes[rows, weak], outcomes[rows, strong]
 
     def score(p):
-        return (1.0 + p[rows, strong] - p[rows, weak]) / 2.0
+        return pair_score(p[rows], weak, strong)
 
     return {"apgr_n": int(rows.sum()), "apgr_fp32": float(apgr(score(p32), q_weak, q_strong)),
             "apgr_int8": float(apgr(score(p8), q_weak, q_strong))}

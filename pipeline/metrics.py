@@ -19,6 +19,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from . import routing
+
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_BUDGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 _EPS = 1e-12
@@ -152,9 +154,7 @@ def choose(p, costs, lam: float) -> np.ndarray:
     c = _normalised_costs(costs)
     if p.ndim != 2 or p.shape[1] != c.size:
         raise ValueError(f"p must be [n_prompts, {c.size}] to match costs, got shape {p.shape}")
-    by_cost = np.argsort(c, kind="stable")  # argmax keeps the first maximum: the cheapest one
-    utility = p[:, by_cost] - lam * c[by_cost]
-    return by_cost[np.argmax(utility, axis=1)]
+    return routing.choose(p, c, lam)
 
 
 def _mean_cost(p, c: np.ndarray, lam: float) -> float:

@@ -28,6 +28,7 @@ import numpy as np
 from .common import DataError, flatten
 from .model_card import write_model_card  # noqa: F401  (the exporter imports it from here)
 from .multi import BUDGETS
+from .routing import model_costs, pair_score
 from .report_figures import (breakdown_rows, breakdown_table, drift_table, multi_table, pair_table, plot_cost_quality,
                              plot_pair_curves)
 
@@ -89,8 +90,7 @@ class _Columns:
 
 def _model_costs(router_json: Mapping) -> np.ndarray:
     """Bundle costs in model order; unknown costs count as index + 1, as the decision rule assumed."""
-    ordered = sorted(router_json["models"], key=lambda m: m["index"])
-    return np.array([m["cost"] if m.get("cost") is not None else m["index"] + 1.0 for m in ordered], dtype=float)
+    return model_costs(router_json["models"])
 
 
 def _embeddings(cols: _Columns, training_config: Mapping) -> tuple[np.ndarray, str]:
@@ -124,7 +124,7 @@ def _pair_section(cols, p, train, test, weak, strong, emb, costs, known_costs: b
     pos = {r: i for i, r in enumerate(test)}
     pt = p[[pos[r] for r in both_te]]
     prompts_te = [cols.prompts[r] for r in both_te]
-    scores = {"router": (1.0 + pt[:, strong] - pt[:, weak]) / 2.0,
+    scores = {"router": pair_score(pt, weak, strong),
               "random": [bl.random_scores(len(both_te), seed) for seed in range(RANDOM_SEEDS)],
               "prompt length": bl.length_scores(prompts_te)}
     if len(both_tr):
@@ -234,7 +234,7 @@ def _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, str
 
     if kind == "pair":
         use = [weak, strong]
-        score = (1.0 + p[:, strong] - p[:, weak]) / 2.0
+        score = pair_score(p, weak, strong)
         order = np.argsort(-score, kind="stable")
         curve = {}
         for f in PAIR_FRACTIONS:
@@ -307,7 +307,7 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
     else:  # the data's pair is not among the bundle's models: compare the cheapest with the priciest
         weak, strong = int(np.argmin(costs)), int(np.argmax(costs))
     p = router.scores([cols.prompts[r] for r in test])
-    score = (1.0 + p[:, strong] - p[:, weak]) / 2.0
+    score = pair_score(p, weak, strong)
     if kind == "pair":
         default = float(decision.get("default_strong_fraction", 0.5))
         choices = np.where(score >= router.threshold_for(default), strong, weak)

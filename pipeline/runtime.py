@@ -18,6 +18,8 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from . import routing
+
 # ---------------------------------------------------------------------------------------------
 # Tokenization: training and serving both call `encode`, so they cut prompts identically.
 # ---------------------------------------------------------------------------------------------
@@ -549,32 +551,9 @@ def check_router_json(config, root: Path, verify: bool = True) -> None:
         raise ValueError("bundle_sha256 must be 64 hex digits")
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
-
-
-def _interpolate(points: list[tuple[float, float]], x: float) -> float:
-    """Piecewise-linear y(x) through sorted (x, y) points, clamped at both ends."""
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
-    return points[-1][1]
-
-
 def relative_costs(models: list[dict]) -> np.ndarray:
     """cost_j / max cost in index order; an unknown cost counts as index + 1, as calibration assumed."""
-    ordered = sorted(models, key=lambda m: m["index"])
-    costs = np.array([m["cost"] if m.get("cost") is not None else i + 1.0 for i, m in enumerate(ordered)],
-                     dtype=np.float64)
-    return costs / costs.max() if costs.max() > 0 else np.zeros_like(costs)
-
-
-def choose(p: np.ndarray, rel_cost: np.ndarray, lam: float) -> np.ndarray:
-    """argmax_j p_j − λ·rel_cost_j over the last axis; ties go to the cheaper model (as in calibration)."""
-    by_cost = np.argsort(rel_cost, kind="stable")
-    return by_cost[np.argmax(p[..., by_cost] - lam * rel_cost[by_cost], axis=-1)]
+    return routing.relative_costs(routing.model_costs(models))
 
 
 def _prompt_list(prompts) -> list[str]:
@@ -611,8 +590,7 @@ class Router:
             self._weak = self.models.index(self.decision["weak"])
             self._strong = self.models.index(self.decision["strong"])
             # (strong fraction, threshold) from "never strong" to "always strong"; scores lie in [0, 1].
-            cal = sorted((float(k), float(v)) for k, v in self.decision.get("thresholds", {}).items())
-            self._threshold_curve = [(0.0, 1.0), *[c for c in cal if 0.0 < c[0] < 1.0], (1.0, 0.0)]
+            self._threshold_curve = routing.threshold_curve(self.decision.get("thresholds", {}))
 
     @classmethod
     def load(cls, path: str | Path, threads: int = 1, quantized: bool = True, verify: bool = True) -> "Router":
@@ -707,25 +685,21 @@ class Router:
 
     def scores(self, prompts: list[str], batch_size: int = 64) -> np.ndarray:
         """P(model j succeeds / wins) for every prompt: [n, len(models)] float64."""
-        return _sigmoid(self.logits(prompts, batch_size))
+        return routing.sigmoid(self.logits(prompts, batch_size))
 
     def _score_one(self, prompt: str) -> np.ndarray:
         ids = encode_one(self.tokenizer, prompt, self.spec)
-        return _sigmoid(self._run(ids, np.ones_like(ids))[0])
+        return routing.sigmoid(self._run(ids, np.ones_like(ids))[0])
 
     # -- decisions ------------------------------------------------------------------------------
 
     def threshold_for(self, strong_fraction: float) -> float:
         """Pair routing: the score threshold that sent `strong_fraction` of validation prompts to strong."""
-        if strong_fraction <= 0.0:
-            return math.inf
-        if strong_fraction >= 1.0:
-            return -math.inf
-        return _interpolate(self._threshold_curve, strong_fraction)
+        return routing.threshold_for(self._threshold_curve, strong_fraction)
 
     def routing_score(self, p: np.ndarray) -> np.ndarray:
         """Pair routing score (1 + p_strong - p_weak) / 2 in [0, 1]; higher means the strong model is needed."""
-        return (1.0 + p[..., self._strong] - p[..., self._weak]) / 2.0
+        return routing.pair_score(p, self._weak, self._strong)
 
     def _choose(self, p: np.ndarray, strong_fraction, threshold, cost_weight) -> np.ndarray:
         """Model index per row of probabilities p [n, len(models)]."""
@@ -735,14 +709,11 @@ class Router:
                 threshold = self.threshold_for(fraction)
             return np.where(self.routing_score(p) >= threshold, self._strong, self._weak)
         lam = self.default_cost_weight() if cost_weight is None else cost_weight
-        return choose(p, self._rel_cost, lam)
+        return routing.choose(p, self._rel_cost, lam)
 
     def default_cost_weight(self) -> float:
         """N models: λ from router.json (`default_cost_weight`, else the calibrated λ nearest budget 0.5)."""
-        if "default_cost_weight" in self.decision:
-            return float(self.decision["default_cost_weight"])
-        lambdas = {float(k): float(v) for k, v in self.decision.get("cost_lambdas", {}).items()}
-        return lambdas[min(lambdas, key=lambda b: abs(b - 0.5))] if lambdas else 0.0
+        return routing.default_cost_weight(self.decision)
 
     def win_probability(self, prompts: list[str], model_a: str, model_b: str) -> np.ndarray:
         """Pairwise bundles: P(model_a beats model_b) on each prompt, sigmoid(logit_a - logit_b)."""
@@ -752,7 +723,7 @@ class Router:
         if unknown:
             raise ValueError(f"unknown model(s) {unknown}; the bundle routes between {self.models}")
         logits = self.logits(prompts).astype(np.float64)
-        return _sigmoid(logits[:, self.models.index(model_a)] - logits[:, self.models.index(model_b)])
+        return routing.sigmoid(logits[:, self.models.index(model_a)] - logits[:, self.models.index(model_b)])
 
     def route(self, prompt: str, strong_fraction: float | None = None, threshold: float | None = None,
               cost_weight: float | None = None) -> str:

@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import __version__
+from . import __version__, routing
 from .common import (DataError, atomic_dir, console, flatten, labels_dir, model_dir, processed_dir, prompt_hash,
                      read_json, sha256_json, write_json)
 from .config import Config, load_config
@@ -258,8 +258,7 @@ def outcome_pairs(target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
 
 def pair_score(p: np.ndarray, pair: tuple[int, int]) -> np.ndarray:
     """Routing score for a weak/strong pair: expected quality gain of the strong model, mapped to [0, 1]."""
-    weak, strong = pair
-    return (1.0 + p[:, strong] - p[:, weak]) / 2.0
+    return routing.pair_score(p, *pair)
 
 
 class RouterModule(pl.LightningModule):
@@ -459,7 +458,7 @@ def decision_rules(prep: Prepared, p_val: np.ndarray) -> dict:
             console.print(f"[yellow]tied scores: strong shares {', '.join(missed)} cannot be met "
                           f"(validation realises {', '.join(map(str, missed.values()))})[/]")
     if len(prep.models) > 2:
-        costs = np.array([c if c is not None else i + 1.0 for i, c in enumerate(prep.costs)], dtype=float)
+        costs = routing.fill_unknown_costs(prep.costs)
         rules["costs_assumed"] = any(c is None for c in prep.costs)
         rules["cost_lambdas"] = calibrate_lambdas(p_val, costs)
     return rules
