@@ -445,6 +445,11 @@ def tune(name: str, cfg: Config | None = None, trials: int | None = None, timeou
     pareto = objective == "pareto"
     space = search_space(cfg)
     prep = prepare(name, cfg)
+    if cfg.train.group_by == "auto":  # the trials fit the targets `prerouter train` would choose (select.py)
+        from .select import choose_group_by
+
+        with tempfile.TemporaryDirectory(prefix="prerouter-select-") as work:
+            choose_group_by(prep, cfg, Path(work))  # leaves the chosen targets in prep.fit_target
     quality = "maximize" if prep.pair is not None else "minimize"  # val APGR, else val loss
     directions = [quality, "minimize"] if pareto else [quality]
     study, lock = open_study(name, storage, study_name, directions, cfg, trials)
