@@ -15,10 +15,10 @@ CFG := $(if $(CONFIG),--config $(CONFIG))
 .PHONY: setup all demo-data ingest label train evaluate export latency tune report test \
         bench-quality bench-latency bench-tune bench-scale mlflow-ui clean
 
-setup: $(VENV)/.installed  ## create .venv and install the project with its dev extras
+setup: $(VENV)/.installed  ## create .venv and install the project with every extra (train, serve, dev)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[train,serve,dev]'
 	touch $@
 
 $(DEMO)/demo_wide.csv: | setup

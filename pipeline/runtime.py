@@ -348,11 +348,42 @@ def encode(tok: RouterTokenizer, prompts: list[str], spec: dict) -> tuple[np.nda
 SCHEMA_VERSION = 2  # 2: router.json carries bundle_sha256 and is validated on load
 
 
-def _bundle_error(reason: str, file: Path | None = None) -> Exception:
-    # Imported on the error path only: pipeline.common pulls in rich, which serving does not need.
-    from .common import DataError
+class RouterError(ValueError):
+    """A bundle, input file or routing setting the runtime cannot use: one line naming the file (and row)
+    and the reason.
 
-    return DataError(reason, file=file)
+    With the training stack installed, what the runtime raises is also a `pipeline.common.DataError`
+    (the CLI prints it as one line, exit code 2); without it (a runtime-only install, where
+    pipeline.common's rich is absent) it is this class alone. Catch `RouterError` in a service.
+    """
+
+    exit_code = 2
+
+    def __init__(self, reason: str, *, file: str | os.PathLike | None = None, row: int | None = None):
+        self.reason, self.file, self.row = reason, file, row
+        where = "" if file is None else f"{file}" + (f", row {row}" if row is not None else "") + ": "
+        Exception.__init__(self, where + reason)
+
+
+_ERROR_CLASS: list[type] = []
+
+
+def _error(reason: str, file: str | os.PathLike | None = None, row: int | None = None) -> RouterError:
+    """A RouterError that is also the pipeline's DataError when pipeline.common can be imported (looked up
+    on the first error only: the serving path imports nothing of the training side)."""
+    if not _ERROR_CLASS:
+        try:
+            from .common import DataError
+        except ImportError:
+            _ERROR_CLASS.append(RouterError)
+        else:
+            _ERROR_CLASS.append(type("RouterError", (RouterError, DataError),
+                                     {"__module__": __name__, "__doc__": RouterError.__doc__}))
+    return _ERROR_CLASS[0](reason, file=file, row=row)
+
+
+def _bundle_error(reason: str, file: Path | None = None) -> RouterError:
+    return _error(reason, file)
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -596,8 +627,8 @@ class Router:
     def load(cls, path: str | Path, threads: int = 1, quantized: bool = True, verify: bool = True) -> "Router":
         """Read and validate router.json, check the bundle digest and every file's sha256, open the (int8) graph.
 
-        Any problem with the bundle is a DataError naming the file and the reason (`verify=False`
-        skips the hashes, not the structure checks).
+        Any problem with the bundle is a RouterError (also a DataError with the training stack) naming
+        the file and the reason (`verify=False` skips the hashes, not the structure checks).
         """
         path = Path(path)
         meta_path = path / "router.json"
@@ -701,8 +732,33 @@ class Router:
         """Pair routing score (1 + p_strong - p_weak) / 2 in [0, 1]; higher means the strong model is needed."""
         return routing.pair_score(p, self._weak, self._strong)
 
+    def check_settings(self, strong_fraction=None, threshold=None, cost_weight=None) -> None:
+        """Raise RouterError for a setting this bundle's decision does not use or a value out of range.
+
+        A `pair` decision takes `strong_fraction` (in [0, 1]) or `threshold` (a number), not both, and no
+        `cost_weight`; a `multi` decision takes `cost_weight` (λ ≥ 0) and neither of the others. A
+        setting that would be ignored is an error, so a caller never routes by a rule it did not ask for.
+        """
+        kind = self.decision["kind"]
+        given = [k for k, v in (("strong_fraction", strong_fraction), ("threshold", threshold),
+                                ("cost_weight", cost_weight)) if v is not None]
+        allowed = ("strong_fraction", "threshold") if kind == "pair" else ("cost_weight",)
+        wrong = [k for k in given if k not in allowed]
+        if wrong:
+            raise _error(f"{' and '.join(wrong)} does not apply to this bundle: its decision is {kind!r}, which "
+                         f"takes {' or '.join(allowed)}")
+        if strong_fraction is not None and threshold is not None:
+            raise _error("give strong_fraction or threshold, not both")
+        for name, value, lo, hi in (("strong_fraction", strong_fraction, 0.0, 1.0),
+                                    ("threshold", threshold, -math.inf, math.inf),
+                                    ("cost_weight", cost_weight, 0.0, math.inf)):
+            if value is not None and not (_is_number(value) and lo <= value <= hi):
+                raise _error(f"{name} must be a finite number" + (f" in [{lo:g}, {hi:g}]" if lo > -math.inf else "")
+                             + f", got {value!r}")
+
     def _choose(self, p: np.ndarray, strong_fraction, threshold, cost_weight) -> np.ndarray:
         """Model index per row of probabilities p [n, len(models)]."""
+        self.check_settings(strong_fraction, threshold, cost_weight)
         if self.decision["kind"] == "pair":
             if threshold is None:
                 fraction = self.decision.get("default_strong_fraction", 0.5) if strong_fraction is None else strong_fraction
@@ -753,19 +809,18 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
     over `output_jsonl`: concurrent runs on one output never mix lines (the last to finish wins), and
     the output may not be the input file.
     """
-    from .common import DataError
-
     input_jsonl, output_jsonl = Path(input_jsonl), Path(output_jsonl)
     if not input_jsonl.is_file():
-        raise DataError("input file not found", file=input_jsonl)
+        raise _error("input file not found", file=input_jsonl)
     if output_jsonl.exists() and os.path.samefile(input_jsonl, output_jsonl):
-        raise DataError("the output is the same file as the input; choose another --output", file=output_jsonl)
+        raise _error("the output is the same file as the input; choose another --output", file=output_jsonl)
     router = Router.load(bundle)
+    router.check_settings(strong_fraction=strong_fraction)
     try:
         output_jsonl.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{output_jsonl.name}.", suffix=".tmp", dir=output_jsonl.parent)
     except OSError as e:
-        raise DataError(f"cannot write the output there: {e.strerror or e}", file=output_jsonl) from None
+        raise _error(f"cannot write the output there: {e.strerror or e}", file=output_jsonl) from None
     tmp = Path(tmp_name)
     written = 0
 
@@ -793,18 +848,18 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
                 try:
                     text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
+                    raise _error(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
                                     file=input_jsonl, row=lineno) from None
                 if not text.strip():
                     continue
                 try:
                     rec = json.loads(text)
                 except ValueError as e:
-                    raise DataError(f"not valid JSON: {e}", file=input_jsonl, row=lineno) from None
+                    raise _error(f"not valid JSON: {e}", file=input_jsonl, row=lineno) from None
                 except RecursionError:
-                    raise DataError("not valid JSON: nested too deeply", file=input_jsonl, row=lineno) from None
+                    raise _error("not valid JSON: nested too deeply", file=input_jsonl, row=lineno) from None
                 if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                    raise DataError("each line must be an object with a string `prompt`",
+                    raise _error("each line must be an object with a string `prompt`",
                                     file=input_jsonl, row=lineno)
                 batch.append((written, rec))
                 written += 1
@@ -816,7 +871,7 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
             out.flush()
             os.fsync(out.fileno())
         if written == 0:
-            raise DataError("no prompts in the input", file=input_jsonl)
+            raise _error("no prompts in the input", file=input_jsonl)
         os.replace(tmp, output_jsonl)
     finally:
         tmp.unlink(missing_ok=True)
