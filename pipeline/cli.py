@@ -222,6 +222,60 @@ def run(
             split_column=split_column, test_data=test_data)
 
 
+@app.command()
+def compare(
+    champion: str = typer.Argument(..., help="Champion bundle folder or models:/prerouter-NAME@ALIAS."),
+    challenger: str = typer.Argument(..., help="Challenger bundle folder or models:/prerouter-NAME@ALIAS."),
+    data: str = typer.Option(..., help="Labeled dataset name (its test split), or a data file held out whole."),
+    margin: float = typer.Option(0.01, help="Promote unless the challenger may be worse by more than this "
+                                            "(95% lower bound of challenger - champion > -margin)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for compare.md and compare.json "
+                                                  "(default models/compare/TIMESTAMP)."),
+    metric: str = typer.Option("auto", help="Verdict metric: auto (APGR, else routed outcome, else win "
+                                            "accuracy) | apgr | routed | win."),
+    resamples: int = typer.Option(1000, help="Bootstrap resamples."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    allow_missing_champion: bool = typer.Option(False, help="A registry champion that does not exist yet "
+                                                            "means promote (the first retrain)."),
+):
+    """Champion vs challenger on the same labeled prompts; exit 0 promote, 1 keep the champion, 2 bad input."""
+    from .compare import compare as run_compare
+
+    if allow_missing_champion and champion.startswith("models:/"):
+        from .registry import exists
+
+        if not exists(champion):
+            console.print(f"[green]promote[/]: {champion} does not exist yet, so the challenger is the first champion")
+            sys.exit(0)
+    result = run_compare(champion, challenger, data, margin=margin, out=out, metric=metric, resamples=resamples,
+                         seed=seed)
+    sys.exit(0 if result["verdict"] == "promote" else 1)  # typer.Exit would be swallowed (standalone_mode=False)
+
+
+@app.command()
+def promote(
+    name: str = typer.Argument(..., help="Model name: NAME for the registered model prerouter-NAME."),
+    version: str = typer.Argument(..., help="Registered version number, or a bundle folder (its version is "
+                                            "found by bundle_sha256)."),
+):
+    """Set the registry alias `champion` on a version; the previous champion gets the alias `previous`."""
+    from .registry import promote as run_promote
+
+    run_promote(name, version)
+
+
+@app.command()
+def pull(
+    spec: str = typer.Argument(..., help="NAME[@ALIAS] (alias champion by default; a number is a version), "
+                                         "or models:/prerouter-NAME@ALIAS."),
+    out: Path = typer.Option(..., help="Bundle folder to write (replaced whole)."),
+):
+    """Download a registered bundle and verify it (every sha256, then Router.load)."""
+    from .registry import pull as run_pull
+
+    run_pull(spec, out)
+
+
 
 def main() -> None:
     """Console entry point: user-facing errors become a red line and their exit code, not a traceback."""

@@ -1,0 +1,131 @@
+"""Bundles made without training: a bag-of-tokens linear router fitted with numpy, as an ONNX graph.
+
+logits = mean over the prompt's tokens of W[token] + b, with W fitted by ridge regression of each
+model's outcome on the mean one-hot token vector (scaled to logits). It reads the prompt through the
+runtime's own `encode`, so it routes real prompts with real signal in milliseconds, and its quality
+can be planted: `negate=True` reverses every decision, `shuffle=True` fits it on shuffled labels.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from tests.tiny import PACKAGED
+
+TOKENIZER = PACKAGED / "tokenizer.json"
+
+
+def _graph(w: np.ndarray, b: np.ndarray, path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = w.shape[1]
+    nodes = [
+        helper.make_node("Gather", ["W", "input_ids"], ["emb"]),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "ax2"], ["mask3"]),
+        helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "ax1"], ["total"], keepdims=0),
+        helper.make_node("ReduceSum", ["maskf", "ax1"], ["count"], keepdims=1),
+        helper.make_node("Div", ["total", "count"], ["mean"]),
+        helper.make_node("Add", ["mean", "B"], ["logits"]),
+    ]
+    inits = [numpy_helper.from_array(w.astype(np.float32), "W"), numpy_helper.from_array(b.astype(np.float32), "B"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax1"),
+             numpy_helper.from_array(np.array([2], np.int64), "ax2")]
+    graph = helper.make_graph(
+        nodes, "bag", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+                       helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", m])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def features(prompts: list[str], spec: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(mean one-hot over the token ids of each prompt [n, V_seen], the seen token ids)."""
+    from pipeline.runtime import encode, load_tokenizer
+
+    ids, mask = encode(load_tokenizer(TOKENIZER), prompts, spec)
+    vocab, inverse = np.unique(ids, return_inverse=True)
+    inverse = inverse.reshape(ids.shape)
+    x = np.zeros((len(prompts), vocab.size))
+    rows = np.repeat(np.arange(len(prompts)), ids.shape[1])
+    np.add.at(x, (rows, inverse.ravel()), mask.ravel().astype(float))
+    return x / mask.sum(1, keepdims=True), vocab
+
+
+def bag_bundle(out: Path, prompts: list[str], target: np.ndarray, observed: np.ndarray, models: list[str],
+               costs: list[float | None], *, negate: bool = False, shuffle: bool = False, ridge: float = 0.3,
+               pair: tuple[str, str] | None = None, max_tokens: int = 64, seed: int = 0,
+               data_hash: str | None = None, name: str = "bag") -> Path:
+    """Fit the bag-of-tokens router on (prompts, target, observed) and write a sealed bundle to `out`."""
+    from pipeline.export import router_config, seal_bundle
+    from pipeline.metrics import calibrate_lambdas, calibrate_thresholds
+    from pipeline.runtime import make_spec
+    from tokenizers import Tokenizer
+
+    spec = make_spec(max_tokens)
+    target = np.asarray(target, float)
+    observed = np.asarray(observed, bool)
+    if shuffle:
+        perm = np.random.default_rng(seed).permutation(len(prompts))
+        target, observed = target[perm], observed[perm]
+    x, seen = features(prompts, spec)
+    v = Tokenizer.from_file(str(TOKENIZER)).get_vocab_size()
+    m = len(models)
+    w = np.zeros((v, m))
+    b = np.zeros(m)
+    for j in range(m):
+        rows = observed[:, j]
+        xj, yj = x[rows], target[rows, j]
+        mean = yj.mean()
+        coef = np.linalg.solve(xj.T @ xj + ridge * np.eye(xj.shape[1]), xj.T @ (yj - mean))
+        w[seen, j] = 4.0 * coef
+        b[j] = 4.0 * (mean - 0.5)
+    if negate:
+        w, b = -w, -b
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    _graph(w, b, out / "model.onnx")
+    shutil.copyfile(out / "model.onnx", out / "model.int8.onnx")
+    shutil.copyfile(TOKENIZER, out / "tokenizer.json")
+
+    logits = x @ w[seen] + b
+    p = 1.0 / (1.0 + np.exp(-logits))
+    decision: dict = {"kind": "pair" if m == 2 else "multi"}
+    if pair is None and m >= 2:
+        rates = [target[observed[:, j], j].mean() for j in range(m)]
+        pair = (models[int(np.argmin(rates))], models[int(np.argmax(rates))])
+    if pair is not None:
+        weak, strong = models.index(pair[0]), models.index(pair[1])
+        decision.update(weak=pair[0], strong=pair[1], score="(1 + p_strong - p_weak) / 2",
+                        thresholds=calibrate_thresholds((1 + p[:, strong] - p[:, weak]) / 2),
+                        default_strong_fraction=0.5)
+    if m > 2:
+        c = np.array([c if c is not None else i + 1.0 for i, c in enumerate(costs)])
+        decision["cost_lambdas"] = calibrate_lambdas(p, c)
+    meta = {"name": name, "models": [{"name": n, "cost": c, "index": i} for i, (n, c) in enumerate(zip(models, costs))],
+            "tokenizer": spec | {"source": str(TOKENIZER)}, "decision": decision, "data_hash": data_hash}
+    seal_bundle(out, router_config(meta, opset=17))
+    return out
+
+
+def labeled_arrays(name: str):
+    """(prompts, target, mask, split, models, costs, content hash) of a labeled dataset."""
+    from pipeline.common import processed_dir, read_json
+    from pipeline.ingest import list_matrix
+    from pipeline.label import load_labels
+
+    ds, stats = load_labels(name)
+    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    manifest = read_json(processed_dir(name) / "manifest.json")
+    models = list(stats["models"])
+    return (table.column("prompt").to_pylist(), list_matrix(table, "target", float), list_matrix(table, "mask", bool),
+            np.asarray(table.column("split").to_pylist()), models, [manifest["costs"].get(m) for m in models],
+            stats.get("content_hash"))
