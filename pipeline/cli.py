@@ -276,6 +276,20 @@ def pull(
     run_pull(spec, out)
 
 
+@app.command()
+def calibrate(
+    bundle: str = typer.Argument(..., help="Bundle folder or models:/prerouter-NAME@ALIAS."),
+    prompts: Path = typer.Option(..., "--prompts", help="Unlabeled traffic: JSONL with a `prompt` per line "
+                                                        "(or a csv / parquet `prompt` column)."),
+    out: Path = typer.Option(..., help="New bundle folder (replaced whole; may be BUNDLE itself)."),
+    report: Optional[Path] = typer.Option(None, help="Folder for calibration.md / .json (default OUT.calibration)."),
+):
+    """Refit strong-share thresholds and cost λs on unlabeled prompts; report the score shift and the drift."""
+    from .calibrate import calibrate as run_calibrate
+
+    run_calibrate(bundle, prompts, out, report=report)
+
+
 
 def main() -> None:
     """Console entry point: user-facing errors become a red line and their exit code, not a traceback."""

@@ -466,11 +466,15 @@ def decision_rules(prep: Prepared, p_val: np.ndarray) -> dict:
 
 def bundle_meta(prep: Prepared, cfg: Config, p_val: np.ndarray) -> dict:
     """What export needs of a student besides its weights: models and costs, tokenization, calibrated
-    decision rules (from its validation outputs `p_val`), data hash and config."""
+    decision rules (from its validation outputs `p_val`, whose score quantiles `prerouter calibrate`
+    compares traffic against), data hash and config."""
+    from .calibrate import score_reference
+
     return {"name": prep.name,
             "models": [{"name": m, "cost": c, "index": i} for i, (m, c) in enumerate(zip(prep.models, prep.costs))],
             "tokenizer": token_spec(cfg, prep) | {"source": str(tokenizer_file(cfg.teacher.path))},
-            "decision": decision_rules(prep, p_val), "data_hash": prep.data_hash, "config": cfg.to_dict()}
+            "decision": decision_rules(prep, p_val) | {"reference": score_reference(p_val, prep.models, prep.pair)},
+            "data_hash": prep.data_hash, "config": cfg.to_dict()}
 
 
 def split_metrics(prep: Prepared, p: np.ndarray, rows: np.ndarray) -> dict:

@@ -61,8 +61,10 @@ def features(prompts: list[str], spec: dict) -> tuple[np.ndarray, np.ndarray]:
 def bag_bundle(out: Path, prompts: list[str], target: np.ndarray, observed: np.ndarray, models: list[str],
                costs: list[float | None], *, negate: bool = False, shuffle: bool = False, ridge: float = 0.3,
                pair: tuple[str, str] | None = None, max_tokens: int = 64, seed: int = 0,
-               data_hash: str | None = None, name: str = "bag") -> Path:
-    """Fit the bag-of-tokens router on (prompts, target, observed) and write a sealed bundle to `out`."""
+               data_hash: str | None = None, name: str = "bag", reference: bool = True) -> Path:
+    """Fit the bag-of-tokens router on (prompts, target, observed) and write a sealed bundle to `out`
+    (with `reference`, the quantiles of its scores on those prompts in `decision.reference`)."""
+    from pipeline.calibrate import score_reference
     from pipeline.export import router_config, seal_bundle
     from pipeline.metrics import calibrate_lambdas, calibrate_thresholds
     from pipeline.runtime import make_spec
@@ -110,6 +112,9 @@ def bag_bundle(out: Path, prompts: list[str], target: np.ndarray, observed: np.n
     if m > 2:
         c = np.array([c if c is not None else i + 1.0 for i, c in enumerate(costs)])
         decision["cost_lambdas"] = calibrate_lambdas(p, c)
+    if reference:
+        at = (models.index(pair[0]), models.index(pair[1])) if pair is not None else None
+        decision["reference"] = score_reference(p, models, at, source="fit prompts")
     meta = {"name": name, "models": [{"name": n, "cost": c, "index": i} for i, (n, c) in enumerate(zip(models, costs))],
             "tokenizer": spec | {"source": str(TOKENIZER)}, "decision": decision, "data_hash": data_hash}
     seal_bundle(out, router_config(meta, opset=17))
