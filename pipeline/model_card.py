@@ -5,7 +5,9 @@ import math
 from pathlib import Path
 from typing import Mapping
 
+from . import routing
 from .common import flatten, read_json
+from .routing import PAIR_SCORE
 
 
 def _fmt(v) -> str:
@@ -90,20 +92,41 @@ def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> P
         lines.append("\nSome costs were unknown; the N-model decision assumed cost = index + 1 for them.")
 
     lines += ["", "## Decision rule", ""]
-    if pair:
-        lines += [f"Pair routing between `{decision['weak']}` and `{decision['strong']}`: score "
-                  f"`{decision.get('score', '(1 + p_strong - p_weak) / 2')}`; the prompt goes to the strong model "
-                  f"when the score reaches the threshold calibrated on validation prompts for the wanted share "
-                  f"of strong calls (default {decision.get('default_strong_fraction', 0.5):g}).", "",
-                  "| target strong-call share | score threshold |", "|---:|---:|"]
-        lines += [f"| {float(k):g} | {_fmt(float(v))} |" for k, v in sorted(decision.get("thresholds", {}).items(),
-                                                                           key=lambda kv: float(kv[0]))]
-    if decision.get("kind") == "multi":
-        lines += ["", "N-model routing: pick argmax_j p_j − λ·cost_j (cost relative to the priciest model); λ is "
-                  "calibrated on validation prompts per cost budget (a fraction of the priciest model's cost).", "",
+    kind = decision.get("kind")
+    thresholds_table = ["| target strong-call share | score threshold |", "|---:|---:|"] + [
+        f"| {float(k):g} | {_fmt(float(v))} |" for k, v in sorted(decision.get("thresholds", {}).items(),
+                                                                key=lambda kv: float(kv[0]))]
+    if kind == "pair":
+        lines += [f"**Decision kind: `pair`** (router.json `decision.kind`), the rule `Router.route` uses. Between "
+                  f"`{decision['weak']}` and `{decision['strong']}`: score "
+                  f"`{decision.get('score', PAIR_SCORE)}`; the prompt goes to the strong model when the score reaches "
+                  "the threshold calibrated on validation prompts for the wanted share of strong calls.", "",
+                  f"- Settings it takes: `strong_fraction` in [0, 1] (default "
+                  f"{decision.get('default_strong_fraction', 0.5):g}; between calibrated shares the threshold is "
+                  "interpolated linearly, 0 = never strong, 1 = always strong) or `threshold` (a raw score), not "
+                  "both. `cost_weight` does not apply to this bundle: passing it is an error.", "",
+                  *thresholds_table]
+    elif kind == "multi":
+        lines += ["**Decision kind: `multi`** (router.json `decision.kind`), the rule `Router.route` uses: pick "
+                  "argmax_j p_j − λ·cost_j, with costs divided by the priciest model's (an unknown cost counts as "
+                  "index + 1); an exact tie goes to the cheaper model. λ is calibrated on validation prompts per "
+                  "cost budget (the mean cost as a fraction of the priciest model's cost).", "",
+                  "- Settings it takes: `cost_weight` = λ ≥ 0 (default "
+                  f"{_fmt(routing.default_cost_weight(decision))}). `strong_fraction` and `threshold` do not apply "
+                  "to this bundle: passing either is an error.", "",
                   "| cost budget | λ |", "|---:|---:|"]
         lines += [f"| {float(k):g} | {_fmt(float(v))} |" for k, v in sorted(decision.get("cost_lambdas", {}).items(),
                                                                            key=lambda kv: float(kv[0]))]
+        if pair:
+            lines += ["", f"For evaluation and reports only (not a routing rule of this bundle): the pair "
+                      f"`{decision['weak']}` → `{decision['strong']}` scored by `{decision.get('score', PAIR_SCORE)}`, "
+                      "with thresholds calibrated like a pair bundle's:", "", *thresholds_table]
+    if decision.get("win_probability"):
+        lines += ["", f"Pairwise data: P(model a beats model b on a prompt) = `{decision['win_probability']}` "
+                  "(`Router.win_probability(prompts, a, b)`)."]
+    if decision.get("unreachable_fractions"):
+        lines += ["", "Tied validation scores make these strong-call shares unreachable (share realised instead): "
+                  + ", ".join(f"{k} → {v}" for k, v in decision["unreachable_fractions"].items()) + "."]
 
     lines += ["", "## Metrics", ""]
     metrics = router.get("metrics") or {}
@@ -126,7 +149,18 @@ def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> P
               + (f", {student.get('layers')} layers" if student.get("family") == "transformer" else ""),
               f"- tokenizer: `{tok.get('file', 'tokenizer.json')}`, at most {tok.get('max_tokens', '?')} tokens "
               f"({tok.get('truncation', '?')}: {tok.get('head_tokens', '?')} from the start, "
-              f"{tok.get('tail_tokens', '?')} from the end)",
+              f"{tok.get('tail_tokens', '?')} from the end). Before tokenizing, "
+              + (f"{len((tok.get('templates') or {}).get('prefixes', []))} learned template prefix(es) and "
+                 f"{len((tok.get('templates') or {}).get('suffixes', []))} suffix(es) are shortened "
+                 "(`tokenizer.templates`), then " if tok.get("templates") else "")
+              + f"a prompt longer than {tok.get('char_window', '?')} characters (Unicode code points, not UTF-16 "
+              f"units) keeps its first W − t and last t characters joined by one inserted space, t = "
+              f"⌊{tok.get('char_window', 'W')}·{tok.get('tail_tokens', 'T')} / "
+              f"({tok.get('head_tokens', 'H')} + {tok.get('tail_tokens', 'T')})⌋ (rounded down); the exact rules "
+              "are in docs/contracts.md §2",
+              f"- conformance vectors: `{(router.get('conformance') or {}).get('file', 'conformance.jsonl')}` "
+              "(token ids, scores and decisions at several settings for a few hundred prompts, edge cases "
+              "included): a port of the runtime to another language must reproduce them",
               f"- ONNX opset {onnx.get('opset', '?')}: `{onnx.get('fp32', 'model.onnx')}` (fp32) and "
               f"`{onnx.get('int8', 'model.int8.onnx')}` (int8, served by default); inputs `input_ids`, "
               "`attention_mask` (int64 [batch, seq]), output `logits` [batch, n_models]",
@@ -134,7 +168,8 @@ def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> P
               "## Intended use", "",
               "Choosing, per prompt and before generation, which of the listed models to call, to trade answer "
               "quality against cost on traffic resembling the training data. Serve it with "
-              "`pipeline.runtime.Router` (numpy + onnxruntime, no torch).", "",
+              "`pipeline.runtime.Router` (`pip install prerouter`: numpy + onnxruntime + tokenizers, no torch) or "
+              "over HTTP with `prerouter serve BUNDLE` (the `serve` extra).", "",
               "## Limits", "",
               "- It knows only the models listed above; adding, removing or updating a model needs new outcome "
               "data and retraining.",

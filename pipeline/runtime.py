@@ -482,7 +482,7 @@ def check_router_json(config, root: Path, verify: bool = True) -> None:
         raise ValueError(f"required key{'s' * (len(missing) > 1)} missing: {', '.join(missing)}")
     optional = {"name": (str, type(None)), "pipeline_version": str, "created_at": str, "outputs": dict,
                 "metrics": dict, "latency": dict, "data_hash": (str, type(None)), "training_config": dict,
-                "export_fingerprint": (str, type(None))}
+                "export_fingerprint": (str, type(None)), "conformance": dict}
     for key, kind in optional.items():
         if key in config and not isinstance(config[key], kind):
             raise ValueError(f"{key} has the wrong type ({type(config[key]).__name__})")

@@ -159,7 +159,8 @@ def test_lone_surrogates_and_control_chars_encode(tok):
 def test_bundle_files_and_hashes(bundle):
     path, _ = bundle
     config = json.loads((path / "router.json").read_text())
-    assert set(config["files"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json", "MODEL_CARD.md"}
+    assert set(config["files"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json", "MODEL_CARD.md",
+                                   "conformance.jsonl"}
     assert config["tokenizer"]["file"] == "tokenizer.json" and "source" not in config["tokenizer"]
     assert config["schema_version"] == 2 and [m["name"] for m in config["models"]] == ["weak", "strong"]
     assert config["bundle_sha256"] == bundle_digest(config) and len(config["bundle_sha256"]) == 64
