@@ -55,7 +55,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -598,14 +598,24 @@ def _save(table: pa.Table, path: Path) -> None:
     datasets.Dataset(table).save_to_disk(str(path))
 
 
-def ingest(source: str, layout: Optional[str] = None, name: Optional[str] = None,
+def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Optional[str] = None,
            models: Optional[list[str]] = None, split: str = "train", force: bool = False,
            split_column: Optional[str] = None, test_data: Optional[str] = None) -> Path:
     """Read `source` into data/processed/NAME/ (dataset/, battles/ for pairwise, manifest.json).
 
-    `split_column`: the input column whose train / val / test values are the split. `test_data`: a
-    second file of the same layout whose prompts are the test split (a hub id reads its `test` split).
+    `source` may be several files / hub ids: they are merged into one dataset (`_merge`), each read in
+    its own layout (or `layout` for all). `split_column`: the input column whose train / val / test
+    values are the split (in every file). `test_data`: a second file, in the (first) main file's
+    layout, whose prompts are the test split (a hub id reads its `test` split).
     """
+    if not isinstance(source, str):
+        source = list(source)
+        if not source:
+            raise ConfigError("no input file given")
+        if len(source) > 1:
+            return _ingest_many(source, layout=layout, name=name, models=models, split=split, force=force,
+                                split_column=split_column, test_data=test_data)
+        source = source[0]
     if layout is not None and layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if split_column is not None and test_data is not None:
@@ -911,3 +921,206 @@ def _print_dropped(m: dict) -> None:
     for reason, count in m["dropped"].items():
         rows = ", ".join(map(str, m["dropped_rows"][reason]))
         console.print(f"[yellow]dropped[/] {count:,} rows: {reason} (rows {rows}{', ...' if count > 5 else ''})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several inputs merged into one dataset
+
+
+def _merge(parts: list[tuple[dict, pa.Table, Optional[pa.Table]]], where) -> tuple[dict, pa.Table, Optional[pa.Table]]:
+    """One dataset from several `_build` results, with the duplicate rule of a single file: a prompt in
+    several inputs (or twice in one) gets each model's outcome averaged over all its observations
+    (`count`-weighted), costs likewise over the observations with a known cost. Models are the union in
+    order of first appearance (a model an input lacks is unobserved on its prompts); metadata and a
+    user split come from the first input holding the prompt (inputs that disagree on a prompt's split
+    are an error); battles are concatenated."""
+    names: list[str] = []
+    for fields, _, _ in parts:
+        names += [m for m in fields["models"] if m not in names]
+    index = {m: j for j, m in enumerate(names)}
+    prompts = pa.chunked_array([c for _, d, _ in parts for c in d.column("prompt").cast(pa.string()).chunks],
+                               pa.string())
+    uniq = pc.unique(prompts)  # first appearance order
+    P, M = len(uniq), len(names)
+    count = np.zeros((P, M), np.int64)
+    total = np.zeros((P, M))
+    cost_n = np.zeros((P, M), np.int64)
+    cost_sum = np.zeros((P, M))
+    has_cost = any("cost" in d.column_names for _, d, _ in parts)
+    first_part = np.full(P, -1, np.int64)
+    first_row = np.zeros(P, np.int64)
+    split = np.full(P, None, object)
+    for k, (fields, d, _) in enumerate(parts):
+        at = pc.index_in(d.column("prompt"), value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
+        cols = [index[m] for m in fields["models"]]
+        c = list_matrix(d, "count", np.int64)
+        count[np.ix_(at, cols)] += c
+        total[np.ix_(at, cols)] += c * list_matrix(d, "outcome", np.float64)
+        if "cost" in d.column_names:
+            known = ~np.isnan(list_matrix(d, "cost", np.float64))
+            cost_n[np.ix_(at, cols)] += np.where(known, c, 0)
+            cost_sum[np.ix_(at, cols)] += np.where(known, c * np.nan_to_num(list_matrix(d, "cost", np.float64)), 0)
+        new = first_part[at] < 0
+        first_part[at[new]] = k
+        first_row[at[new]] = np.flatnonzero(new)
+        if "split" in d.column_names:
+            values = np.array(d.column("split").to_pylist(), object)
+            unset = np.array([v is None for v in split[at]])
+            clash = ~unset & (split[at] != values) & np.array([v is not None for v in values])
+            if clash.any():
+                r = int(np.flatnonzero(clash)[0])
+                raise DataError(f"prompt {d.column('prompt')[r].as_py()[:60]!r} is {values[r]} in {where[k]} "
+                                f"but {split[at[r]]} in an earlier input: one prompt must stay on one side")
+            split[at[unset]] = values[unset]
+    mask = count > 0
+    columns = {"prompt_id": pa.array(_prompt_ids(uniq.to_pylist()), pa.string()), "prompt": uniq.cast(pa.string()),
+               "outcome": list_column(np.where(mask, total / np.maximum(count, 1), 0.0), pa.float32()),
+               "mask": list_column(mask, pa.bool_()), "count": list_column(count.astype(np.int32), pa.int32())}
+    if has_cost:
+        columns["cost"] = list_column(np.where(cost_n > 0, cost_sum / np.maximum(cost_n, 1), np.nan), pa.float32())
+    if any(v is not None for v in split):
+        columns["split"] = pa.array(split.tolist(), pa.string())
+    meta_names: list[str] = []
+    for fields, _, _ in parts:
+        meta_names += [c for c in fields["metadata_columns"] if c not in meta_names]
+    if meta_names:  # each prompt's metadata from the first input that holds it
+        pieces, order = [], []
+        for k, (_, d, _) in enumerate(parts):
+            mine = np.flatnonzero(first_part == k)
+            piece = d.select([c for c in meta_names if c in d.column_names]).take(pa.array(first_row[mine]))
+            pieces.append(piece)
+            order.append(mine)
+        try:
+            meta = pa.concat_tables(pieces, promote_options="permissive")
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+            raise DataError(f"metadata columns of the inputs do not match: {e}", file=where[0]) from None
+        meta = meta.take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
+        columns |= {c: meta.column(c) for c in meta_names}
+    dataset = pa.table(columns)
+
+    battles = None
+    if any(b is not None for _, _, b in parts):
+        pieces = []
+        for fields, _, b in parts:
+            if b is None:
+                continue
+            remap = np.array([index[m] for m in fields["models"]], np.int32)
+            for side in ("model_a", "model_b"):
+                b = b.set_column(b.column_names.index(side), side, pa.array(remap[b.column(side).to_numpy()]))
+            pieces.append(b)
+        battles = pa.concat_tables(pieces)
+
+    n_obs = {m: 0.0 for m in names}
+    cost_total = {m: 0.0 for m in names}
+    for fields, d, _ in parts:
+        per_model = list_matrix(d, "count", np.int64).sum(axis=0)
+        for j, m in enumerate(fields["models"]):
+            if fields["costs"][m] is not None:
+                n_obs[m] += per_model[j]
+                cost_total[m] += per_model[j] * fields["costs"][m]
+    kinds = {f["outcome_kind"] for f, _, _ in parts}
+    layouts = [f["layout"] for f, _, _ in parts]
+    dropped: dict[str, int] = {}
+    for f, _, _ in parts:
+        for reason, c in f["dropped"].items():
+            dropped[reason] = dropped.get(reason, 0) + c
+    values = np.concatenate([list_matrix(d, "outcome", np.float64)[list_matrix(d, "mask", bool)] for _, d, _ in parts])
+    fields = {
+        "layout": layouts[0] if len(set(layouts)) == 1 else "mixed", "models": names,
+        "costs": {m: (float(cost_total[m] / n_obs[m]) if n_obs[m] else None) for m in names},
+        "outcome_kind": kinds.pop() if len(kinds) == 1 else "score",
+        "outcome_range": [float(values.min()), float(values.max())],
+        "n_rows_in": sum(f["n_rows_in"] for f, _, _ in parts), "n_rows_used": sum(f["n_rows_used"] for f, _, _ in parts),
+        "dropped": dropped, "dropped_rows": {r: [] for r in dropped}, "n_prompts": P,
+        "n_battles": battles.num_rows if battles is not None else None, "metadata_columns": meta_names,
+    }
+    return fields, dataset, battles
+
+
+def _ingest_many(sources: list[str], layout: Optional[str], name: Optional[str], models: Optional[list[str]],
+                 split: str, force: bool, split_column: Optional[str], test_data: Optional[str]) -> Path:
+    """`ingest` of several inputs: each is read and cleaned alone (its own layout, drops and duplicate
+    merge), then `_merge` joins them. The manifest's `sources` lists every input with its hash, layout
+    and row counts; `content_hash` covers all of them in order, so unchanged inputs skip the work."""
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    if split_column is not None and test_data is not None:
+        raise ConfigError("--split-column and --test-data both choose the test prompts: use one of them")
+    if len(set(sources)) != len(sources):
+        raise ConfigError(f"an input is given twice: {', '.join(sources)}")
+    srcs = [_resolve(s, split) for s in sources]
+    if test_data is not None:
+        srcs.append(_resolve(test_data, "test"))
+    name = name or srcs[0].stem
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"invalid dataset name {name!r}")
+    out = processed_dir(name)
+    options = {"layout": layout, "models": models, "split": split if any(s.path is None for s in srcs) else None,
+               "ingest_version": INGEST_VERSION}
+    if split_column is not None:
+        options["split_column"] = split_column
+    where = [s.path if s.path is not None else s.text for s in srcs]
+    n_main = len(sources)
+
+    def content_hash(hashes: list[str]) -> str:
+        inputs = {"inputs": hashes[:n_main]} | ({"test_input": hashes[n_main]} if test_data is not None else {})
+        return sha256_json({**inputs, "options": options})
+
+    def unchanged(hashes: list[str]) -> bool:
+        try:
+            return not force and read_json(out / "manifest.json").get("content_hash") == content_hash(hashes)
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    hashes = [_hash_input(s) if s.path else None for s in srcs]
+    if None not in hashes and unchanged(hashes):
+        console.print(f"{name}: unchanged, skipping")
+        return out
+    with contextlib.ExitStack() as stack:
+        loaded = [stack.enter_context(_load(s)) for s in srcs]
+        if None in hashes:
+            hashes = [h or fingerprint for h, (_, fingerprint) in zip(hashes, loaded)]
+            if unchanged(hashes):
+                console.print(f"{name}: unchanged, skipping")
+                return out
+        parts = [_build(loaded[i][0], layout, models, where[i], split_column) for i in range(n_main)]
+        records = [{"source": srcs[i].text, "source_hash": hashes[i], "layout": f["layout"], "models": f["models"],
+                    **{k: f[k] for k in ("n_rows_in", "n_rows_used", "dropped", "dropped_rows", "n_prompts",
+                                         "n_battles")}} for i, (f, _, _) in enumerate(parts)]
+        fields, dataset, battles = _merge(parts, where[:n_main])
+        if split_column is not None and "split" not in dataset.column_names:
+            raise DataError(f"no split column {split_column!r} in the inputs", file=where[0])
+        test = None
+        if test_data is not None:
+            if "split" in dataset.column_names:
+                dataset = dataset.drop_columns(["split"])
+            fields["layout"] = parts[0][0]["layout"] if fields["layout"] == "mixed" else fields["layout"]
+            fields, dataset, battles, test = _add_test_data(fields, dataset, battles, loaded[n_main][0], models,
+                                                            where[n_main])
+            test = {"source": srcs[n_main].text, "source_hash": hashes[n_main], **test}
+            fields["layout"] = "mixed" if len({r["layout"] for r in records}) > 1 else fields["layout"]
+        manifest = {"schema_version": SCHEMA_VERSION, "name": name, "layout": fields.pop("layout"),
+                    "source": " + ".join(s.text for s in srcs[:n_main]),
+                    "source_hash": sha256_json(hashes[:n_main]), "sources": records, "options": options,
+                    "content_hash": content_hash(hashes), **fields,
+                    "split_rule": "column" if split_column else "test_data" if test else "hash",
+                    "split_column": split_column, "test_data": test,
+                    "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "pipeline_version": PIPELINE_VERSION}
+        with atomic_dir(out) as tmp:
+            _save(dataset, tmp / "dataset")
+            if battles is not None:
+                _save(battles, tmp / "battles")
+            write_json(tmp / "manifest.json", manifest)
+    m = manifest
+    console.print(f"[green]ingested[/] {m['name']} ({m['layout']}) from {len(records)} inputs: {m['n_rows_used']:,} of "
+                  f"{m['n_rows_in']:,} rows, {m['n_prompts']:,} prompts, {len(m['models'])} models, outcome "
+                  f"{m['outcome_kind']} in [{m['outcome_range'][0]:g}, {m['outcome_range'][1]:g}] -> {out}")
+    for r in records:
+        console.print(f"  {r['source']} ({r['layout']}): {r['n_rows_used']:,} of {r['n_rows_in']:,} rows, "
+                      f"{r['n_prompts']:,} prompts, sha256 {r['source_hash'][:12]}…")
+        _print_dropped(r)
+    if test:
+        console.print(f"test data {test['source']}: {test['n_rows_used']:,} of {test['n_rows_in']:,} rows, "
+                      f"{test['n_prompts']:,} prompts, all in the test split")
+    return out

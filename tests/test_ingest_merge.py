@@ -1,0 +1,111 @@
+"""ingest A B C --name N: several inputs merged into one dataset, with every source and its hash recorded."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+def _dataset(name):
+    import datasets
+
+    from pipeline.common import processed_dir, read_json
+    from pipeline.ingest import list_matrix
+
+    table = datasets.load_from_disk(str(processed_dir(name) / "dataset")).data.table
+    frame = {"id": table.column("prompt_id").to_pylist()}
+    out = {k: list_matrix(table, k, float) for k in ("outcome", "count", "mask")}
+    order = np.argsort(frame["id"])
+    return (np.array(frame["id"])[order], {k: v[order] for k, v in out.items()}, table,
+            read_json(processed_dir(name) / "manifest.json"))
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def halves(demo_files, tmp_path):
+    """The demo's wide file as two overlapping months: rows 0-349 and rows 300-599."""
+    frame = pd.read_csv(demo_files["wide"])
+    a, b = tmp_path / "march.csv", tmp_path / "april.csv"
+    frame.iloc[:350].to_csv(a, index=False)
+    frame.iloc[300:].to_csv(b, index=False)
+    return a, b
+
+
+def test_two_months_merge_like_one_file_holding_both(data_dir, cli, halves, tmp_path):
+    """Merging follows the single-file duplicate rule: the same as ingesting one file of A's rows then B's."""
+    a, b = halves
+    joined = tmp_path / "joined.csv"
+    pd.concat([pd.read_csv(a), pd.read_csv(b)]).to_csv(joined, index=False)
+    assert cli("ingest", joined, "--name", "whole")[0] == 0
+    code, out = cli("ingest", a, b, "--name", "both")
+    assert code == 0, out
+    ids_w, whole, table_w, manifest_w = _dataset("whole")
+    ids_b, both, table_b, manifest = _dataset("both")
+    assert list(ids_w) == list(ids_b)
+    assert table_w.column("prompt_id").to_pylist() == table_b.column("prompt_id").to_pylist()  # same order
+    for k in ("mask", "count"):
+        assert np.array_equal(whole[k], both[k])
+    np.testing.assert_allclose(whole["outcome"], both["outcome"], atol=1e-6)  # duplicates averaged
+    assert both["count"].sum() == 650 * 3  # rows 300-349 are in both months: counted twice
+    assert table_w.column("family").to_pylist() == table_b.column("family").to_pylist()
+    assert manifest["layout"] == "wide" and manifest["n_rows_in"] == 650
+    assert [s["source"] for s in manifest["sources"]] == [str(a), str(b)]
+    assert [s["source_hash"] for s in manifest["sources"]] == [_sha(a), _sha(b)]
+    assert [s["n_rows_in"] for s in manifest["sources"]] == [350, 300]
+    assert manifest["costs"] == pytest.approx(manifest_w["costs"], rel=1e-5)
+
+
+def test_unchanged_inputs_skip_and_a_new_month_is_one_command(data_dir, cli, halves, tmp_path):
+    a, b = halves
+    assert cli("ingest", a, b, "--name", "both")[0] == 0
+    first = _dataset("both")[3]
+    code, out = cli("ingest", a, b, "--name", "both")
+    assert code == 0 and "unchanged, skipping" in out
+    assert _dataset("both")[3]["created_at"] == first["created_at"]
+    code, out = cli("ingest", b, a, "--name", "both")  # order is part of the input (first metadata wins)
+    assert "unchanged, skipping" not in out
+    frame = pd.read_csv(b)
+    c = tmp_path / "may.csv"
+    frame.assign(prompt=frame.prompt + " (May)").iloc[:40].to_csv(c, index=False)
+    code, out = cli("ingest", a, b, c, "--name", "both")
+    assert code == 0 and "unchanged, skipping" not in out
+    manifest = _dataset("both")[3]
+    assert len(manifest["sources"]) == 3 and manifest["sources"][2]["source_hash"] == _sha(c)
+    assert manifest["n_prompts"] == first["n_prompts"] + 40
+
+
+def test_a_mix_of_layouts_sharing_a_model_set(data_dir, cli, demo_files):
+    from pipeline.label import label
+
+    code, out = cli("ingest", demo_files["wide"], demo_files["long"], demo_files["pairwise"], "--name", "mixed")
+    assert code == 0, out
+    ids, merged, table, manifest = _dataset("mixed")
+    assert manifest["layout"] == "mixed"
+    assert [s["layout"] for s in manifest["sources"]] == ["wide", "long", "pairwise"]
+    assert sorted(manifest["models"]) == ["large-70b", "medium-34b", "small-7b"]
+    assert manifest["n_battles"] == manifest["sources"][2]["n_battles"] > 0
+    assert "family" in manifest["metadata_columns"] and table.column("family").null_count == 0
+    assert merged["count"].min(axis=0).min() >= 2  # every prompt is in the wide and the long file
+    stats = label("mixed")
+    assert stats["n_prompts"] == manifest["n_prompts"]
+
+
+def test_inputs_that_disagree_on_a_prompts_split_are_refused(data_dir, cli, tmp_path, demo_files):
+    frame = pd.read_csv(demo_files["wide"]).iloc[:100]
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    frame.assign(fold="train").to_csv(a, index=False)
+    frame.iloc[:10].assign(fold="test").to_csv(b, index=False)
+    code, out = cli("ingest", a, b, "--name", "x", "--split-column", "fold")
+    assert code == 2 and "one prompt must stay on one side" in out
+    assert not (data_dir / "processed" / "x").exists()
+
+
+def test_the_same_input_twice_is_a_mistake(data_dir, cli, halves):
+    a, _ = halves
+    code, out = cli("ingest", a, a, "--name", "x")
+    assert code == 2 and "given twice" in out
