@@ -170,14 +170,6 @@ def score(
     score_file(bundle, input, output, strong_fraction=strong_fraction)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
-def serve(ctx: typer.Context):
-    """Serve a bundle's routing decisions over HTTP (prerouter serve BUNDLE --help for the options)."""
-    from .serve import main as serve_main
-
-    sys.exit(serve_main(ctx.args))
-
-
 @app.command()
 def tune(
     name: str = typer.Argument(..., help="Labeled dataset name."),
