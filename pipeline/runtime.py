@@ -796,6 +796,38 @@ class Router:
         return [self.models[int(i)] for i in idx]
 
 
+def prompt_from_messages(messages) -> str:
+    """The prompt of an OpenAI-style chat: the text of its `user` messages in order, joined with blank
+    lines, the rule ingest applies to multi-turn data (a list of turns). A message's `content` is a
+    string or a list of parts, whose `{"type": "text", "text": ...}` parts count, each as a turn;
+    system, assistant and tool messages are not part of the prompt. Raises RouterError on anything
+    else, or when no user text is left."""
+    if not isinstance(messages, list) or not messages:
+        raise _error("messages must be a non-empty list of {role, content} objects")
+    turns: list[str] = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise _error(f"messages[{i}] must be an object with a string role")
+        if m["role"] != "user":
+            continue
+        content = m.get("content")
+        if isinstance(content, str):
+            turns.append(content)
+        elif isinstance(content, list):
+            for j, part in enumerate(content):
+                if not isinstance(part, dict):
+                    raise _error(f"messages[{i}].content[{j}] must be an object")
+                if part.get("type") == "text":
+                    if not isinstance(part.get("text"), str):
+                        raise _error(f"messages[{i}].content[{j}].text must be a string")
+                    turns.append(part["text"])
+        elif content is not None:
+            raise _error(f"messages[{i}].content must be a string or a list of parts")
+    if not turns:
+        raise _error("messages hold no user text to route on")
+    return "\n\n".join(turns)
+
+
 def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | Path,
                strong_fraction: float | None = None, batch_size: int = 64) -> int:
     """Score a JSONL file of {"prompt": ..., ["prompt_id": ...]} lines; returns the number of lines written.
