@@ -55,9 +55,10 @@ def _root():
 
 @app.command()
 def ingest(
-    data: str = typer.Argument(..., help="A .csv, .jsonl/.json or .parquet file, or a hub dataset as hf:org/name."),
+    data: List[str] = typer.Argument(..., help="A .csv, .jsonl/.json or .parquet file, or a hub dataset as "
+                                               "hf:org/name; several are merged into one dataset."),
     layout: Optional[str] = typer.Option(None, help="pairwise | wide | long; detected from the columns when omitted."),
-    name: Optional[str] = typer.Option(None, help="Dataset name under data/processed/ (default: the file stem)."),
+    name: Optional[str] = typer.Option(None, help="Dataset name under data/processed/ (default: the (first) file stem)."),
     models: Optional[str] = typer.Option(None, help="Wide layout: comma-separated model columns to use."),
     split: str = typer.Option("train", help="Hub datasets: which split to read."),
     split_column: Optional[str] = SplitColumnOpt,
@@ -68,8 +69,8 @@ def ingest(
     from .ingest import ingest as run_ingest
 
     chosen = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    run_ingest(data, layout=layout, name=name, models=chosen, split=split, force=force, split_column=split_column,
-               test_data=test_data)
+    run_ingest(data[0] if len(data) == 1 else data, layout=layout, name=name, models=chosen, split=split, force=force,
+               split_column=split_column, test_data=test_data)
 
 
 @app.command()
