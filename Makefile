@@ -13,7 +13,7 @@ CONFIG ?=
 CFG := $(if $(CONFIG),--config $(CONFIG))
 
 .PHONY: setup all demo-data ingest label train evaluate export latency tune report test \
-        bench-quality bench-templates bench-latency bench-tune bench-scale mlflow-ui clean
+        bench-quality bench-templates bench-latency bench-tune bench-scale mlflow-ui clean bench-serve serve node-conformance
 
 setup: $(VENV)/.installed  ## create .venv and install the project with every extra (train, serve, dev)
 $(VENV)/.installed: pyproject.toml
@@ -61,6 +61,17 @@ bench-tune: setup  ## 20+ pruned trials on MMLU, into bench/results/tune.md
 	$(VENV)/bin/python bench/tune.py --shared $(SHARED)
 bench-scale: setup  ## 1M pairwise battles over 50 models through ingest + label
 	$(VENV)/bin/python bench/scale.py
+bench-serve: setup  ## POST /route at 1, 8, 64 clients, 1 and 2 workers (BUNDLE=, SECONDS=60), into bench/results/serve.md
+	$(VENV)/bin/python bench/serve.py --bundle $(BUNDLE) --seconds $(SECONDS)
+
+BUNDLE ?= models/$(NAME)/bundle
+PORT ?= 8000
+SECONDS ?= 60
+serve: setup  ## prerouter serve BUNDLE on 127.0.0.1:PORT (UPSTREAMS=file for the OpenAI-compatible proxy)
+	$(PRE) serve $(BUNDLE) --port $(PORT) $(if $(UPSTREAMS),--upstreams $(UPSTREAMS))
+node-conformance: $(BUNDLE)/conformance.jsonl  ## the Node.js client (examples/node) against a bundle's conformance vectors
+	cd examples/node && ONNXRUNTIME_NODE_INSTALL_CUDA=skip npm install --no-audit --no-fund --silent
+	node examples/node/conformance.mjs $(BUNDLE)
 
 # The store setup_mlflow logs to (unless MLFLOW_TRACKING_URI names a server): SQLite + artifact folder.
 MLRUNS ?= $(or $(PREROUTER_MLRUNS_DIR),mlruns)
