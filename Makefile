@@ -13,7 +13,7 @@ CONFIG ?=
 CFG := $(if $(CONFIG),--config $(CONFIG))
 
 .PHONY: setup all demo-data ingest label train evaluate export latency tune report test \
-        bench-quality bench-templates bench-latency bench-tune bench-scale mlflow-ui clean bench-serve serve node-conformance
+        bench-quality bench-templates bench-latency bench-tune bench-scale mlflow-ui clean bench-serve serve node-conformance retrain
 
 setup: $(VENV)/.installed  ## create .venv and install the project with every extra (train, serve, dev)
 $(VENV)/.installed: pyproject.toml
@@ -72,6 +72,24 @@ serve: setup  ## prerouter serve BUNDLE on 127.0.0.1:PORT (UPSTREAMS=file for th
 node-conformance: $(BUNDLE)/conformance.jsonl  ## the Node.js client (examples/node) against a bundle's conformance vectors
 	cd examples/node && ONNXRUNTIME_NODE_INSTALL_CUDA=skip npm install --no-audit --no-fund --silent
 	node examples/node/conformance.mjs $(BUNDLE)
+
+# Retrain in CI: DATA= new file(s), CHAMPION= a bundle folder or models:/prerouter-NAME@ALIAS. Trains a
+# challenger, gates it (parity in export, latency), compares it with the champion on EVAL_DATA (default:
+# the new data's test split) and promotes it; any failing step (a lost comparison, a gate) exits non-zero.
+CHAMPION ?= models:/prerouter-$(NAME)@champion
+EVAL_DATA ?= $(NAME)
+MARGIN ?= 0.01
+MODELS ?= $(or $(PREROUTER_MODELS_DIR),models)
+retrain: setup  ## DATA=file(s) CHAMPION=alias-or-path: pipeline, compare, promote the challenger if it is not worse
+	$(if $(word 2,$(NAME)),$(error several DATA files: name the dataset with NAME=))
+	$(PRE) ingest $(DATA) --name $(NAME)
+	$(PRE) label $(NAME) $(CFG)
+	$(PRE) train $(NAME) $(CFG)
+	$(PRE) export $(NAME) $(CFG) --out $(MODELS)/$(NAME)/bundle
+	$(PRE) check-latency $(MODELS)/$(NAME)/bundle --budget-ms $(BUDGET_MS)
+	$(PRE) compare $(CHAMPION) $(MODELS)/$(NAME)/bundle --data $(EVAL_DATA) --margin $(MARGIN) \
+		--out $(MODELS)/$(NAME)/compare $(if $(filter models:/%,$(CHAMPION)),--allow-missing-champion)
+	$(PRE) promote $(NAME) $(MODELS)/$(NAME)/bundle
 
 # The store setup_mlflow logs to (unless MLFLOW_TRACKING_URI names a server): SQLite + artifact folder.
 MLRUNS ?= $(or $(PREROUTER_MLRUNS_DIR),mlruns)
