@@ -361,7 +361,26 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(router=router, upstreams=opts["upstreams"], quantized=opts["quantized"])
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     else:
+        import socket
+
+        from uvicorn.supervisors import Multiprocess
+
         os.environ[ENV] = json.dumps(opts)
-        uvicorn.run("pipeline.serve:create_app", factory=True, host=args.host, port=args.port, workers=args.workers,
-                    log_level=args.log_level, access_log=False)
+        config = uvicorn.Config("pipeline.serve:create_app", factory=True, host=args.host, port=args.port,
+                                workers=args.workers, log_level=args.log_level, access_log=False)
+        # The listening socket is made here, not by uvicorn: with its protocol set to TCP, asyncio turns Nagle's
+        # algorithm off on every accepted connection, as it does with one worker. uvicorn's own socket for
+        # --workers leaves the protocol 0, and then a response written as headers + body waits ~40 ms for
+        # the client's delayed ACK.
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM,
+                             socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as e:
+            print(f"prerouter serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 2
+        sock.set_inheritable(True)
+        Multiprocess(config, sockets=[sock]).run()
     return 0

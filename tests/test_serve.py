@@ -248,3 +248,16 @@ def test_prompt_from_messages_is_the_ingest_rule():
                                                               {"type": "image_url", "image_url": {}}]}]) == "a\n\nc"
     with pytest.raises(RouterError):
         prompt_from_messages([{"role": "user", "content": 3}])
+
+
+def test_two_workers_answer_without_delayed_ack_stalls(bundles):
+    # --workers 2: both processes serve, and a keep-alive request is not held ~40 ms by Nagle + delayed ACK.
+    with server(str(bundles["pair"]), "--workers", "2", timeout=90) as (url, _), httpx.Client(base_url=url) as c:
+        for _ in range(5):
+            c.post("/route", json={"prompt": "warm up"})
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            assert c.post("/route", json={"prompt": "What is 2+2?"}).status_code == 200
+            times.append(time.perf_counter() - t)
+        assert sorted(times)[len(times) // 2] < 0.03, times
