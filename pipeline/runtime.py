@@ -245,20 +245,44 @@ def compact_templates(prompt: str, spec: dict) -> str:
     templates = spec.get("templates")
     if not templates:
         return prompt
+    (k, prefixes), (_, suffixes) = _template_index(templates)
     head, body, tail = "", prompt, ""
-    for t in templates["prefixes"]:
+    for t in prefixes.get(body[:k], ()):
         if body.startswith(t["text"]):
             head, body = t["text"][:t["keep"]], body[len(t["text"]):]
             break
-    for t in templates["suffixes"]:
+    for t in suffixes.get(body[len(body) - k:] if k else "", ()):
         if body.endswith(t["text"]):
             body, tail = body[:len(body) - len(t["text"])], t["text"][len(t["text"]) - t["keep"]:]
             break
     return head + body + tail
 
 
+_INDEXES: dict[int, tuple] = {}
+
+
+def _template_index(templates: dict) -> tuple:
+    """Per side: (k, {first (last) k characters: templates in list order}), k the shortest template's
+    length up to 16, so a prompt is checked against the few templates that can match, not all of them.
+    Same result as trying every template in order; cached per templates object."""
+    cached = _INDEXES.get(id(templates))
+    if cached is not None and cached[0] is templates:
+        return cached[1]
+    sides = []
+    for key, suffix in (("prefixes", False), ("suffixes", True)):
+        k = min([16, *(len(t["text"]) for t in templates[key])])
+        index: dict[str, list] = {}
+        for t in templates[key]:
+            index.setdefault(t["text"][len(t["text"]) - k:] if suffix else t["text"][:k], []).append(t)
+        sides.append((k, index))
+    if len(_INDEXES) > 64:  # bounded: a long-lived process loads few bundles
+        _INDEXES.clear()
+    _INDEXES[id(templates)] = (templates, tuple(sides))
+    return tuple(sides)
+
+
 def learn_templates(prompts: list[str], min_support: int = 20, min_chars: int = 64, keep_chars: int = 32,
-                    max_templates: int = 32) -> dict:
+                    max_templates: int = 256) -> dict:
     """Shared prefixes and suffixes of at least `min_chars` characters that `min_support` or more prompts
     start (end) with, for `compact_templates`: `{"prefixes": [{"text", "keep", "support"}], "suffixes": [...]}`.
 
