@@ -94,7 +94,10 @@ def train(
     force: bool = typer.Option(False, help="Retrain even when labels and config are unchanged."),
 ):
     """Train the teacher head and distil the compact student (Lightning, tracked in MLflow)."""
+    from .config import check_machine
+
     cfg = _config(config, overrides)  # a bad config fails before the training stack is imported
+    check_machine(cfg.train)
     from .train import train as run_train
 
     run_train(name, cfg, force=force)
@@ -300,12 +303,21 @@ def calibrate(
 
 
 
+def _print_error(message: str) -> None:
+    """One line whatever the terminal: the lines of a multi-line message are joined with "; " and rich does
+    not wrap it (a pipe or a file gets 80 columns otherwise); brackets in it are text, not markup."""
+    from rich.markup import escape
+
+    text = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+    console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
+
+
 def main() -> None:
     """Console entry point: user-facing errors become a red line and their exit code, not a traceback."""
     try:
         app(standalone_mode=False)
     except PrerouterError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        _print_error(str(e))
         sys.exit(e.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         console.print("[yellow]aborted[/]")

@@ -5,6 +5,7 @@ Unknown keys, wrong types and impossible values fail here, before any work start
 from __future__ import annotations
 
 import copy
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -48,6 +49,9 @@ class LabelConfig(_Section):
         return self
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
+
+
 class TeacherConfig(_Section):
     path: Optional[str] = None  # local checkpoint dir or hub id; None: packaged all-MiniLM-L6-v2
     max_tokens: int = Field(256, ge=8, le=512)
@@ -57,6 +61,69 @@ class TeacherConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)  # the head's own, so tuning the student leaves the teacher as is
     weight_decay: float = Field(0.01, ge=0.0)
+
+    @field_validator("path")
+    @classmethod
+    def _local_dir_or_hub_id(cls, value):
+        """A folder here holding tokenizer.json, or something shaped like a hub id (org/name); a path-like
+        value that does not exist is a typo, which would otherwise fail deep in training."""
+        if value is None:
+            return value
+        if not value.strip():
+            raise ValueError("empty; leave it out (null) for the packaged all-MiniLM-L6-v2")
+        path = Path(value).expanduser()
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"{value!r} is a file; give the checkpoint folder (with config.json and tokenizer.json)")
+            if not (path / "tokenizer.json").is_file():
+                raise ValueError(f"folder {value!r} has no tokenizer.json (the students use the teacher's tokenizer)")
+            return value
+        if not _HUB_ID.fullmatch(value) or value.endswith((".", "-")) or ".." in value:
+            raise ValueError(f"{value!r} does not exist here and is not a hub id (org/name)")
+        return value
+
+
+# What Lightning accepts (lightning.pytorch's AcceleratorRegistry / StrategyRegistry; a test compares them).
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_false",
+              "ddp_find_unused_parameters_true", "ddp_spawn_find_unused_parameters_false",
+              "ddp_spawn_find_unused_parameters_true", "ddp_fork_find_unused_parameters_false",
+              "ddp_fork_find_unused_parameters_true", "ddp_notebook_find_unused_parameters_false",
+              "ddp_notebook_find_unused_parameters_true", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2",
+              "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload",
+              "deepspeed_stage_3_offload_nvme", "fsdp", "fsdp_cpu_offload", "single_device", "single_xla",
+              "xla_debug", "xla", "single_tpu")
+
+
+def _device_ids(devices: Any) -> Optional[list[int]]:
+    """train.devices as Lightning reads it: None for "auto" and -1 (all), else a count [n] or ids (a list
+    or "0,2"); ValueError for anything else."""
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text == "auto" or text == "-1":
+            return None
+        parts = [p.strip() for p in text.split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise ValueError(f"expected auto, -1, a count or a list of device ids, got {devices!r}")
+        if len(parts) == 1:
+            return _device_ids(int(parts[0]))
+        return _unique_ids([int(p) for p in parts])
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        if devices == -1:
+            return None
+        if devices < 1:
+            raise ValueError(f"must be at least 1 (or -1 for all, or auto), got {devices}")
+        return [devices]
+    if isinstance(devices, (list, tuple)) and devices \
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices):
+        return _unique_ids(list(devices))
+    raise ValueError(f"expected auto, -1, a count or a list of device ids, got {devices!r}")
+
+
+def _unique_ids(ids: list[int]) -> list[int]:
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"device ids listed twice: {ids}")
+    return ["ids", *ids]  # marker: a list of ids, not a count
 
 
 class StudentConfig(_Section):
@@ -100,6 +167,75 @@ class TrainConfig(_Section):
     num_workers: int = Field(0, ge=0)
     limit_train_prompts: Optional[int] = Field(None, ge=1)  # for smoke runs
 
+    @field_validator("accelerator")
+    @classmethod
+    def _known_accelerator(cls, value):
+        if value.strip().lower() not in ACCELERATORS:
+            raise ValueError(f"must be one of {', '.join(ACCELERATORS)}, got {value!r}")
+        return value.strip().lower()
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, value):
+        if value.strip().lower() not in STRATEGIES:
+            raise ValueError(f"must be one of Lightning's strategies ({', '.join(STRATEGIES[:6])}, ... "
+                             f"{STRATEGIES[-1]}), got {value!r}")
+        return value.strip().lower()
+
+    @field_validator("devices")
+    @classmethod
+    def _device_spec(cls, value):
+        _device_ids(value)
+        return value
+
+    @model_validator(mode="after")
+    def _cpu_devices_are_a_count(self):
+        ids = _device_ids(self.devices)
+        if self.accelerator == "cpu" and ids is not None and ids[0] == "ids":
+            raise ValueError(f"train.devices={self.devices!r}: with train.accelerator=cpu devices is a number of "
+                             "processes, not a list of device ids")
+        if self.accelerator == "cpu" and ids is None and str(self.devices).strip() == "-1":
+            raise ValueError("train.devices=-1 (all devices) needs a GPU accelerator; with cpu give a number")
+        return self
+
+
+def check_machine(cfg: "TrainConfig") -> None:
+    """Fail with one line when this machine lacks what train.accelerator / train.devices ask for (a GPU,
+    enough of them), before any data is read. Imports torch only for accelerators other than cpu/auto."""
+    accelerator = cfg.accelerator
+    if accelerator in ("cpu", "auto"):
+        return
+    ids = _device_ids(cfg.devices)
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have == 0:
+            raise ConfigError(f"train.accelerator={accelerator} but this machine has no CUDA GPU "
+                              "(torch.cuda.is_available() is false); use train.accelerator=cpu or auto")
+        what = "CUDA GPU"
+    elif accelerator == "mps":
+        import torch
+
+        have = 1 if torch.backends.mps.is_available() else 0
+        if not have:
+            raise ConfigError("train.accelerator=mps but MPS (Apple GPU) is not available here; use cpu or auto")
+        what = "MPS device"
+    else:  # tpu
+        import importlib.util
+
+        if importlib.util.find_spec("torch_xla") is None:
+            raise ConfigError("train.accelerator=tpu needs torch_xla, which is not installed; use cpu or auto")
+        return
+    if ids is None:
+        return
+    wanted = ids[1:] if ids[0] == "ids" else None
+    if wanted is None and ids[0] > have:
+        raise ConfigError(f"train.devices={cfg.devices} but this machine has {have} {what}{'s' * (have != 1)}")
+    if wanted is not None and max(wanted) >= have:
+        raise ConfigError(f"train.devices={cfg.devices!r}: no device {max(wanted)} here "
+                          f"({have} {what}{'s' * (have != 1)}, ids 0..{have - 1})")
+
 
 class ExportConfig(_Section):
     opset: int = Field(17, ge=17)
@@ -131,6 +267,56 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
+MAX_YAML_NODES = 10_000  # a configuration has about a hundred; aliases must not expand a file beyond this
+
+
+def _yaml_load(text: str):
+    """`yaml.safe_load`, refusing documents whose aliases expand them past MAX_YAML_NODES nodes ("billion
+    laughs") or refer to themselves: the node graph is measured before anything is built, so it is fast."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError("YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes in the document once every alias is replaced by a copy of its anchor, counted without copying."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("YAML alias refers to the node that contains it (a recursive document)")
+        active.add(key)
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = node.value
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_YAML_NODES:
+                raise ConfigError(f"YAML expands to more than {MAX_YAML_NODES:,} values through its aliases "
+                                  "(&anchor / *alias); a configuration needs far fewer")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
@@ -150,9 +336,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = _yaml_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         for section, values in loaded.items():  # a file section updates the base section, key by key
@@ -167,7 +355,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not all(part.strip() for part in key.split(".")):
             raise ConfigError(f"override {item!r} has an empty key; it must look like section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml_load(raw) if raw.strip() else None
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({' '.join(str(e).split())})") from None
         _set_dotted(tree, key.strip(), value)
@@ -178,4 +368,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         for err in e.errors():
             loc = ".".join(str(p) for p in err["loc"])
             lines.append(f"{loc}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err else ""))
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        raise ConfigError("invalid configuration: " + "; ".join(lines)) from None

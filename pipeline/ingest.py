@@ -163,7 +163,8 @@ def _load(src: _Source) -> Iterator[tuple[pa.Table, str]]:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # Read failures become one DataError line; `datasets` would log its own line about them first.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     if src.path is None:
         try:
             ds = datasets.load_dataset(src.builder, split=src.split)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .common import DataError, GateError, console, model_dir, setup_mlflow
-from .config import Config, load_config
+from .config import Config, check_machine, load_config
 
 
 def _name_of(data: str) -> str:
@@ -32,6 +32,7 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
     from .train import train
 
     cfg = config or load_config()
+    check_machine(cfg.train)
     name = name or _name_of(data)
     out = check_bundle_dir(Path(out) if out else model_dir(name) / "bundle")  # before any work
     setup_mlflow()

@@ -58,7 +58,7 @@ import yaml
 from optuna.trial import TrialState
 
 from .common import ConfigError, console, mlruns_root, model_dir, sha256_json, write_json
-from .config import Config, load_config
+from .config import Config, check_machine, load_config
 
 # The default search space, one entry per dotted config key (format in the module docstring).
 SPACE: dict[str, Any] = {
@@ -443,6 +443,7 @@ def tune(name: str, cfg: Config | None = None, trials: int | None = None, timeou
     if trials < 0:
         raise ConfigError(f"trials must be >= 0, got {trials}")
     pareto = objective == "pareto"
+    check_machine(cfg.train)
     space = search_space(cfg)
     prep = prepare(name, cfg)
     if cfg.train.group_by == "auto":  # the trials fit the targets `prerouter train` would choose (select.py)
