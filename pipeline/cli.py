@@ -28,6 +28,20 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see pip
 OverrideArg = typer.Option(None, "--set", "-s", help="Config override section.key=value; repeatable.")
 
 
+def _writable(path: Optional[Path], kind: str = "dir", option: str = "--out") -> None:
+    """A one-line error before any work when `path` cannot be written (see common.check_output_path)."""
+    from .common import check_output_path
+
+    if path is not None:
+        check_output_path(path, kind, option)
+
+
+def _valid_name(name: str) -> None:
+    from .common import check_name
+
+    check_name(name)
+
+
 def _config(config: Optional[Path], overrides: Optional[List[str]]):
     from .config import load_config
 
@@ -43,6 +57,7 @@ def demo_data_cmd(
     """Write the synthetic demo preference set in all three layouts (wide csv, long jsonl, pairwise parquet)."""
     from .demo import generate
 
+    _writable(out)
     for layout, path in generate(out, n_prompts=n_prompts, seed=seed).items():
         console.print(f"[green]wrote[/] {layout:9s} {path}")
 
@@ -68,6 +83,8 @@ def ingest(
     """Read preference data in any layout into the canonical Arrow dataset data/processed/NAME/."""
     from .ingest import ingest as run_ingest
 
+    if name is not None:
+        _valid_name(name)
     chosen = [m.strip() for m in models.split(",") if m.strip()] if models else None
     run_ingest(data[0] if len(data) == 1 else data, layout=layout, name=name, models=chosen, split=split, force=force,
                split_column=split_column, test_data=test_data)
@@ -124,6 +141,7 @@ def export(
     """Export the student to ONNX fp32 + int8 with a parity gate and write the bundle."""
     from .export import export as run_export
 
+    _writable(out)
     run_export(name, out=out, config=_config(config, overrides))
 
 
@@ -170,6 +188,7 @@ def score(
     """Score a file of prompts with a bundle."""
     from .runtime import score_file
 
+    _writable(output, "file", "--output")
     score_file(bundle, input, output, strong_fraction=strong_fraction)
 
 
@@ -212,6 +231,7 @@ def report(
     """Cost–quality curves, AIQ, calibration drift and router vs cascade vs ensemble, as Markdown + PNGs."""
     from .report import report as run_report
 
+    _writable(out)
     run_report(bundle, data=data, out=out, profile=profile)
 
 
@@ -230,6 +250,9 @@ def run(
     """ingest → label → train (→ tune) → export → check-latency → evaluate, as one MLflow run."""
     from .run import run as run_all
 
+    _writable(out)
+    if name is not None:
+        _valid_name(name)
     run_all(data, out=out, name=name, trials=trials, budget_ms=budget_ms, config=_config(config, overrides),
             split_column=split_column, test_data=test_data)
 
@@ -253,6 +276,7 @@ def compare(
     """Champion vs challenger on the same labeled prompts; exit 0 promote, 1 keep the champion, 2 bad input."""
     from .compare import compare as run_compare
 
+    _writable(out)
     if allow_missing_champion and champion.startswith("models:/"):
         from .registry import exists
 
@@ -285,6 +309,7 @@ def pull(
     """Download a registered bundle and verify it (every sha256, then Router.load)."""
     from .registry import pull as run_pull
 
+    _writable(out)
     run_pull(spec, out)
 
 
@@ -299,6 +324,8 @@ def calibrate(
     """Refit strong-share thresholds and cost λs on unlabeled prompts; report the score shift and the drift."""
     from .calibrate import calibrate as run_calibrate
 
+    _writable(out)
+    _writable(report, option="--report")
     run_calibrate(bundle, prompts, out, report=report)
 
 

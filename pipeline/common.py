@@ -51,6 +51,57 @@ class GateError(PrerouterError):
     exit_code = 1
 
 
+_TMP_SUFFIX = 40  # what atomic_dir adds to a name for its temporary siblings (".NAME.tmp-PID-XXXXXXXX")
+
+
+def check_output_path(path: str | os.PathLike, kind: str = "dir", option: str = "--out") -> Path:
+    """`path`, if a folder (`kind="dir"`) or file (`kind="file"`) can be written there; else a one-line
+    ConfigError naming `option`: a NUL byte, a name or path longer than the file system takes (room left
+    for the temporary sibling of an atomic write), a parent that is a file, a file where a folder is
+    expected or the other way round, or a folder that cannot be written."""
+    text = os.fspath(path)
+    if "\0" in text:
+        raise ConfigError(f"{option} {text!r}: a path cannot contain a NUL byte")
+    if not text.strip():
+        raise ConfigError(f"{option}: empty path")
+    path = Path(text)
+    ancestor = path.parent
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    try:
+        name_max = os.pathconf(ancestor if ancestor.is_dir() else ".", "PC_NAME_MAX")
+        path_max = os.pathconf(ancestor if ancestor.is_dir() else ".", "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max, path_max = 255, 4096
+    for i, part in enumerate(path.parts):
+        room = name_max - (_TMP_SUFFIX if i == len(path.parts) - 1 else 0)
+        if len(os.fsencode(part)) > room:
+            raise ConfigError(f"{option}: the name {part[:40]!r}... is {len(os.fsencode(part))} bytes; the file "
+                              f"system takes {name_max} (and this one needs room for a temporary copy: "
+                              f"at most {room})")
+    if len(os.fsencode(os.path.abspath(text))) + _TMP_SUFFIX > path_max:
+        raise ConfigError(f"{option}: the path is longer than the file system takes ({path_max} bytes)")
+    if os.path.lexists(ancestor) and not ancestor.is_dir():
+        raise ConfigError(f"{option} {text}: {ancestor} is a file, not a folder")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise ConfigError(f"{option} {text} is a file; a folder is written there")
+    if kind == "file" and path.is_dir():
+        raise ConfigError(f"{option} {text} is a folder; a file is written there")
+    if ancestor.is_dir() and not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {text}: cannot write in {ancestor} (permission denied)")
+    return path
+
+
+def check_name(name: str, option: str = "--name") -> str:
+    """A dataset / model name: one plain folder name that fits under data/processed and models/."""
+    if not name or not name.strip() or "/" in name or name.startswith(".") or "\0" in name:
+        raise ConfigError(f"invalid {option} {name!r}: a plain folder name, not empty, without /, "
+                          "not starting with a dot")
+    check_output_path(processed_dir(name), "dir", option)
+    check_output_path(model_dir(name), "dir", option)
+    return name
+
+
 def data_root() -> Path:
     return Path(os.environ.get("PREROUTER_DATA_DIR", "data"))
 

@@ -62,8 +62,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import __version__ as PIPELINE_VERSION
-from .common import (ConfigError, DataError, atomic_dir, console, data_root, processed_dir, read_json,
-                     sha256_json, write_json)
+from .common import (ConfigError, DataError, atomic_dir, check_name, console, data_root, processed_dir,
+                     read_json, sha256_json, write_json)
 
 SCHEMA_VERSION = 1
 INGEST_VERSION = 2  # bump when the output for the same input changes, so old artifacts are redone
@@ -626,6 +626,7 @@ def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Opti
     name = name or src.stem
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid dataset name {name!r}")
+    check_name(name)
     out = processed_dir(name)
     options = {"layout": layout, "models": models, "split": split if src.path is None else None,
                "ingest_version": INGEST_VERSION}
@@ -1055,6 +1056,7 @@ def _ingest_many(sources: list[str], layout: Optional[str], name: Optional[str],
     name = name or srcs[0].stem
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid dataset name {name!r}")
+    check_name(name)
     out = processed_dir(name)
     options = {"layout": layout, "models": models, "split": split if any(s.path is None for s in srcs) else None,
                "ingest_version": INGEST_VERSION}

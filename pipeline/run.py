@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .common import DataError, GateError, console, model_dir, setup_mlflow
+from .common import DataError, GateError, check_name, check_output_path, console, model_dir, setup_mlflow
 from .config import Config, check_machine, load_config
 
 
@@ -33,8 +33,8 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
 
     cfg = config or load_config()
     check_machine(cfg.train)
-    name = name or _name_of(data)
-    out = check_bundle_dir(Path(out) if out else model_dir(name) / "bundle")  # before any work
+    name = check_name(name or _name_of(data))
+    out = check_bundle_dir(check_output_path(Path(out) if out else model_dir(name) / "bundle"))  # before any work
     setup_mlflow()
     timings: dict[str, float] = {}
 

@@ -179,3 +179,68 @@ def test_errors_are_one_line_when_not_on_a_terminal(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "train.lr:" in lines[0] and "train.max_epochs:" in lines[0] and "[2.0, 1.0]" in lines[0]
+
+
+# ------------------------------------------------------------------ output paths and names
+
+
+def test_check_output_path_refuses_what_the_file_system_would(tmp_path):
+    from pipeline.common import check_output_path
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (afile / "bundle", "dir", "afile is a file, not a folder"),
+        (afile / "deeper" / "bundle", "dir", "afile is a file, not a folder"),
+        (afile, "dir", "is a file; a folder is written there"),
+        (tmp_path, "file", "is a folder; a file is written there"),
+        (tmp_path / ("n" * 300), "dir", "the file system takes"),
+        (tmp_path / ("n" * 240), "dir", "room for a temporary copy"),
+        (tmp_path / ("n" * 300) / "bundle", "dir", "the file system takes"),
+        (str(tmp_path / "a\0b"), "dir", "NUL byte"),
+        ("", "dir", "empty path"),
+    ]
+    for path, kind, why in cases:
+        with pytest.raises(ConfigError, match=why):
+            check_output_path(path, kind, "--out")
+    assert check_output_path(tmp_path / "new" / "bundle") == tmp_path / "new" / "bundle"
+    assert check_output_path(tmp_path / "scores.jsonl", "file", "--output") == tmp_path / "scores.jsonl"
+
+
+@pytest.mark.parametrize("args, why", [
+    (["export", "x", "--out", "{afile}/bundle"], "--out {afile}/bundle: {afile} is a file, not a folder"),
+    (["export", "x", "--out", "{afile}"], "is a file; a folder is written there"),
+    (["report", "b", "--data", "x", "--out", "{afile}/r"], "is a file, not a folder"),
+    (["pull", "x", "--out", "{afile}/b"], "is a file, not a folder"),
+    (["demo-data", "--out", "{afile}"], "is a file; a folder is written there"),
+    (["score", "b", "--input", "i.jsonl", "--output", "{tmp}"], "--output {tmp} is a folder"),
+    (["score", "b", "--input", "i.jsonl", "--output", "{afile}/s.jsonl"], "is a file, not a folder"),
+    (["ingest", "{csv}", "--name", "n" * 250], "--name: the name"),
+    (["ingest", "{csv}", "--name", "a/b"], "invalid --name 'a/b'"),
+    (["run", "{csv}", "--name", "n" * 300], "--name: the name"),
+    (["run", "{csv}", "--out", "{afile}/b"], "is a file, not a folder"),
+    (["calibrate", "b", "--prompts", "p.jsonl", "--out", "{tmp}/new", "--report", "{afile}/r"], "--report"),
+])
+def test_cli_output_paths_and_names_fail_in_one_line_before_any_work(args, why, data_dir, tmp_path, cli,
+                                                                      monkeypatch, demo_files):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREROUTER_MLRUNS_DIR", str(tmp_path / "mlruns"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    fill = {"afile": afile, "tmp": tmp_path, "csv": demo_files["wide"]}
+    code, out = cli(*[a.format(**fill) for a in args])
+    assert code == 2 and why.format(**fill) in out, out
+    assert len(out.strip().splitlines()) == 1, out
+    assert not any((data_dir / "processed").glob("*"))  # nothing ingested
+    assert not (tmp_path / "mlruns").exists()  # nothing started
+
+
+def test_ingest_and_run_check_the_name_as_library_calls(data_dir, demo_files, tmp_path):
+    from pipeline.ingest import ingest
+    from pipeline.run import run
+
+    with pytest.raises(ConfigError, match="the file system takes"):
+        ingest(str(demo_files["wide"]), name="n" * 300)
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        (tmp_path / "afile").write_text("x")
+        run(str(demo_files["wide"]), out=tmp_path / "afile" / "bundle")
