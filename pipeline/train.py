@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
+import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,7 +176,8 @@ class _Rows(Dataset):
 
     def __getitem__(self, i):
         r = self.rows[i]
-        item = {"target": self.prep.fit_target[r], "mask": self.prep.mask[r], "emb": self.prep.teacher_emb[r]}
+        item = {"target": self.prep.fit_target[r], "mask": self.prep.mask[r], "emb": self.prep.teacher_emb[r],
+                "row": np.int64(r)}  # validation metrics gathered across processes are deduplicated by row
         if self.prep.teacher_prob is not None:
             item["soft"] = self.prep.teacher_prob[r]
         if self.ids is not None:
@@ -272,7 +276,7 @@ class RouterModule(pl.LightningModule):
         self.distill_weight, self.repr_weight, self.pair, self.uses_tokens = (
             distill_weight, repr_weight, pair, uses_tokens)
         self.proj = nn.Linear(net.feature_dim, teacher_dim) if repr_weight > 0 and teacher_dim else None
-        self._val: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._val: list[tuple[torch.Tensor, ...]] = []
 
     def _features(self, batch):
         if self.uses_tokens:
@@ -333,21 +337,52 @@ class RouterModule(pl.LightningModule):
         h = self._features(batch)
         logits = self.net.head(h)
         _, hard = self._loss(batch, h, logits)
-        self.log("val_loss", hard, prog_bar=True, batch_size=len(batch["target"]))
-        # on the host: validation metrics are numpy, and the step may run on a GPU
-        self._val.append(tuple(t.detach().cpu().numpy() for t in (torch.sigmoid(logits), batch["target"], batch["mask"])))
+        # sync_dist: under ddp every process sees the same mean, so early stopping and checkpointing agree
+        self.log("val_loss", hard, prog_bar=True, batch_size=len(batch["target"]), sync_dist=True)
+        if self.pair is not None:  # kept on the device until the epoch's outputs are gathered
+            rows = batch["row"] if "row" in batch else torch.full((len(logits),), -1, device=logits.device)
+            self._val.append((torch.sigmoid(logits.detach()).float(), batch["target"].float(),
+                              batch["mask"].to(torch.uint8), rows.to(torch.int64)))
 
     def on_validation_epoch_end(self):
-        if self._val and self.pair is not None:
-            p, t, m = (np.concatenate(x) for x in zip(*self._val))
+        if self.pair is not None:
+            p, t, m, rows = self._validation_outputs()
             weak, strong = self.pair
             both = m[:, weak] & m[:, strong]
             if both.sum() > 1:
                 from .metrics import apgr
 
+                # identical on every process (computed from all of them), so the mean sync_dist takes is a no-op
                 self.log("val_apgr", float(apgr(pair_score(p[both], self.pair), t[both, weak], t[both, strong])),
-                         prog_bar=True)
+                         prog_bar=True, sync_dist=True)
         self._val.clear()
+
+    def _validation_outputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """This epoch's validation (probabilities, targets, mask, rows) from every process, on the host.
+
+        Under a distributed strategy each process validates its share of the rows (the distributed
+        sampler pads the shares to equal length by repeating rows); the shares are all-gathered and
+        deduplicated by row, so every process computes the metric on the whole validation split, in the
+        order one process would see it."""
+        width = self.net.head.net[-1].out_features
+        cols = [torch.cat(c) for c in zip(*self._val)] if self._val else [
+            torch.zeros((0, width), device=self.device), torch.zeros((0, width), device=self.device),
+            torch.zeros((0, width), dtype=torch.uint8, device=self.device),
+            torch.zeros(0, dtype=torch.int64, device=self.device)]
+        if self.trainer.world_size > 1:
+            sizes = self.all_gather(torch.tensor([len(cols[0])], device=cols[0].device)).flatten().tolist()
+            top = max(sizes)
+            padded = []
+            for c in cols:  # all_gather needs equal shapes: pad every share to the longest
+                out = c.new_zeros((top, *c.shape[1:]))
+                out[: len(c)] = c
+                padded.append(self.all_gather(out))  # [world, top, ...]
+            cols = [torch.cat([g[r, :n] for r, n in enumerate(sizes)]) for g in padded]
+        p, t, m, rows = (c.cpu().numpy() for c in cols)
+        if (rows >= 0).all():
+            _, first = np.unique(rows, return_index=True)  # sorted by row, each row once
+            p, t, m, rows = p[first], t[first], m[first], rows[first]
+        return p, t, m.astype(bool), rows
 
     def configure_optimizers(self):
         # fused: one kernel over all parameters; ~5x faster steps on CPU for the 30k-row embedding table
@@ -392,6 +427,32 @@ def _trainer(cfg: Config, workdir: Path, callbacks=(), logger=False, monitor="va
     return trainer, ckpt
 
 
+def _best_state(trainer: pl.Trainer, ckpt: ModelCheckpoint) -> dict:
+    """The best checkpoint's weights, on every process: rank 0 saved the file (on its own disk, which the
+    other nodes of a multi-node job may not see) and sends the weights to the others."""
+    state = None
+    if trainer.is_global_zero:
+        state = torch.load(ckpt.best_model_path, weights_only=True, map_location="cpu")["state_dict"]
+    return trainer.strategy.broadcast(state, src=0)
+
+
+def is_global_zero() -> bool:
+    """Whether this process is rank 0 of its job, known before any Trainer exists.
+
+    Lightning's ddp runs the command once per device (the first process starts the others with
+    LOCAL_RANK, NODE_RANK and WORLD_SIZE set); torchrun sets RANK; a SLURM job with several tasks sets
+    SLURM_PROCID. Every process runs the same fits in the same order; only rank 0 writes the checkpoint
+    directory and the MLflow run."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    if "LOCAL_RANK" in env or "NODE_RANK" in env:
+        return int(env.get("LOCAL_RANK", 0)) == 0 and int(env.get("NODE_RANK", 0)) == 0
+    if int(env.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]) == 0
+    return True
+
+
 def fit_teacher(prep: Prepared, cfg: Config, workdir: Path) -> EmbeddingRouter:
     """The teacher's head over frozen sentence embeddings; fills `prep.teacher_prob`."""
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -402,7 +463,7 @@ def fit_teacher(prep: Prepared, cfg: Config, workdir: Path) -> EmbeddingRouter:
     trainer, ckpt = _trainer(cfg, workdir / "teacher", max_epochs=tc.epochs)
     saved, prep.teacher_prob = prep.teacher_prob, None  # the teacher learns from hard labels only
     trainer.fit(module, datamodule=RouterData(prep, tc.batch_size))
-    module.load_state_dict(torch.load(ckpt.best_model_path, weights_only=True)["state_dict"])
+    module.load_state_dict(_best_state(trainer, ckpt))
     net.eval()
     with torch.no_grad():
         prep.teacher_prob = torch.sigmoid(net(torch.from_numpy(prep.teacher_emb))).numpy()
@@ -420,7 +481,7 @@ def fit_student(prep: Prepared, cfg: Config, workdir: Path, callbacks=(), logger
                           prep.teacher_emb.shape[1], prep.pair, contrast_weight=t.contrast_weight)
     trainer, ckpt = _trainer(cfg, workdir / "student", callbacks, logger, monitor)
     trainer.fit(module, datamodule=RouterData(prep, t.batch_size, tokenize(prep, cfg), t.num_workers))
-    module.load_state_dict(torch.load(ckpt.best_model_path, weights_only=True)["state_dict"])
+    module.load_state_dict(_best_state(trainer, ckpt))
     return net.eval(), ckpt
 
 
@@ -534,26 +595,38 @@ def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, fo
         console.print(f"[dim]train: {final} is up to date (same labels and config), skipping[/]")
         return final
     prep = prep or prepare(name, cfg)
-    setup_mlflow()
-    with atomic_dir(final) as tmp, mlflow.start_run(run_name=f"train-{name}",
-                                                   nested=mlflow.active_run() is not None) as run:
-        mlflow.log_params(flatten(cfg.to_dict()))
-        mlflow.set_tags({"data_hash": prep.data_hash, "git_commit": _git_commit() or "unknown",
-                         "dataset": name, "student": cfg.student.family})
-        mlflow.log_dict(prep.stats, "label_stats.json")
-        console.print(f"[bold]teacher[/] head on {prep.teacher_emb.shape[1]}-d embeddings")
+    # Under ddp every process runs this function and the same fits; only rank 0 writes (a second writer
+    # would wait forever on the checkpoint directory's lock, held by rank 0 while the fits need both).
+    zero = is_global_zero()
+    with ExitStack() as stack:
+        if zero:
+            setup_mlflow()
+            tmp = stack.enter_context(atomic_dir(final))
+            run = stack.enter_context(mlflow.start_run(run_name=f"train-{name}",
+                                                       nested=mlflow.active_run() is not None))
+            mlflow.log_params(flatten(cfg.to_dict()))
+            mlflow.set_tags({"data_hash": prep.data_hash, "git_commit": _git_commit() or "unknown",
+                             "dataset": name, "student": cfg.student.family})
+            mlflow.log_dict(prep.stats, "label_stats.json")
+            console.print(f"[bold]teacher[/] head on {prep.teacher_emb.shape[1]}-d embeddings")
+        else:  # Lightning keeps rank 0's checkpoint directory; this one only holds what a Trainer may create
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="prerouter-rank-")))
         selection = None
         if cfg.train.group_by == "auto":
             from .select import choose_group_by
 
             teacher, cfg, selection = choose_group_by(prep, cfg, tmp)
-            mlflow.log_dict(selection, "selection.json")
-            mlflow.set_tag("group_by", str(cfg.train.group_by))
+            if zero:
+                mlflow.log_dict(selection, "selection.json")
+                mlflow.set_tag("group_by", str(cfg.train.group_by))
         else:
             teacher = fit_teacher(prep, cfg, tmp)
-        logger = MLFlowLogger(run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri())
-        console.print(f"[bold]student[/] {cfg.student.family} dim={cfg.student.dim}")
+        logger = MLFlowLogger(run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri()) if zero else False
+        if zero:
+            console.print(f"[bold]student[/] {cfg.student.family} dim={cfg.student.dim}")
         student, _ = fit_student(prep, cfg, tmp, logger=logger)
+        if not zero:
+            return final
         val, test = prep.rows("val"), prep.rows("test")
         p_val, p_test = predict(student, prep, cfg, val), predict(student, prep, cfg, test)
         metrics = {"val": split_metrics(prep, p_val, val), "test": split_metrics(prep, p_test, test),
