@@ -232,6 +232,26 @@ def name_lock(final: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def process_start(pid: int) -> int | None:
+    """Start time of a process (Linux clock ticks since boot), so a reused pid is not mistaken for it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])  # a zombie has exited
+
+
+def process_alive(pid: int, start: int | None) -> bool:
+    """Whether process `pid` still runs and is the one that started at `start` (None: not known)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start is None or process_start(pid) == start
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

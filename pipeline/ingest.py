@@ -13,7 +13,8 @@ Layouts, detected from the columns (`layout=` overrides):
   A model's outcome on a prompt is its mean battle score (win 1, tie 0.5, loss 0).
 - long: `prompt, model, score`, optional `cost`; an input `prompt_id` is kept as `source_prompt_id`.
 - wide: `prompt` plus one outcome column per model. `<model>|total_cost` columns (RouterBench) are
-  that model's per-row cost and `<model>|model_response` columns are ignored. Without `models=`,
+  that model's per-row cost and `<model>|model_response` columns are ignored; another column with a `|`
+  is an error without `models=` (it would be neither a model nor clearly metadata). Without `models=`,
   the model columns are: the `|total_cost` prefixes when any exist; otherwise every boolean
   column, every integer column whose values are all 0 or 1, and every float column - except
   id-like names (`id`, `*_id`, `idx`, `index`, `qid`...). Everything else is metadata. Integer
@@ -39,6 +40,11 @@ second file in the main file's layout whose prompts are all test (a prompt in bo
 a model the main file lacks too); the main file's prompts are left to label's hash rule for train/val.
 Either way the dataset gets a `split` column (null where the hash rule decides) and the manifest says
 which rule applies (`split_rule`).
+
+Columns are never renamed silently: a name that appears twice in the header is an error naming it. A
+model whose outcomes are 0-1 but for a few cells (at most 5%, with at least 20 in range) is an error naming
+the column, row and value, since label would otherwise rescale every target to fit that cell; real scales
+(1-10 judges, any range most values use) are left to label.
 
 Re-ingest is skipped when `manifest.json` holds the same `content_hash` (input bytes of both files + options).
 """
@@ -74,6 +80,10 @@ ARENA_FLAGS = ("winner_model_a", "winner_model_b", "winner_tie")
 # Output columns of ingest and label that an input column may not shadow (it is kept as source_<name>).
 RESERVED = ("prompt_id", "outcome", "mask", "count", "cost", "target", "split", "difficulty", "soft_label")
 IGNORED_PAIRWISE = ("response_a", "response_b")  # per-side answers are not prompt metadata
+WIDE_SUFFIXES = ("|total_cost", "|model_response")  # the only '|' columns of the wide layout (RouterBench)
+# A model with at least OUTLIER_MIN_REST outcomes in [0, 1] and at most OUTLIER_SHARE of them outside is a 0-1
+# model with bad cells (an error); otherwise the values are a scale of their own, which label normalises.
+OUTLIER_SHARE, OUTLIER_MIN_REST = 0.05, 20
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
 _BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -157,6 +167,36 @@ def _first_bad_line(path: Path) -> int:
     return 0
 
 
+def _duplicated_columns(src: _Source) -> list[str]:
+    """Column names the file holds more than once. pandas would read them as m, m.1 and the JSON readers
+    keep one of them, so they are looked up in the raw header (CSV), schema (parquet) or first record (JSON)."""
+    names: list[str] = []
+    try:
+        if src.builder == "csv":
+            import csv
+
+            with open(src.path, encoding="utf-8-sig", newline="") as f:
+                names = next(csv.reader(f), [])
+        elif src.builder == "parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(src.path).names
+        elif src.builder == "json":
+            with open(src.path, encoding="utf-8-sig") as f:
+                head = f.read(1 << 16).lstrip()
+            if head.startswith("["):
+                head = head[1:].lstrip()
+            pairs: list = []
+            decoder = json.JSONDecoder(object_pairs_hook=lambda kv: pairs.append([k for k, _ in kv]) or dict(kv))
+            with contextlib.suppress(ValueError):
+                decoder.raw_decode(head)
+            names = pairs[-1] if pairs else []  # the record itself is decoded last (nested objects first)
+    except (OSError, UnicodeDecodeError, StopIteration, ValueError, pa.ArrowException):
+        return []  # unreadable: reading it reports that
+    seen: set[str] = set()
+    return [n for n in names if n in seen or seen.add(n)]
+
+
 @contextlib.contextmanager
 def _load(src: _Source) -> Iterator[tuple[pa.Table, str]]:
     """Yield the input as a memory-mapped Arrow table (and a fingerprint); temporary caches are removed after."""
@@ -172,6 +212,11 @@ def _load(src: _Source) -> Iterator[tuple[pa.Table, str]]:
             raise DataError(f"cannot load hub dataset split {src.split!r}: {e}", file=src.text) from None
         yield ds.data.table, ds._fingerprint
         return
+    duplicated = _duplicated_columns(src)
+    if duplicated:
+        raise DataError(f"column name(s) {', '.join(map(repr, dict.fromkeys(duplicated)))} appear more than once "
+                        "in the header; rename them (read as they are, one would become a separate model or be lost)",
+                        file=src.path)
     root = data_root()
     root.mkdir(parents=True, exist_ok=True)
     _remove_dead_caches(root)
@@ -532,6 +577,12 @@ def _wide_models(table: pa.Table) -> list[str]:
             lo, hi = lo_hi["min"].as_py(), lo_hi["max"].as_py()
             if lo is not None and lo >= 0 and hi <= 1:
                 models.append(c)
+            elif lo is not None:  # 0/1 but for a few cells: a model with bad cells, which _check_outliers reports
+                values = table.column(c).drop_null().to_numpy()
+                outside = int(((values < 0) | (values > 1)).sum())
+                if outside <= max(1, OUTLIER_SHARE * values.size) and values.size - outside >= OUTLIER_MIN_REST \
+                        and (values == 0).any():
+                    models.append(c)
     return models
 
 
@@ -542,6 +593,11 @@ def _wide(table: pa.Table, drops: _Drops, where, models: Optional[list[str]]) ->
         if len(set(models)) != len(models):
             raise ConfigError(f"models listed twice: {', '.join(models)}")
     else:
+        odd = [c for c in table.column_names if "|" in c and not c.endswith(WIDE_SUFFIXES)]
+        if odd:
+            raise DataError(f"column {odd[0]!r} has a '|' but is not MODEL|total_cost or MODEL|model_response; in the "
+                            "wide layout '|' marks those per-model columns, so rename it, or name the model columns "
+                            "with --models (the others are then metadata)", file=where)
         models = _wide_models(table)
     if len(models) < 2:
         found = f"only {models[0]!r}" if models else "none"
@@ -782,6 +838,9 @@ def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], 
     else:
         obs = _wide(table, drops, where, models)
 
+    if layout != "pairwise":
+        _check_outliers(obs, drops.kept[obs.row], layout, where)
+
     split_code = None
     if split_column is not None:
         split_code = _split_codes(table, split_column, obs, where)
@@ -873,6 +932,27 @@ def _build(table: pa.Table, layout: Optional[str], models: Optional[list[str]], 
         "metadata_columns": meta_names,
     }
     return manifest, dataset, battles
+
+
+def _check_outliers(obs: _Observations, keep: np.ndarray, layout: str, where) -> None:
+    """A few outcomes outside [0, 1] in a model whose others are 0-1 (at most OUTLIER_SHARE of them, at
+    least OUTLIER_MIN_REST others, one of them below 1 so a 1-10 judge column is never one): an error naming
+    the column, row and value. Left in, one such cell would make label rescale every target of the dataset."""
+    for j, model in enumerate(obs.models):
+        mine = keep & (obs.model == j)
+        values = obs.value[mine]
+        outside = (values < 0.0) | (values > 1.0)
+        n_out = int(outside.sum())
+        if n_out == 0 or n_out > max(1, OUTLIER_SHARE * values.size) or values.size - n_out < OUTLIER_MIN_REST \
+                or not (values[~outside] < 1.0).any():
+            continue
+        rows = obs.row[mine][outside]
+        first = int(np.argmin(rows))
+        column = repr(model) if layout == "wide" else f"'score' of model {model!r}"
+        more = f" ({n_out} such values)" if n_out > 1 else ""
+        raise DataError(f"column {column}: value {values[outside][first]:g} is outside the 0-1 range of its other "
+                        f"{values.size - n_out:,} values{more}; fix the cell (or drop the row)",
+                        file=where, row=int(rows[first]) + 1)
 
 
 def _split_codes(table: pa.Table, column: str, obs: _Observations, where) -> np.ndarray:

@@ -244,3 +244,239 @@ def test_ingest_and_run_check_the_name_as_library_calls(data_dir, demo_files, tm
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         (tmp_path / "afile").write_text("x")
         run(str(demo_files["wide"]), out=tmp_path / "afile" / "bundle")
+
+
+# ------------------------------------------------------------------ ingest never changes data silently
+
+
+def _ingest_error(path, **kwargs) -> str:
+    from pipeline.common import DataError
+    from pipeline.ingest import ingest
+
+    with pytest.raises(DataError) as e:
+        ingest(str(path), **kwargs)
+    return str(e.value)
+
+
+def _binary_rows(n: int = 100, seed: int = 0) -> list[tuple[str, int, int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [(f"prompt {i}", rng.randint(0, 1), rng.randint(0, 1)) for i in range(n)]
+
+
+def test_duplicated_column_names_are_an_error_naming_them(data_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv = tmp_path / "dup.csv"
+    csv.write_text("prompt,m,m,n,n\n" + "".join(f"{p},{a},{b},{a},{b}\n" for p, a, b in _binary_rows()))
+    message = _ingest_error(csv)
+    assert "'m', 'n' appear more than once" in message
+    jsonl = tmp_path / "dup.jsonl"
+    jsonl.write_text("".join(f'{{"prompt": "{p}", "m": {a}, "m": {b}, "n": 1}}\n' for p, a, b in _binary_rows()))
+    assert "'m' appear more than once" in _ingest_error(jsonl)
+    table = pa.table([pa.array([p for p, _, _ in _binary_rows()]), pa.array([a for _, a, _ in _binary_rows()]),
+                      pa.array([b for _, _, b in _binary_rows()])], names=["prompt", "m", "m"])
+    parquet = tmp_path / "dup.parquet"
+    pq.write_table(table, parquet)
+    assert "'m' appear more than once" in _ingest_error(parquet)
+    # m and m.1 written as such are two names, not a duplicate
+    ok = tmp_path / "ok.csv"
+    ok.write_text("prompt,m,m.1\n" + "".join(f"{p},{a},{b}\n" for p, a, b in _binary_rows()))
+    from pipeline.common import read_json
+    from pipeline.ingest import ingest
+
+    assert read_json(ingest(str(ok)) / "manifest.json")["models"] == ["m", "m.1"]
+
+
+def test_a_bar_in_a_wide_column_name_is_an_error_unless_the_models_are_named(data_dir, tmp_path):
+    from pipeline.common import read_json
+    from pipeline.ingest import ingest
+
+    path = tmp_path / "bar.csv"
+    path.write_text("prompt,a,b|c,d\n" + "".join(f"{p},{x},{y},{x}\n" for p, x, y in _binary_rows()))
+    message = _ingest_error(path)
+    assert "'b|c'" in message and "--models" in message
+    manifest = read_json(ingest(str(path), models=["a", "b|c", "d"]) / "manifest.json")
+    assert manifest["models"] == ["a", "b|c", "d"]
+    # RouterBench's suffixes are still per-model columns
+    bench = tmp_path / "bench.csv"
+    bench.write_text("prompt,a,a|total_cost,a|model_response,b,b|total_cost\n"
+                     + "".join(f"{p},{x},0.1,text,{y},0.2\n" for p, x, y in _binary_rows()))
+    assert read_json(ingest(str(bench)) / "manifest.json")["models"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("value", [-3, 5, 1.5])
+def test_one_out_of_range_cell_in_a_0_1_column_names_column_row_and_value(data_dir, tmp_path, value):
+    rows = _binary_rows()
+    path = tmp_path / "cell.csv"
+    lines = [f"{p},{a},{b},{0.25 * (i % 5)}" for i, (p, a, b) in enumerate(rows)]
+    lines[41] = f"prompt 41,{value},0,0.5"
+    path.write_text("prompt,a,b,c\n" + "\n".join(lines) + "\n")
+    message = _ingest_error(path)
+    assert "row 42" in message and "column 'a'" in message and f"value {value:g}" in message
+    lines[41] = f"prompt 41,1,0,{value}"  # a fractional 0-1 column too
+    path.write_text("prompt,a,b,c\n" + "\n".join(lines) + "\n")
+    message = _ingest_error(path)
+    assert "row 42" in message and "column 'c'" in message
+
+
+def test_an_out_of_range_score_in_the_long_layout_names_the_model(data_dir, tmp_path):
+    import json
+
+    path = tmp_path / "long.jsonl"
+    records = [{"prompt": p, "model": m, "score": s} for p, a, b in _binary_rows() for m, s in (("x", a), ("y", b))]
+    records[21]["score"] = 7
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    message = _ingest_error(path)
+    assert "'score' of model 'y'" in message and "value 7" in message and "row 22" in message
+
+
+def test_real_scales_still_ingest_and_label(data_dir, tmp_path):
+    import random
+
+    from pipeline.common import read_json
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+
+    rng = random.Random(1)
+    judge = tmp_path / "judge.csv"
+    judge.write_text("prompt,a,b\n" + "".join(f"p{i},{rng.randint(1, 10)},{rng.randint(1, 10)}\n" for i in range(200)))
+    ingest(str(judge), models=["a", "b"])
+    assert label("judge")["scale"]["rule"].startswith("1-10 judge")
+    # a 0-5 rating used across its range is a scale, not a 0-1 column with bad cells
+    rating = tmp_path / "rating.csv"
+    rating.write_text("prompt,a,b\n" + "".join(f"p{i},{rng.randint(0, 5)}.0,{rng.randint(0, 5)}.0\n"
+                                               for i in range(200)))
+    assert read_json(ingest(str(rating)) / "manifest.json")["outcome_range"] == [0.0, 5.0]
+
+
+# ------------------------------------------------------------------ a stopped `prerouter run` and MLflow
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("PREROUTER_MODELS_DIR", str(tmp_path / "models"))
+    mlflow.set_tracking_uri(uri)
+    from pipeline.common import setup_mlflow
+
+    setup_mlflow()
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def _stub_stages(monkeypatch, **overrides):
+    """run()'s stages replaced by no-ops (or `overrides`), so only its own bookkeeping runs."""
+    import pipeline.evaluate
+    import pipeline.export
+    import pipeline.ingest
+    import pipeline.label
+    import pipeline.latency
+    import pipeline.train
+    from pipeline.common import DataError
+
+    def no_test_split(name):
+        raise DataError("no test prompts")
+
+    stubs = {(pipeline.ingest, "ingest"): lambda *a, **k: None, (pipeline.label, "label"): lambda *a, **k: None,
+             (pipeline.train, "train"): lambda *a, **k: None, (pipeline.export, "export"): lambda *a, **k: None,
+             (pipeline.latency, "check_latency"): lambda *a, **k: None,
+             (pipeline.label, "require_test_split"): no_test_split}
+    for (module, attr), fn in stubs.items():
+        monkeypatch.setattr(module, attr, overrides.get(attr, fn))
+
+
+def _parent_runs(name: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("prerouter")
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = 'run-{name}'")
+
+
+def test_sigterm_during_run_marks_its_mlflow_run_killed(tracking, monkeypatch, data_dir):
+    import signal
+
+    from pipeline.run import Terminated, run
+
+    def killed_while_ingesting(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM did not stop the run")
+
+    _stub_stages(monkeypatch, ingest=killed_while_ingesting)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Terminated) as e:
+        run("demo.csv", name="demo")
+    assert e.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is the run's only
+    (parent,) = _parent_runs("demo")
+    assert parent.info.status == "KILLED"
+
+
+def test_the_next_run_marks_a_parent_left_running_by_a_killed_process_killed(tracking, monkeypatch, data_dir):
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    from pipeline.common import process_start
+    from pipeline.run import HOST, end_stale_runs, run
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("prerouter").experiment_id
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+
+    def left_running(pid, start=""):
+        parent = client.create_run(exp, run_name="run-demo", tags={"prerouter.host": HOST, "prerouter.pid": str(pid),
+                                                                   "prerouter.pid_start": str(start)})
+        child = client.create_run(exp, run_name="train-demo", tags={"mlflow.parentRunId": parent.info.run_id})
+        return parent.info.run_id, child.info.run_id
+
+    dead, dead_child = left_running(gone.pid)
+    alive, _ = left_running(os.getpid(), process_start(os.getpid()))  # a run still going: left alone
+    other_host = client.create_run(exp, run_name="run-demo", tags={"prerouter.host": "elsewhere",
+                                                                   "prerouter.pid": str(gone.pid)}).info.run_id
+    assert end_stale_runs("demo") == [dead]
+    status = {r: client.get_run(r).info.status for r in (dead, dead_child, alive, other_host)}
+    assert status == {dead: "KILLED", dead_child: "KILLED", alive: "RUNNING", other_host: "RUNNING"}
+
+    # `prerouter run` does it before starting its own parent
+    client.set_terminated(alive, "FINISHED")
+    again, _ = left_running(gone.pid)
+    _stub_stages(monkeypatch)
+    monkeypatch.setattr("pipeline.run._ensure_registered", lambda name, bundle: None)
+    run("demo.csv", name="demo")
+    assert client.get_run(again).info.status == "KILLED"
+    assert {r.info.status for r in _parent_runs("demo") if r.info.run_id not in (dead, again, alive, other_host)} \
+        == {"FINISHED"}
+
+
+@pytest.mark.parametrize("registered", [False, True])
+def test_a_rerun_registers_a_bundle_that_export_skipped_as_up_to_date(tracking, monkeypatch, data_dir, registered):
+    import types
+
+    import pipeline.export
+    import pipeline.registry
+    import pipeline.train
+    from pipeline.common import DataError
+    from pipeline.run import run
+
+    def version_of(name, bundle):
+        if registered:
+            return "3"
+        raise DataError("no version of prerouter-demo holds this bundle")
+
+    logged = []
+    monkeypatch.setattr(pipeline.registry, "version_of", version_of)
+    monkeypatch.setattr(pipeline.export, "log_bundle", lambda bundle, meta, name: logged.append((bundle, meta, name)))
+    monkeypatch.setattr(pipeline.train, "load_trained", lambda name: types.SimpleNamespace(meta={"m": 1}))
+    _stub_stages(monkeypatch)
+    out = run("demo.csv", name="demo")
+    assert logged == ([] if registered else [(out, {"m": 1}, "demo")])
