@@ -56,6 +56,7 @@ class TeacherConfig(_Section):
     path: Optional[str] = None  # local checkpoint dir or hub id; None: packaged all-MiniLM-L6-v2
     max_tokens: int = Field(256, ge=8, le=512)
     batch_size: int = Field(64, ge=1)  # embedding passes and head training
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # embedding passes; auto: cuda when available
     head_hidden: int = Field(256, ge=1)
     epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)

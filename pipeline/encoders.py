@@ -81,43 +81,77 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.bmm(m, hidden).squeeze(1) / m.sum(-1).clamp(min=1.0)
 
 
+SHARD_PROMPTS = 4096  # teacher embeddings are written to the cache every this many prompts
+
+
+def teacher_device(device: str = "auto") -> str:
+    """`teacher.device`: auto is cuda when torch sees a CUDA device, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from .common import ConfigError
+
+        raise ConfigError("teacher.device=cuda but torch sees no CUDA device (set teacher.device=auto or cpu)")
+    return device
+
+
+def _cached_embeddings(shard_dir: Path) -> dict[str, np.ndarray]:
+    """prompt id -> embedding from every finished shard (temporary files start with a dot and are skipped)."""
+    known: dict[str, np.ndarray] = {}
+    for shard in sorted(shard_dir.glob("[!.]*.npz")):
+        with np.load(shard) as z:
+            known.update(zip(z["ids"].tolist(), z["emb"]))
+    return known
+
+
+def _write_shard(shard_dir: Path, ids: list[str], emb: np.ndarray) -> None:
+    name = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+    tmp = shard_dir / f".{name}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, ids=np.array(ids), emb=emb)
+    os.replace(tmp, shard_dir / f"{name}.npz")  # atomic: a killed run never leaves a torn shard
+
+
 @torch.inference_mode()
 def teacher_embeddings(prompts: list[str], prompt_ids: list[str], path: str | None = None,
-                       max_tokens: int = 256, batch_size: int = 64) -> np.ndarray:
+                       max_tokens: int = 256, batch_size: int = 64, device: str = "auto",
+                       shard_size: int = SHARD_PROMPTS) -> np.ndarray:
     """L2-normalised mean-pooled teacher embeddings [n, d].
 
     Cached per encoder as shards of (prompt_id, embedding): only prompts never seen by this encoder
-    are encoded, whichever dataset, split or order they come in.
+    are encoded, whichever dataset, split or order they come in. They are encoded on `device`
+    (`teacher_device`) in batches of similar length, and written out every `shard_size` prompts as
+    they are computed, so a killed job loses at most one shard's work and its rerun encodes only the rest.
     """
     shard_dir = cache_dir() / "teacher" / encoder_key(path, max_tokens)
-    known: dict[str, np.ndarray] = {}
-    for shard in sorted(shard_dir.glob("*.npz")):
-        with np.load(shard) as z:
-            known.update(zip(z["ids"].tolist(), z["emb"]))
+    known = _cached_embeddings(shard_dir)
     missing = sorted({pid: i for i, pid in enumerate(prompt_ids) if pid not in known}.values())
     if missing:
         from rich.progress import Progress
 
+        dev = teacher_device(device)
         tok, model = _load_teacher(path)
+        model.to(dev)
         todo = [prompts[i] for i in missing]
-        order = np.argsort([len(p) for p in todo])  # length-sorted batches waste little on padding
-        new = np.zeros((len(todo), model.config.hidden_size), dtype=np.float32)
+        todo_ids = [prompt_ids[i] for i in missing]
+        order = np.argsort([len(p) for p in todo], kind="stable")  # length-sorted batches waste little on padding
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        ids: list[str] = []
+        embs: list[np.ndarray] = []
         with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(f"teacher embeddings ({len(todo)} new prompts)", total=len(todo))
+            task = bar.add_task(f"teacher embeddings ({len(todo)} new prompts, {dev})", total=len(todo))
             for i in range(0, len(todo), batch_size):
                 idx = order[i:i + batch_size]
                 enc = tok([todo[j] for j in idx], padding=True, truncation=True,
-                          max_length=max_tokens, return_tensors="pt")
+                          max_length=max_tokens, return_tensors="pt").to(dev)
                 pooled = _mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
-                new[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+                embs.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())
+                ids += [todo_ids[j] for j in idx]
                 bar.advance(task, len(idx))
-        new_ids = [prompt_ids[i] for i in missing]
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        name = hashlib.sha256("\n".join(new_ids).encode()).hexdigest()[:16]
-        tmp = shard_dir / f".{name}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, ids=np.array(new_ids), emb=new)
-        os.replace(tmp, shard_dir / f"{name}.npz")  # atomic: a killed run never leaves a torn shard
-        known.update(zip(new_ids, new))
+                if len(ids) >= shard_size or i + batch_size >= len(todo):
+                    emb = np.concatenate(embs)
+                    _write_shard(shard_dir, ids, emb)
+                    known.update(zip(ids, emb))
+                    ids, embs = [], []
     return np.stack([known[pid] for pid in prompt_ids]).astype(np.float32)
 
 

@@ -1,0 +1,125 @@
+"""Teacher embeddings: chosen device, shards written as they are computed, a killed job resumed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .tiny import make_tiny_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def _prompts(n: int = 240) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(0)
+    words = "explain prove write sort the list of primes capital city river poem code".split()
+    prompts = [" ".join(rng.choice(words, size=int(k))) + f" #{i}" for i, k in enumerate(rng.integers(2, 40, n))]
+    return prompts, [f"p{i}" for i in range(n)]
+
+
+def _finished(shard_dir: Path) -> list[Path]:
+    return sorted(shard_dir.glob("[!.]*.npz")) if shard_dir.is_dir() else []
+
+
+def _counting(monkeypatch) -> list[int]:
+    """Count the prompts the teacher's tokenizer is handed (each encoded prompt passes through it once)."""
+    from pipeline import encoders
+
+    seen: list[int] = []
+    load = encoders._load_teacher
+
+    def counted(path):
+        tok, model = load(path)
+
+        def tokenize(texts, **kw):
+            seen.append(len(texts))
+            return tok(texts, **kw)
+        return tokenize, model
+
+    monkeypatch.setattr(encoders, "_load_teacher", counted)
+    return seen
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_embedding_job_resumes_without_recomputing_finished_shards(tmp_path, tiny_teacher, monkeypatch):
+    from pipeline.encoders import encoder_key, teacher_embeddings
+
+    prompts, ids = _prompts()
+    (tmp_path / "prompts.json").write_text(json.dumps([prompts, ids]))
+    # the job: batches of 8, a shard every 24 prompts, each batch slowed so the kill lands mid-way
+    script = textwrap.dedent(f"""
+        import json, time
+        from pipeline import encoders
+        load = encoders._load_teacher
+        def slow(path):
+            tok, model = load(path)
+            forward = model.forward
+            def slowed(*a, **kw):
+                time.sleep(0.1)
+                return forward(*a, **kw)
+            model.forward = slowed
+            return tok, model
+        encoders._load_teacher = slow
+        prompts, ids = json.load(open({str(tmp_path / "prompts.json")!r}))
+        encoders.teacher_embeddings(prompts, ids, {str(tiny_teacher)!r}, 32, 8, "cpu", shard_size=24)
+    """)
+    cache = tmp_path / "cache"
+    env = os.environ | {"PREROUTER_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    shard_dir = cache / "teacher" / encoder_key(str(tiny_teacher), 32)
+    job = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 150
+    while not _finished(shard_dir) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    _, err = job.communicate()
+    assert job.returncode == -signal.SIGKILL, f"the job ended before it was killed: {err[-2000:]}"
+    shards = _finished(shard_dir)
+    done = [i for s in shards for i in np.load(s)["ids"].tolist()]
+    assert shards and len(done) == 24 * len(shards) < len(prompts)  # whole shards only, and work left
+    (shard_dir / ".deadbeef.123.tmp.npz").write_bytes(b"PK\x03\x04 torn")  # a write cut short is ignored
+
+    monkeypatch.setenv("PREROUTER_CACHE_DIR", str(cache))
+    encoded = _counting(monkeypatch)
+    resumed = teacher_embeddings(prompts, ids, str(tiny_teacher), 32, 8, "cpu", shard_size=24)
+    assert sum(encoded) == len(prompts) - len(done)  # only the prompts of the unfinished shards
+    assert len({i for s in _finished(shard_dir) for i in np.load(s)["ids"].tolist()}) == len(prompts)
+
+    monkeypatch.setenv("PREROUTER_CACHE_DIR", str(tmp_path / "fresh"))
+    fresh = teacher_embeddings(prompts, ids, str(tiny_teacher), 32, 8, "cpu", shard_size=1000)
+    np.testing.assert_allclose(resumed, fresh, atol=1e-5)  # resumed rows land where they belong
+    encoded.clear()
+    again = teacher_embeddings(prompts[::-1], ids[::-1], str(tiny_teacher), 32, 8, "cpu")
+    assert not encoded and np.array_equal(again, fresh[::-1])  # all cached now, in any order
+
+
+def test_teacher_device_is_auto_cpu_or_cuda(tiny_teacher, tmp_path, monkeypatch):
+    import torch
+
+    from pipeline.common import ConfigError
+    from pipeline.config import load_config
+    from pipeline.encoders import teacher_device, teacher_embeddings
+
+    assert load_config().teacher.device == "auto"
+    assert teacher_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert teacher_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="teacher.device"):
+        load_config(overrides=["teacher.device=tpu"])
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("PREROUTER_CACHE_DIR", str(tmp_path))
+        with pytest.raises(ConfigError, match="no CUDA device") as e:
+            teacher_embeddings(["a prompt"], ["a"], str(tiny_teacher), 32, 8, "cuda")
+        assert "\n" not in str(e.value)
