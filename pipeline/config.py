@@ -85,6 +85,8 @@ class TeacherConfig(_Section):
 
 
 # What Lightning accepts (lightning.pytorch's AcceleratorRegistry / StrategyRegistry; a test compares them).
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+PRECISION_ALIASES = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_false",
               "ddp_find_unused_parameters_true", "ddp_spawn_find_unused_parameters_false",
@@ -167,6 +169,18 @@ class TrainConfig(_Section):
     strategy: str = "auto"
     num_workers: int = Field(0, ge=0)
     limit_train_prompts: Optional[int] = Field(None, ge=1)  # for smoke runs
+    # Lightning's precision: 32-true; on GPU bf16-mixed or 16-mixed (weights stay float32, the
+    # exported ONNX is float32/int8 whatever was chosen); on CPU 32-true or bf16-mixed.
+    precision: str = "32-true"
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _known_precision(cls, value):
+        text = str(value).strip().lower()
+        text = PRECISION_ALIASES.get(text, text)
+        if text not in PRECISIONS:
+            raise ValueError(f"must be one of {', '.join(PRECISIONS)} (or 32, 16, bf16, 64), got {value!r}")
+        return text
 
     @field_validator("accelerator")
     @classmethod
@@ -197,6 +211,9 @@ class TrainConfig(_Section):
                              "processes, not a list of device ids")
         if self.accelerator == "cpu" and ids is None and str(self.devices).strip() == "-1":
             raise ValueError("train.devices=-1 (all devices) needs a GPU accelerator; with cpu give a number")
+        if self.accelerator == "cpu" and self.precision.startswith("16-"):
+            raise ValueError(f"train.precision={self.precision} needs a GPU (train.accelerator=gpu); on cpu use "
+                             "32-true or bf16-mixed")
         return self
 
 

@@ -419,7 +419,7 @@ def _trainer(cfg: Config, workdir: Path, callbacks=(), logger=False, monitor="va
                            save_weights_only=True)
     trainer = pl.Trainer(
         max_epochs=max_epochs or t.max_epochs, accelerator=t.accelerator, devices=t.devices,
-        num_nodes=t.num_nodes, strategy=t.strategy, deterministic=True, logger=logger,
+        num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision, deterministic=True, logger=logger,
         callbacks=[EarlyStopping(monitor, patience=t.patience, mode=mode), ckpt, *callbacks],
         enable_model_summary=False, enable_progress_bar=console.is_terminal, log_every_n_steps=10,
         num_sanity_val_steps=0, default_root_dir=workdir,
@@ -464,7 +464,7 @@ def fit_teacher(prep: Prepared, cfg: Config, workdir: Path) -> EmbeddingRouter:
     saved, prep.teacher_prob = prep.teacher_prob, None  # the teacher learns from hard labels only
     trainer.fit(module, datamodule=RouterData(prep, tc.batch_size))
     module.load_state_dict(_best_state(trainer, ckpt))
-    net.eval()
+    net.float().eval()  # float32 whatever train.precision trained it in
     with torch.no_grad():
         prep.teacher_prob = torch.sigmoid(net(torch.from_numpy(prep.teacher_emb))).numpy()
     return net
@@ -482,7 +482,7 @@ def fit_student(prep: Prepared, cfg: Config, workdir: Path, callbacks=(), logger
     trainer, ckpt = _trainer(cfg, workdir / "student", callbacks, logger, monitor)
     trainer.fit(module, datamodule=RouterData(prep, t.batch_size, tokenize(prep, cfg), t.num_workers))
     module.load_state_dict(_best_state(trainer, ckpt))
-    return net.eval(), ckpt
+    return net.float().eval(), ckpt  # float32 whatever train.precision trained it in: export stays fp32/int8
 
 
 @torch.inference_mode()
