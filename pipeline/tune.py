@@ -459,14 +459,37 @@ def tune(name: str, cfg: Config | None = None, trials: int | None = None, timeou
         _check_same_inputs(study, prep.data_hash, cfg)
         if not study.trials:  # start from the base configuration: never worse on validation
             study.enqueue_trial(base_values(space, cfg), user_attrs={"base": True})
+        else:
+            fail_stale_trials(study)  # a base trial its killed worker left RUNNING is failed now, then rerun
+            requeue_base(study, space, cfg)
         parent = _parent_run(study, experiment, {"dataset": name, "objective": objective, "trials": trials,
                                                  "pruner": cfg.tune.pruner, "seed": cfg.tune.seed,
                                                  "storage": storage or "journal"})
     console.print(f"[bold]tune[/] study {study.study_name}: {_count(study)} of {trials} trials done")
-    if _count(study) < trials:
-        _optimise(study, prep, cfg, space, pareto, trials, timeout, parent, experiment)
+    # A rerun base trial takes the next slot; when every slot is taken, it gets one of its own.
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    waiting_base = any(t.user_attrs.get("base") for t in waiting)
+    budget = max(trials, _count(study) + 1) if waiting_base and trials > 0 else trials
+    if _count(study) < budget:
+        _optimise(study, prep, cfg, space, pareto, budget, timeout, parent, experiment)
     with _locked(lock):
         return finish(name, study, cfg, pareto, prep, parent)
+
+
+def requeue_base(study: optuna.Study, space: dict, cfg: Config) -> bool:
+    """Enqueue the base configuration again when its trial failed (a worker killed during trial 0) and none
+    is complete, running, waiting or pruned: without it `choose` has nothing to beat and the 90% bootstrap
+    rule would be skipped. Gives up after MAX_FAILURES failed base trials (a base that cannot train)."""
+    bases = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("base")]
+    if not bases or any(t.state != TrialState.FAIL for t in bases):
+        return False
+    if len(bases) >= MAX_FAILURES:
+        console.print(f"[yellow]tune: the base trial failed {len(bases)} times; not running it again, so no "
+                      "trial is compared with the default configuration[/]")
+        return False
+    study.enqueue_trial(base_values(space, cfg), user_attrs={"base": True})
+    console.print(f"[yellow]tune: the base trial {bases[-1].number} did not finish; running it again[/]")
+    return True
 
 
 def _optimise(study, prep, cfg, space, pareto, n_trials, timeout, parent, experiment) -> None:

@@ -391,3 +391,60 @@ def test_pareto_study_writes_the_front_and_picks_within_budget(world, env, tmp_p
     assert len(rows) == len(study.best_trials) and "chosen" in table
     assert (out / "pareto.png").stat().st_size > 1000
     assert np.isclose(read_json(out / "summary.json")["best_values"], within.values).all()
+
+
+def test_a_failed_base_trial_is_enqueued_again_until_it_runs(capsys):
+    from pipeline.tune import MAX_FAILURES, base_values, requeue_base, search_space
+
+    cfg = load_config(None, ["train.max_epochs=3"])
+    space = search_space(cfg)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(base_values(space, cfg), user_attrs={"base": True})
+    assert not requeue_base(study, space, cfg)  # waiting
+    trial = study.ask()
+    assert not requeue_base(study, space, cfg)  # running
+    study.tell(trial, state=TrialState.FAIL)  # killed during trial 0
+    assert requeue_base(study, space, cfg)
+    assert not requeue_base(study, space, cfg)  # one waiting copy, not two
+    again = study.ask()
+    assert again.user_attrs["base"] and again.params == trial.params
+    study.tell(again, 0.5)
+    assert not requeue_base(study, space, cfg)  # complete
+    # a base that fails every time is not rerun forever
+    stuck = optuna.create_study(direction="maximize")
+    for _ in range(MAX_FAILURES):
+        stuck.enqueue_trial(base_values(space, cfg), user_attrs={"base": True})
+        stuck.tell(stuck.ask(), state=TrialState.FAIL)
+    assert not requeue_base(stuck, space, cfg)
+    assert "not running it again" in capsys.readouterr().err
+
+
+def test_a_study_killed_during_its_base_trial_reruns_it(world, env, tmp_path, workers):
+    from pipeline.tune import tune
+
+    study_name = "prerouter-demo-quality"
+    proc = workers(world, env, "--trials", "2")
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # kill it during trial 0, the base configuration
+            time.sleep(0.05)
+            try:
+                trials = load(study_name, tmp_path).get_trials()
+            except (KeyError, FileNotFoundError):
+                continue
+            if trials and trials[0].state == TrialState.RUNNING and "mlflow_run_id" in trials[0].user_attrs:
+                break
+        else:
+            pytest.fail("the worker never started trial 0:\n" + Path(proc.log).read_text()[-3000:])
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.join()
+
+    result = tune("demo", load_config(world["config"]), trials=2)
+    after = load(study_name, tmp_path).get_trials()
+    assert after[0].state == TrialState.FAIL and after[0].user_attrs["base"]
+    bases = [t for t in after if t.user_attrs.get("base") and t.state == TrialState.COMPLETE]
+    assert len(bases) == 1 and bases[0].params == after[0].params  # rerun, so `choose` had its base to beat
+    assert len([t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 2
+    assert result.best_trial is not None
