@@ -280,6 +280,9 @@ def mlruns_root() -> Path:
     return Path(os.environ.get("PREROUTER_MLRUNS_DIR", "mlruns"))
 
 
+_LOCAL_URI: str | None = None  # the local store setup_mlflow last pointed MLflow at
+
+
 def setup_mlflow(experiment: str = "prerouter") -> str:
     """Point MLflow at the team server in MLFLOW_TRACKING_URI, else a SQLite store under mlruns/.
 
@@ -288,12 +291,18 @@ def setup_mlflow(experiment: str = "prerouter") -> str:
     """
     import mlflow
 
+    global _LOCAL_URI
     artifact_location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: a value this function set itself is not
+    # a team server, and must follow PREROUTER_MLRUNS_DIR when that changes within one process.
+    if os.environ.get("MLFLOW_TRACKING_URI") in (None, "", _LOCAL_URI):
         root = mlruns_root().resolve()
         root.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+        _LOCAL_URI = f"sqlite:///{root / 'mlflow.db'}"
+        mlflow.set_tracking_uri(_LOCAL_URI)
         artifact_location = (root / "artifacts").as_uri()
+    else:  # the user's server, even where this process pointed MLflow elsewhere before
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     exp = mlflow.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment, artifact_location=artifact_location)
     mlflow.set_experiment(experiment_id=exp_id)

@@ -480,3 +480,22 @@ def test_a_rerun_registers_a_bundle_that_export_skipped_as_up_to_date(tracking, 
     _stub_stages(monkeypatch)
     out = run("demo.csv", name="demo")
     assert logged == ([] if registered else [(out, {"m": 1}, "demo")])
+
+
+def test_setup_mlflow_follows_the_mlruns_dir_it_set_itself_but_keeps_a_team_server(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a second local store in the same process
+    must still be used, while a URI the user set stays in charge."""
+    import mlflow
+
+    from pipeline.common import setup_mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PREROUTER_MLRUNS_DIR", str(tmp_path / "one"))
+    setup_mlflow()
+    monkeypatch.setenv("PREROUTER_MLRUNS_DIR", str(tmp_path / "two"))
+    setup_mlflow()
+    assert mlflow.get_tracking_uri() == f"sqlite:///{(tmp_path / 'two').resolve() / 'mlflow.db'}"
+    team = f"sqlite:///{tmp_path / 'team.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team)
+    setup_mlflow()
+    assert mlflow.get_tracking_uri() == team
