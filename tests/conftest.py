@@ -7,6 +7,13 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _no_inherited_tracking_uri(monkeypatch):
+    """Every test starts without MLFLOW_TRACKING_URI: mlflow.set_tracking_uri exports it, so one test's
+    store (or a developer's team server) would otherwise become the next test's."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def data_dir(tmp_path, monkeypatch) -> Path:
     """PREROUTER_DATA_DIR pointed at an empty folder of this test."""

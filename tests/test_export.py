@@ -192,6 +192,8 @@ def test_export_by_name_gates_logs_and_registers(tmp_path, monkeypatch):
     from pipeline.metrics import apgr
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")  # over any store an earlier test set in-process
+    mlflow.set_experiment("prerouter")  # and its experiment, which an earlier test's id would not name here
     monkeypatch.setenv("PREROUTER_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.chdir(tmp_path)  # the default artifact root lands here
     rng = np.random.default_rng(0)
