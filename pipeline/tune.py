@@ -57,7 +57,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from .common import ConfigError, console, mlruns_root, model_dir, sha256_json, write_json
+from .common import (ConfigError, console, mlruns_root, model_dir, process_alive, process_start, sha256_json,
+                     write_json)
 from .config import Config, check_machine, load_config
 
 # The default search space, one entry per dotted config key (format in the module docstring).
@@ -249,32 +250,13 @@ def _locked(path: Path) -> Iterator[None]:
 HOST = socket.gethostname()
 
 
-def _proc_start(pid: int) -> int | None:
-    """Start time of a process (Linux clock ticks since boot), so a reused pid is not mistaken for it."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else int(fields[19])  # a zombie has exited
-
-
-def _alive(pid: int, start: int | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start is None or _proc_start(pid) == start
-
-
 def fail_stale_trials(study: optuna.Study) -> list[int]:
     """Mark RUNNING trials whose worker died as FAIL (and their MLflow runs as failed); returns their numbers."""
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker") or {}
         beat = t.user_attrs.get("heartbeat", t.datetime_start.timestamp() if t.datetime_start else time.time())
-        dead = worker.get("host") == HOST and not _alive(worker["pid"], worker.get("start"))
+        dead = worker.get("host") == HOST and not process_alive(worker["pid"], worker.get("start"))
         if dead or time.time() - beat > STALE_AFTER_S:
             study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
             failed.append(t.number)
@@ -288,7 +270,7 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
 @contextlib.contextmanager
 def _heartbeat(trial: optuna.Trial) -> Iterator[None]:
     """Record who runs the trial and refresh a heartbeat, so other workers can tell a dead trial from a slow one."""
-    trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid(), "start": _proc_start(os.getpid())})
+    trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid(), "start": process_start(os.getpid())})
     stop = threading.Event()
 
     def beat():
