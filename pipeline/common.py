@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -124,14 +125,17 @@ def model_dir(name: str) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; on success replace `final` with it.
+    """Yield a temporary sibling of `final`; on success make it the version `final` names.
 
-    A reader of `final` sees the previous version or the new one, whole. Writers of one name take
-    turns: each holds an advisory lock (`name_lock`) from before it starts writing until its version
-    is in place. On any exception the temporary directory is removed and `final` is untouched. A
-    kill leaves a temporary directory, which the next writer removes, or, between the two renames
-    of the swap (final -> `.NAME.old-*`, temporary -> final), the previous version set aside, which
-    the next writer puts back before doing anything else.
+    `final` is a symbolic link to a complete version folder beside it (`.NAME.v-TIME-PID`), swapped
+    in one rename, so the name always exists. A reader that needs several files of one version
+    resolves the name once (`Path.resolve()`, as `Router.load` does) and reads from there: the
+    version it resolved stays on disk until two more versions have been written, so a swap never
+    pulls files from under it. Writers of one name take turns: each holds an advisory lock
+    (`name_lock`) from before it starts writing until its version is in place. On any exception the
+    temporary folder is removed and `final` is untouched; a kill leaves a temporary folder, which
+    the next writer removes. A `final` that is a plain folder (written before versions existed)
+    becomes the previous version on the first write.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -140,36 +144,64 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
         try:
             yield tmp
-            if os.path.lexists(final):
-                old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{os.getpid()}-", dir=final.parent))
-                os.replace(final, old)  # a kill from here to the next rename: `_recover` restores `old`
-                try:
-                    os.replace(tmp, final)
-                except BaseException:
-                    os.replace(old, final)
-                    raise
-                _remove(old)
-            else:
-                os.replace(tmp, final)
+            version = final.parent / f".{final.name}.v-{time.time_ns()}-{os.getpid()}"
+            os.replace(tmp, version)  # complete: only finished folders carry a version name
         except BaseException:
             _remove(tmp)
             raise
+        previous = _named_version(final)
+        if os.path.lexists(final) and previous is None:  # a plain folder from before versions
+            previous = final.parent / f".{final.name}.v-0-{os.getpid()}"
+            os.replace(final, previous)
+        link = final.parent / f".{final.name}.link-{os.getpid()}"
+        _remove(link)
+        os.symlink(version.name, link, target_is_directory=True)
+        os.replace(link, final)  # the swap: one rename, `final` never missing
+        for old in versions(final):
+            if old not in (version, previous):
+                _remove(old)
 
 
-def _set_aside(final: Path) -> list[Path]:
-    """Previous versions of `final` moved aside by a swap (`.tmp-old` is the name writers used before)."""
-    return [*final.parent.glob(f".{final.name}.old-*"), *final.parent.glob(f".{final.name}.tmp-old")]
+def versions(final: Path) -> list[Path]:
+    """The version folders kept for `final` (the one it names and the one before), oldest first."""
+    final = Path(final)
+    found = final.parent.glob(f".{final.name}.v-*")
+    return sorted(found, key=lambda p: int(p.name.rsplit(".v-", 1)[1].split("-")[0]))
+
+
+def _named_version(final: Path) -> Path | None:
+    """The version folder the link `final` names (None when `final` is missing or a plain folder)."""
+    return final.parent / os.readlink(final) if final.is_symlink() else None
+
+
+def remove_dir(final: Path) -> None:
+    """Delete `final` and every version of it, under its lock."""
+    final = Path(final)
+    if not os.path.lexists(final.parent):
+        return
+    with name_lock(final):
+        _remove(final)
+        for path in [*versions(final), *final.parent.glob(f".{final.name}.tmp-*")]:
+            _remove(path)
 
 
 def _recover(final: Path) -> None:
-    """Under the name's lock: put back a version a killed swap left aside, then remove what killed writers left."""
-    aside = _set_aside(final)
+    """Under the name's lock: remove what killed writers left (temporary folders, links, versions
+    that `final` no longer names beyond the one before it), and put back a version that a writer of
+    the earlier, two-rename kind set aside (`.NAME.old-*`) when it was killed mid-swap."""
+    aside = [*final.parent.glob(f".{final.name}.old-*"), *final.parent.glob(f".{final.name}.tmp-old")]
     if aside and not os.path.lexists(final):
         newest = max(aside, key=lambda p: p.lstat().st_ctime_ns)  # a rename updates ctime: the last one set aside
         os.replace(newest, final)
         console.print(f"[yellow]{final}: restored the previous version, which an interrupted write had set aside[/]")
-    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *_set_aside(final)]:
-        _remove(stale)
+    stale = [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.link-*"),
+             *final.parent.glob(f".{final.name}.old-*")]
+    current = _named_version(final)
+    kept = [v for v in versions(final) if v != current]
+    # keep the newest version before the current one for readers still on it; with no link, none is
+    stale += kept[:-1] if current is not None else kept
+    for path in stale:
+        _remove(path)
 
 
 def _remove(path: Path) -> None:

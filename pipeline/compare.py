@@ -25,14 +25,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-from .common import ConfigError, DataError, console, models_root, write_json
+from .common import ConfigError, DataError, console, models_root, remove_dir, write_json
 
 SHARES = (0.2, 0.5, 0.8)
 METRICS = ("auto", "apgr", "routed", "win")
@@ -134,7 +133,7 @@ def _labeled(data: str, label_options: Mapping | None) -> Iterator[tuple[object,
             ds, stats = load_labels(name)
             yield ds, stats, True, name
         finally:
-            shutil.rmtree(processed_dir(name), ignore_errors=True)
+            remove_dir(processed_dir(name))
         return
     if not (processed_dir(data) / "manifest.json").is_file():
         raise DataError(f"{data!r} is neither a data file nor a dataset under {processed_dir(data).parent}")

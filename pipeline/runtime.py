@@ -655,11 +655,12 @@ class Router:
         the file and the reason (`verify=False` skips the hashes, not the structure checks).
         """
         path = Path(path)
+        files = path.resolve()  # one version throughout, even if the bundle is rewritten meanwhile
         meta_path = path / "router.json"
-        if not meta_path.is_file():
+        if not (files / "router.json").is_file():
             raise _bundle_error("not a bundle: router.json is missing", path)
         try:
-            with open(meta_path, "rb") as f:
+            with open(files / "router.json", "rb") as f:
                 raw = f.read(MAX_ROUTER_JSON_BYTES + 1)
             if len(raw) > MAX_ROUTER_JSON_BYTES:
                 raise _bundle_error(f"router.json is larger than {MAX_ROUTER_JSON_BYTES >> 20} MiB", meta_path)
@@ -676,7 +677,7 @@ class Router:
             raise _bundle_error(f"schema_version {version!r} is not supported "
                                 f"(this runtime reads {SCHEMA_VERSION})", meta_path)
         try:
-            check_router_json(config, path, verify)
+            check_router_json(config, files, verify)
         except ValueError as e:
             raise _bundle_error(f"router.json is invalid: {e}", meta_path) from None
         if verify:
@@ -684,16 +685,16 @@ class Router:
                 raise _bundle_error("bundle_sha256 mismatch: router.json or its list of files changed after export",
                                     meta_path)
             for name, digest in config["files"].items():
-                f = path / name
+                f = files / name
                 if not f.is_file():
-                    raise _bundle_error("listed in router.json but missing", f)
+                    raise _bundle_error("listed in router.json but missing", path / name)
                 if _sha256(f) != digest:
-                    raise _bundle_error("sha256 mismatch: the file changed after export", f)
-        model_file = path / config["onnx"]["int8" if quantized else "fp32"]
-        tokenizer_file = path / config["tokenizer"].get("file", "tokenizer.json")
+                    raise _bundle_error("sha256 mismatch: the file changed after export", path / name)
+        model_file = files / config["onnx"]["int8" if quantized else "fp32"]
+        tokenizer_file = files / config["tokenizer"].get("file", "tokenizer.json")
         for f in (model_file, tokenizer_file):
             if not f.is_file():
-                raise _bundle_error("missing from the bundle", f)
+                raise _bundle_error("missing from the bundle", path / f.name)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

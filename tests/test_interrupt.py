@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.common import atomic_dir, read_json
+from pipeline.common import atomic_dir, read_json, remove_dir, versions
 
 REPO = Path(__file__).resolve().parents[1]
 N_FILES = 40  # files one atomic write puts in its directory
@@ -30,8 +30,17 @@ def env_for(tmp_path: Path) -> dict:
 
 
 def hidden(folder: Path) -> list[str]:
-    """Temporary siblings and caches (names starting with a dot) anywhere under `folder`."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*")) if folder.exists() else []
+    """Leftovers: names starting with a dot anywhere under `folder` (temporaries, lock files, versions set
+    aside), apart from what `atomic_dir` keeps behind each name: the version it names and one before it."""
+    if not folder.exists():
+        return []
+    kept = set()
+    for link in folder.rglob("*"):
+        if link.is_symlink():
+            current = link.parent / os.readlink(link)
+            others = [v for v in versions(link) if v != current]
+            kept |= {current, *others[-1:]}
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p not in kept)
 
 
 def kill_after(cmd: list[str], env: dict, delay: float | None = None, when=None, poll: float = 0.002) -> int | None:
@@ -77,7 +86,9 @@ WRITER = textwrap.dedent("""
 
 
 def written_version(final: Path) -> str | None:
-    """The version a complete directory holds; None when absent; fails when it is partial or mixed."""
+    """The version a complete directory holds; None when absent; fails when it is partial or mixed.
+    Resolves the name once, as a reader of several files of one version must."""
+    final = final.resolve()
     if not final.exists():
         return None
     files = sorted(final.iterdir())
@@ -121,12 +132,11 @@ def test_atomic_dir_killed_mid_write_leaves_absent_or_complete_and_the_next_writ
     assert subprocess.run(writer + ["a"], env=env).returncode == 0
     assert written_version(final) == "a" and hidden(tmp_path) == []
 
-    # Killed while replacing version a with b, at random points: always a complete a or b.
-    # (Absent is possible only between its two renames, a window of microseconds.)
+    # Killed while replacing version a with b, at random points: always a complete version, never absent.
     rng = random.Random()
     for version in "bcdef":
         code = kill_after(writer + [version], env, delay=rng.uniform(0.05, 0.6))
-        assert written_version(final) in {None, "a", "b", "c", "d", "e", "f"}
+        assert written_version(final) in {"a", "b", "c", "d", "e", "f"}
         if code is not None:
             assert code == 0 and written_version(final) == version
     assert subprocess.run(writer + ["g"], env=env).returncode == 0
@@ -158,11 +168,12 @@ KILLED_AT_RENAME = textwrap.dedent("""
 FAILING_WRITER = WRITER.replace('print("half", flush=True)', 'raise RuntimeError("crash while writing")')
 
 
-@pytest.mark.parametrize("target, when, left", [(1, "before", "a"), (1, "after", None), (2, "after", "b")])
+@pytest.mark.parametrize("target, when, left", [(1, "before", "a"), (1, "after", "a"), (2, "before", "a"),
+                                                (2, "after", "b")])
 def test_atomic_dir_killed_at_each_rename_is_recovered_by_the_next_writer(tmp_path, target, when, left):
-    """A swap is two renames (final -> old, temporary -> final). A kill just before the first leaves the old
-    version; just after it (before the second), the old version aside and nothing at `final`: the next
-    writer puts it back, even when that writer then fails; after the second, the new version."""
+    """A write is two renames (temporary -> version folder, new link -> final). A kill at any point leaves
+    the old version or the new one at `final`, never nothing; the next writer, even one that then fails,
+    cleans up what the killed one left and keeps the version `final` names."""
     final, env = tmp_path / "artifact", env_for(tmp_path)
     assert subprocess.run([sys.executable, "-c", WRITER, str(final), "a"], env=env).returncode == 0
     killed = subprocess.run([sys.executable, "-c", KILLED_AT_RENAME, str(final), "b", str(target), when], env=env)
@@ -172,23 +183,58 @@ def test_atomic_dir_killed_at_each_rename_is_recovered_by_the_next_writer(tmp_pa
 
     failing = subprocess.run([sys.executable, "-c", FAILING_WRITER, str(final), "c"], env=env, capture_output=True)
     assert failing.returncode == 1 and b"crash while writing" in failing.stderr
-    assert written_version(final) == (left or "a") and hidden(tmp_path) == []  # restored, not deleted
+    assert written_version(final) == left and hidden(tmp_path) == []  # kept, not deleted
 
     assert subprocess.run([sys.executable, "-c", WRITER, str(final), "d"], env=env).returncode == 0
     assert written_version(final) == "d" and hidden(tmp_path) == []
 
 
-def test_atomic_dir_restores_a_version_left_aside_by_an_older_writer(tmp_path):
-    """Before per-process names, the version moved aside was `.NAME.tmp-old`: restored all the same."""
+@pytest.mark.parametrize("aside", [".artifact.tmp-old", ".artifact.old-123-abcdefgh"])
+def test_atomic_dir_restores_a_version_left_aside_by_an_older_writer(tmp_path, aside):
+    """Writers before versioned names swapped plain folders in two renames and, killed between them, left
+    the old folder aside (`.NAME.tmp-old`, later `.NAME.old-*`) and nothing at `final`: put back."""
     final = tmp_path / "artifact"
-    with atomic_dir(final) as tmp:
-        for i in range(N_FILES):
-            (tmp / f"part{i:02d}").write_text("a" * 1000)
-    final.rename(tmp_path / ".artifact.tmp-old")
+    (tmp_path / aside).mkdir()
+    for i in range(N_FILES):
+        (tmp_path / aside / f"part{i:02d}").write_text("a" * 1000)
     with pytest.raises(RuntimeError):
         with atomic_dir(final):
             raise RuntimeError("crash while writing")
     assert written_version(final) == "a" and hidden(tmp_path) == []
+
+
+def test_atomic_dir_takes_over_a_plain_folder_and_keeps_two_versions(tmp_path):
+    """A `final` written as a plain folder (before versioned names) becomes the version before the first new
+    one; from then on the name is a link and only the version it names and the one before stay on disk."""
+    final = tmp_path / "artifact"
+    final.mkdir()
+    for i in range(N_FILES):
+        (final / f"part{i:02d}").write_text("a" * 1000)
+    for version in "bcd":
+        with atomic_dir(final) as tmp:
+            for i in range(N_FILES):
+                (tmp / f"part{i:02d}").write_text(version * 1000)
+        kept = versions(final)
+        assert final.is_symlink() and len(kept) == 2 and kept[-1] == final.resolve()
+        if version == "b":
+            assert written_version(kept[0]) == "a"  # the plain folder, kept for readers one more write
+    assert written_version(final) == "d" and written_version(kept[0]) == "c"
+    assert hidden(tmp_path) == []
+    remove_dir(final)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_that_resolved_the_name_reads_one_whole_version_across_a_swap(tmp_path):
+    final = tmp_path / "artifact"
+    for version in "ab":
+        with atomic_dir(final) as tmp:
+            for i in range(N_FILES):
+                (tmp / f"part{i:02d}").write_text(version * 1000)
+    pinned = final.resolve()
+    with atomic_dir(final) as tmp:
+        for i in range(N_FILES):
+            (tmp / f"part{i:02d}").write_text("c" * 1000)
+    assert written_version(pinned) == "b" and written_version(final) == "c"
 
 
 SLOW_WRITER = textwrap.dedent("""
