@@ -271,6 +271,17 @@ class TuneConfig(_Section):
     pruner: Literal["median", "hyperband"] = "median"
     seed: int = 0
     space: dict[str, Any] = Field(default_factory=dict)  # narrows the search space, see tune.py
+    # SQL storages only (workers on several machines; see tune_storage.py): Optuna's heartbeat and retry
+    heartbeat_interval: int = Field(60, ge=1)  # seconds between the heartbeats of a running trial
+    grace_period: int = Field(120, ge=1)  # seconds without one before another worker fails the trial
+    max_retry: int = Field(2, ge=0)  # times a failed trial's configuration is queued again
+
+    @model_validator(mode="after")
+    def _grace_outlasts_a_beat(self):
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"tune.grace_period ({self.grace_period} s) must be longer than "
+                             f"tune.heartbeat_interval ({self.heartbeat_interval} s)")
+        return self
 
 
 class Config(_Section):

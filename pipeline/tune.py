@@ -27,12 +27,14 @@ trial is the best validation APGR on the front whose p99 is within `export.budge
 Budget and resuming. `--trials N` is the size of the whole study: trials that finished (complete or
 pruned) in earlier or parallel processes count, so a rerun of the same command runs only the rest.
 The study is stored (default: a journal file `mlruns/optuna/STUDY.journal`) and reopened by name.
-A trial whose process died (same machine: its pid is gone; elsewhere: no heartbeat for
-`STALE_AFTER_S`) is marked failed and does not count; its configuration is not retried.
+A trial whose worker died is marked failed and does not count (how it is found depends on the
+storage, see `tune_storage.py`).
 
 Workers. Processes that run the same command with the same `--storage` share the study: on one
-machine the default journal file is enough; across machines pass an SQL URL Optuna supports
-(`--storage postgresql://user:pw@host/db`). Every trial is a nested MLflow run under the study's
+machine the default journal file is enough (a dead worker's trial: its pid is gone; not retried);
+across machines pass an SQL URL (`--storage postgresql://user@host/db`): Optuna's heartbeat fails a
+trial silent for `tune.grace_period` seconds and queues its configuration again, at most
+`tune.max_retry` times. Every trial is a nested MLflow run under the study's
 parent run. The last worker to finish writes the results: `models/NAME/tuned.yaml` (the chosen
 configuration), plots and tables under `models/NAME/tune/`, and the retrained checkpoint
 `models/NAME/checkpoint` of the chosen trial, ready for `prerouter export`.
@@ -42,10 +44,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import math
-import os
-import socket
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -57,9 +56,9 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from .common import (ConfigError, console, mlruns_root, model_dir, process_alive, process_start, sha256_json,
-                     write_json)
+from .common import ConfigError, console, mlruns_root, model_dir, sha256_json, write_json
 from .config import Config, check_machine, load_config
+from .tune_storage import StudyStorage, open_storage
 
 # The default search space, one entry per dotted config key (format in the module docstring).
 SPACE: dict[str, Any] = {
@@ -79,7 +78,6 @@ ONLY_WHEN = {"student.layers": ("student.family", "transformer")}  # searched on
 
 LATENCY_DECISIONS = 300  # timed decisions per Pareto candidate (after 200 warm-up ones)
 LATENCY_HOLDOUT = 512  # val prompts the candidate's export parity gate runs on
-HEARTBEAT_S, STALE_AFTER_S = 30.0, 300.0
 MAX_FAILURES = 3  # consecutive failed trials before the worker gives up
 CONFIDENCE, BOOTSTRAP = 0.9, 1000  # a trial replaces the base one when it is better in 90% of val resamples
 
@@ -190,28 +188,21 @@ def _get(cfg: Config, key: str) -> Any:
 # ----------------------------------------------------------------------------- storage, workers, MLflow
 
 def open_study(name: str, storage: str | None, study_name: str | None, directions: list[str],
-               cfg: Config, n_trials: int) -> tuple[optuna.Study, Path]:
-    """Create or reopen the study; returns it and the local lock file that serialises its set-up."""
+               cfg: Config, n_trials: int) -> tuple[optuna.Study, StudyStorage, Path]:
+    """Create or reopen the study; returns it, its storage (a journal file, or an SQL database with
+    Optuna's heartbeat) and the local lock file that serialises its set-up."""
     study_name = study_name or f"prerouter-{name}-{'pareto' if len(directions) > 1 else 'quality'}"
     root = mlruns_root() / "optuna"
     root.mkdir(parents=True, exist_ok=True)
-    if storage is None or "://" not in storage:  # a journal file: many processes on one machine
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        path = Path(storage) if storage else root / f"{study_name}.journal"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        backend: Any = JournalStorage(JournalFileBackend(str(path)))
-    else:  # an SQL URL: workers on many machines
-        backend = storage
+    store = open_storage(storage, root / f"{study_name}.journal", cfg.tune)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=study_name, storage=backend, directions=directions,
+    study = optuna.create_study(study_name=study_name, storage=store.backend, directions=directions,
                                 sampler=_sampler(cfg.tune.seed, 0, n_trials), pruner=make_pruner(cfg),
                                 load_if_exists=True)
     if [d.name.lower() for d in study.directions] != directions:
         raise ConfigError(f"study {study_name!r} optimises {[d.name.lower() for d in study.directions]}, "
                           f"not {directions}: pass another --study-name")
-    return study, root / f".{study_name}.lock"
+    return study, store, root / f".{study_name}.lock"
 
 
 def _sampler(seed: int, trial_number: int, n_trials: int) -> optuna.samplers.TPESampler:
@@ -247,46 +238,18 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-HOST = socket.gethostname()
-
-
-def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Mark RUNNING trials whose worker died as FAIL (and their MLflow runs as failed); returns their numbers."""
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker") or {}
-        beat = t.user_attrs.get("heartbeat", t.datetime_start.timestamp() if t.datetime_start else time.time())
-        dead = worker.get("host") == HOST and not process_alive(worker["pid"], worker.get("start"))
-        if dead or time.time() - beat > STALE_AFTER_S:
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            failed.append(t.number)
-            if t.user_attrs.get("mlflow_run_id"):
-                _end_run(t.user_attrs["mlflow_run_id"], "FAIL")
-    if failed:
-        console.print(f"[yellow]tune: trials {failed} were left running by a stopped worker; marked failed[/]")
-    return failed
-
-
-@contextlib.contextmanager
-def _heartbeat(trial: optuna.Trial) -> Iterator[None]:
-    """Record who runs the trial and refresh a heartbeat, so other workers can tell a dead trial from a slow one."""
-    trial.set_user_attr("worker", {"host": HOST, "pid": os.getpid(), "start": process_start(os.getpid())})
-    stop = threading.Event()
-
-    def beat():
-        while not stop.wait(HEARTBEAT_S):
-            try:
-                trial.set_user_attr("heartbeat", time.time())
-            except optuna.exceptions.UpdateFinishedTrialError:  # another worker gave up on it
-                return
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+def fail_stale_trials(study: optuna.Study, store: StudyStorage) -> list[int]:
+    """Mark RUNNING trials whose worker died as FAIL (and their MLflow runs as failed); returns their numbers.
+    With an SQL storage Optuna also queues their configurations again (tune.max_retry)."""
+    failed = store.fail_stale_trials(study)
+    for t in failed:
+        if t.user_attrs.get("mlflow_run_id"):
+            _end_run(t.user_attrs["mlflow_run_id"], "FAIL")
+    numbers = [t.number for t in failed]
+    if numbers:
+        again = f", to run again (a configuration at most {store.max_retry} more times)" if store.max_retry else ""
+        console.print(f"[yellow]tune: trials {numbers} were left running by a stopped worker; marked failed{again}[/]")
+    return numbers
 
 
 def _parent_run(study: optuna.Study, experiment: str, settings: dict) -> str:
@@ -435,25 +398,25 @@ def tune(name: str, cfg: Config | None = None, trials: int | None = None, timeou
             choose_group_by(prep, cfg, Path(work))  # leaves the chosen targets in prep.fit_target
     quality = "maximize" if prep.pair is not None else "minimize"  # val APGR, else val loss
     directions = [quality, "minimize"] if pareto else [quality]
-    study, lock = open_study(name, storage, study_name, directions, cfg, trials)
+    study, store, lock = open_study(name, storage, study_name, directions, cfg, trials)
     with _locked(lock):  # one parent MLflow run and one base trial per study, even when workers start together
         experiment = setup_mlflow()
         _check_same_inputs(study, prep.data_hash, cfg)
         if not study.trials:  # start from the base configuration: never worse on validation
             study.enqueue_trial(base_values(space, cfg), user_attrs={"base": True})
         else:
-            fail_stale_trials(study)  # a base trial its killed worker left RUNNING is failed now, then rerun
+            fail_stale_trials(study, store)  # a base trial its killed worker left RUNNING is failed now, then rerun
             requeue_base(study, space, cfg)
         parent = _parent_run(study, experiment, {"dataset": name, "objective": objective, "trials": trials,
                                                  "pruner": cfg.tune.pruner, "seed": cfg.tune.seed,
-                                                 "storage": storage or "journal"})
+                                                 "storage": store.label})
     console.print(f"[bold]tune[/] study {study.study_name}: {_count(study)} of {trials} trials done")
     # A rerun base trial takes the next slot; when every slot is taken, it gets one of its own.
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     waiting_base = any(t.user_attrs.get("base") for t in waiting)
     budget = max(trials, _count(study) + 1) if waiting_base and trials > 0 else trials
     if _count(study) < budget:
-        _optimise(study, prep, cfg, space, pareto, budget, timeout, parent, experiment)
+        _optimise(study, store, prep, cfg, space, pareto, budget, timeout, parent, experiment)
     with _locked(lock):
         return finish(name, study, cfg, pareto, prep, parent)
 
@@ -474,15 +437,15 @@ def requeue_base(study: optuna.Study, space: dict, cfg: Config) -> bool:
     return True
 
 
-def _optimise(study, prep, cfg, space, pareto, n_trials, timeout, parent, experiment) -> None:
+def _optimise(study, store, prep, cfg, space, pareto, n_trials, timeout, parent, experiment) -> None:
     teachers: dict = {}
     deadline = time.monotonic() + timeout if timeout else math.inf
     failures = 0
     while time.monotonic() < deadline:
-        fail_stale_trials(study)
+        fail_stale_trials(study, store)
         if _count(study, running=True) >= n_trials:
             break
-        trial = study.ask()
+        trial = store.ask(study)  # a WAITING trial first: the base one, or a dead worker's trial queued again
         study.sampler = _sampler(cfg.tune.seed, trial.number, n_trials)  # before the first suggest
         ahead = [t for t in study.get_trials(deepcopy=False)
                  if t.number < trial.number and t.state != TrialState.FAIL and t.state != TrialState.WAITING]
@@ -491,7 +454,7 @@ def _optimise(study, prep, cfg, space, pareto, n_trials, timeout, parent, experi
             study.tell(trial, state=TrialState.FAIL)
             break
         try:
-            with _heartbeat(trial):
+            with store.heartbeat(trial):
                 values = run_trial(trial, prep, cfg, space, pareto, parent, experiment, teachers)
         except optuna.TrialPruned as e:
             study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)

@@ -1,4 +1,5 @@
-"""Tune stage: the search space format, a pruned study, resuming after a kill, two workers, Pareto mode.
+"""Tune stage: the search space format, a pruned study, resuming after a kill, two workers, Pareto mode,
+a dead worker's trial run again on an SQL storage (more on storages in test_tune_storage.py).
 
 Everything runs on a 400-prompt demo set with a 1-layer, 32-wide teacher and 16-32-wide students
 trained for a few epochs, so a trial takes about a second.
@@ -11,12 +12,14 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 import yaml
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from pipeline.common import ConfigError, read_json
@@ -450,3 +453,29 @@ def test_a_study_killed_during_its_base_trial_reruns_it(world, env, tmp_path, wo
     assert len(bases) == 1 and bases[0].params == after[0].params  # rerun, so `choose` had its base to beat
     assert len([t for t in after if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 2
     assert result.best_trial is not None
+
+
+def test_an_sql_study_runs_a_dead_workers_trial_again(world, env, tmp_path):
+    """With an SQL storage a worker killed mid-trial is found by Optuna's heartbeat, not by its pid: after the
+    grace period the next worker fails the trial and runs its configuration again (RetryHeartbeatStaleTrialCallback)."""
+    from pipeline.tune import open_study, search_space, suggest, tune
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = load_config(world["config"], ["tune.heartbeat_interval=1", "tune.grace_period=2"])
+    tune("demo", cfg, trials=1, storage=url)  # the base trial
+    study, store, _ = open_study("demo", url, None, ["maximize"], cfg, 2)
+    dead = store.ask(study)  # a worker that asked a trial, drew its configuration and was killed
+    values = suggest(dead, search_space(cfg), cfg)
+    time.sleep(3.5)  # past the grace period (SQLite's clock counts whole seconds)
+
+    result = tune("demo", cfg, trials=2, storage=url)
+    trials = optuna.load_study(study_name=study.study_name, storage=url).get_trials()
+    assert trials[dead.number].state == TrialState.FAIL
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        again = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == dead.number]
+    assert len(again) == 1 and again[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert again[0].user_attrs["config"] == values  # the same configuration, run to the end
+    assert len([t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 2
+    assert not list((tmp_path / "mlruns" / "optuna").glob("*.journal"))  # no journal file in play
+    assert runs().set_index("run_id").loc[result.study.user_attrs["mlflow_run_id"], "params.storage"] == url
