@@ -162,6 +162,9 @@ class TrainConfig(_Section):
     # Only training reads the column: serving still sees the prompt alone.
     group_by: Optional[str] = "auto"  # "auto": chosen on validation among metadata columns (pipeline/select.py)
     group_smoothing: float = Field(0.6, ge=0.0, le=1.0)
+    # k-means rates of the nearest train prompts blended into the student's outputs, inside the graph;
+    # true: tried on validation and kept only where it routes better (pipeline/prior.py)
+    cluster_prior: bool = True
     seed: int = 0
     accelerator: str = "cpu"
     devices: Any = 1

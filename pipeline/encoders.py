@@ -245,6 +245,7 @@ class StaticRouter(nn.Module):
             self.embed.weight.data.copy_(torch.from_numpy(init[:vocab_size]))
         self.attn = nn.Linear(dim, 1)
         self.head = Head(dim, hidden, n_models, dropout)
+        self.register_module("prior", None)  # a prior.ClusterPrior, attached after training when chosen
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         e = self.embed(input_ids)
@@ -252,7 +253,7 @@ class StaticRouter(nn.Module):
         return torch.bmm(torch.softmax(w, dim=-1).unsqueeze(1), e).squeeze(1)  # ONNX-friendly weighted sum
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(input_ids, attention_mask))
+        return with_prior(self, self.features(input_ids, attention_mask))
 
 
 class TransformerRouter(nn.Module):
@@ -273,13 +274,20 @@ class TransformerRouter(nn.Module):
         if init is not None:
             self.bert.embeddings.word_embeddings.weight.data.copy_(torch.from_numpy(init[:vocab_size]))
         self.head = Head(dim, hidden, n_models, dropout)
+        self.register_module("prior", None)
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return _mean_pool(hidden, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(input_ids, attention_mask))
+        return with_prior(self, self.features(input_ids, attention_mask))
+
+
+def with_prior(student: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The head's logits for pooled features `h`, through the student's cluster prior when it has one."""
+    logits = student.head(h)
+    return logits if student.prior is None else student.prior(h, logits)
 
 
 def build_student(cfg, vocab_size: int, n_models: int, teacher: str | None = None,

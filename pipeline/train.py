@@ -31,7 +31,7 @@ from . import __version__, routing
 from .common import (DataError, atomic_dir, console, flatten, labels_dir, model_dir, processed_dir, prompt_hash,
                      read_json, sha256_json, write_json)
 from .config import Config, load_config
-from .encoders import (EmbeddingRouter, build_student, teacher_embeddings, teacher_path,
+from .encoders import (EmbeddingRouter, build_student, with_prior, teacher_embeddings, teacher_path,
                        tokenizer_file)
 from .runtime import compact_templates, encode, learn_templates, load_tokenizer, make_spec
 
@@ -488,12 +488,23 @@ def fit_student(prep: Prepared, cfg: Config, workdir: Path, callbacks=(), logger
 @torch.inference_mode()
 def predict(net: nn.Module, prep: Prepared, cfg: Config, rows: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Student probabilities [len(rows), n_models]."""
+    return student_outputs(net, prep, cfg, rows, batch_size)[1]
+
+
+@torch.no_grad()
+def student_outputs(net: nn.Module, prep: Prepared, cfg: Config, rows: np.ndarray,
+                    batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The student's pooled features [len(rows), dim] and probabilities [len(rows), n_models]."""
     ids = tokenize(prep, cfg)
-    out = []
+    hs, ps = [], []
     for i in range(0, len(rows), batch_size):
         batch = _collate([{"ids": ids[r], "target": prep.target[r]} for r in rows[i:i + batch_size]])
-        out.append(torch.sigmoid(net(batch["input_ids"], batch["attention_mask"])).numpy())
-    return np.concatenate(out) if out else np.zeros((0, len(prep.models)), np.float32)
+        h = net.features(batch["input_ids"], batch["attention_mask"])
+        hs.append(h.numpy())
+        ps.append(torch.sigmoid(with_prior(net, h)).numpy())
+    if not hs:
+        return np.zeros((0, net.feature_dim), np.float32), np.zeros((0, len(prep.models)), np.float32)
+    return np.concatenate(hs), np.concatenate(ps)
 
 
 # ----------------------------------------------------------------------------- decisions + metrics
@@ -628,6 +639,14 @@ def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, fo
         if not zero:
             return final
         val, test = prep.rows("val"), prep.rows("test")
+        if cfg.train.cluster_prior:
+            from .prior import fit_cluster_prior
+
+            h_train = student_outputs(student.eval(), prep, cfg, prep.rows("train"))[0]
+            h_val, p_val = student_outputs(student, prep, cfg, val)
+            student.prior, record = fit_cluster_prior(prep, h_train, h_val, p_val, cfg.train.seed)
+            selection = (selection or {}) | {"cluster_prior": record}
+            mlflow.log_dict(record, "cluster_prior.json")
         p_val, p_test = predict(student, prep, cfg, val), predict(student, prep, cfg, test)
         metrics = {"val": split_metrics(prep, p_val, val), "test": split_metrics(prep, p_test, test),
                    "teacher_test": split_metrics(prep, prep.teacher_prob[test], test)}
@@ -659,7 +678,13 @@ def load_trained(name_or_dir: str | Path) -> Trained:
     cfg = load_config(base=meta["config"])
     vocab = load_tokenizer(meta["tokenizer"]["source"]).get_vocab_size()
     student = build_student(cfg.student, vocab, len(meta["models"]), cfg.teacher.path, pretrained_init=False)
-    student.load_state_dict(torch.load(path / "student.pt", weights_only=True))
+    state = torch.load(path / "student.pt", weights_only=True)
+    if "prior.centroids" in state:
+        from .prior import ClusterPrior
+
+        k, dim = state["prior.centroids"].shape
+        student.prior = ClusterPrior.empty(k, dim, len(meta["models"]))
+    student.load_state_dict(state)
     return Trained(student.eval(), meta, path)
 
 

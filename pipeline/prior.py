@@ -1,0 +1,113 @@
+"""The cluster prior: each model's success rate on the train prompts nearest a prompt, blended into the
+student's probabilities, inside the exported graph.
+
+The cluster router (Avengers-Pro; `baselines.cluster_router`) is training-free and hard to beat on
+tables of similar models: a per-prompt head's argmax is noisy where models differ little, while a
+cluster's rate pools dozens of prompts. The prior brings that pooling into the student: k-means over
+the student's own pooled features of the train prompts, a [k, m] table of each model's rate per
+cluster (shrunk toward its overall rate), and at serving time
+
+    p = (1 - beta) * sigmoid(logits) + beta * softmax(cos(features, centroids) / tau) @ table
+
+returned as logits again, so the runtime, calibration and every decision rule stay as they are. k,
+tau and beta are chosen on the validation split (`select.val_quality`); beta = 0 (no prior) stays
+unless the best setting routes validation better in at least 90% of paired bootstrap resamples, as
+for group smoothing. The choice goes into the run and `router.json` (`selection.cluster_prior`).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .baselines import cluster_accuracy
+from .common import console
+
+KS = (10, 20, 40)
+TEMPERATURES = (0.02, 0.05, 0.1)
+BETAS = (0.25, 0.5, 0.75, 1.0)
+MIN_PER_CLUSTER = 20  # train prompts per cluster, on average
+EPS = 1e-6
+
+
+class ClusterPrior(nn.Module):
+    """features, logits -> logits of the blend of sigmoid(logits) with the nearest clusters' rates."""
+
+    def __init__(self, centroids: np.ndarray, table: np.ndarray, beta: float, temperature: float):
+        super().__init__()
+        self.register_buffer("centroids", torch.as_tensor(np.asarray(centroids, np.float32)))
+        self.register_buffer("table", torch.as_tensor(np.asarray(table, np.float32)))
+        self.register_buffer("beta", torch.tensor(float(beta)))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    @classmethod
+    def empty(cls, k: int, dim: int, n_models: int) -> "ClusterPrior":
+        """A prior of the right shapes, for `load_state_dict`."""
+        return cls(np.zeros((k, dim)), np.zeros((k, n_models)), 0.0, 1.0)
+
+    def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        unit = h / (h.norm(dim=-1, keepdim=True) + EPS)
+        weights = torch.softmax(unit @ self.centroids.T / self.temperature, dim=-1)
+        p = (1 - self.beta) * torch.sigmoid(logits) + self.beta * (weights @ self.table)
+        p = p.clamp(EPS, 1 - EPS)
+        return torch.log(p) - torch.log1p(-p)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / (np.linalg.norm(x, axis=1, keepdims=True) + EPS)
+
+
+def blend(p: np.ndarray, h: np.ndarray, centroids: np.ndarray, table: np.ndarray, beta: float,
+          temperature: float) -> np.ndarray:
+    """`ClusterPrior` in numpy, on probabilities: what the grid search scores."""
+    sim = _unit(h) @ centroids.T / temperature
+    w = np.exp(sim - sim.max(axis=1, keepdims=True))
+    w /= w.sum(axis=1, keepdims=True)
+    return np.clip((1 - beta) * p + beta * (w @ table), EPS, 1 - EPS)
+
+
+def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.ndarray,
+                      seed: int = 0) -> tuple[ClusterPrior | None, dict]:
+    """Choose k, tau and beta on validation; returns (the prior or None, the selection record).
+
+    `h_*` are the student's pooled features of the train and validation rows, `p_val` its validation
+    probabilities. Train targets are the raw observed outcomes (`prep.target`, `prep.mask`)."""
+    from sklearn.cluster import KMeans
+
+    from .select import BOOTSTRAP, MIN_WIN_RATE, bootstrap_win_rate, val_quality
+
+    train, val = prep.rows("train"), prep.rows("val")
+    base = val_quality(prep, p_val, val)
+    record = {"rule": f"cluster prior on the student's features, validation quality; kept when it beats "
+                      f"none in >= {MIN_WIN_RATE:.0%} of {BOOTSTRAP} paired bootstrap resamples",
+              "none": round(base, 4), "chosen": None}
+    ks = [k for k in KS if len(train) / k >= MIN_PER_CLUSTER]
+    if not ks or len(val) < 2:
+        record["skipped"] = "too few train or validation prompts"
+        return None, record
+    unit_train = _unit(h_train)
+    best = (base, None)
+    for k in ks:
+        km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(unit_train)
+        centroids = _unit(km.cluster_centers_)
+        table = cluster_accuracy(km.labels_, prep.target[train], prep.mask[train], k)
+        for tau in TEMPERATURES:
+            for beta in BETAS:
+                q = val_quality(prep, blend(p_val, h_val, centroids, table, beta, tau), val)
+                if q > best[0]:
+                    best = (q, (k, tau, beta, centroids, table))
+    if best[1] is None:
+        console.print(f"cluster prior chosen on validation: [bold]none[/] (no setting beats {base:.4f})")
+        return None, record
+    k, tau, beta, centroids, table = best[1]
+    rate = bootstrap_win_rate(prep, blend(p_val, h_val, centroids, table, beta, tau), p_val, val, seed)
+    record.update(best={"k": k, "temperature": tau, "beta": beta, "quality": round(best[0], 4)},
+                  win_rate=rate)
+    if rate < MIN_WIN_RATE:
+        console.print(f"cluster prior chosen on validation: [bold]none[/] (best k={k} tau={tau} beta={beta}: "
+                      f"{best[0]:.4f} vs {base:.4f}, wins {rate:.0%} of resamples)")
+        return None, record
+    record["chosen"] = {"k": k, "temperature": tau, "beta": beta}
+    console.print(f"cluster prior chosen on validation: [bold]k={k} tau={tau} beta={beta}[/] "
+                  f"({best[0]:.4f} vs {base:.4f} without)")
+    return ClusterPrior(centroids, table, beta, tau), record

@@ -1,0 +1,103 @@
+"""The cluster prior: chosen on validation only where it routes better, and exported inside the graph."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.encoders import StaticRouter
+from pipeline.prior import ClusterPrior, blend, fit_cluster_prior
+from pipeline.select import val_quality
+from pipeline.train import Prepared
+
+
+def _prep(n: int = 3000, informative: bool = True, seed: int = 0) -> tuple[Prepared, np.ndarray]:
+    """Three similar models; which one succeeds depends on the prompt's topic (8 topics, visible in the
+    features) when `informative`, on nothing otherwise. Returns the data and the features."""
+    rng = np.random.default_rng(seed)
+    topic = rng.integers(0, 8, n)
+    best = topic % 3
+    rate = np.full((n, 3), 0.45)
+    if informative:
+        rate[np.arange(n), best] = 0.75
+    target = (rng.random((n, 3)) < rate).astype(np.float32)
+    h = rng.normal(size=(n, 32)).astype(np.float32)
+    h[np.arange(n), topic] += 4.0
+    split = np.where(np.arange(n) % 10 < 6, "train", np.where(np.arange(n) % 10 < 8, "val", "test"))
+    prep = Prepared(name="t", models=["a", "b", "c"], costs=[None] * 3, pair=None, prompts=[""] * n,
+                    prompt_ids=[str(i) for i in range(n)], target=target, mask=np.ones((n, 3), bool),
+                    split=split, teacher_emb=h, data_hash="x", stats={})
+    return prep, h
+
+
+def test_the_torch_prior_is_the_numpy_blend_in_logit_space():
+    rng = np.random.default_rng(1)
+    centroids = rng.normal(size=(5, 8))
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    table, h, logits = rng.random((5, 3)), rng.normal(size=(7, 8)), rng.normal(size=(7, 3))
+    prior = ClusterPrior(centroids, table, beta=0.4, temperature=0.05)
+    out = prior(torch.tensor(h, dtype=torch.float32), torch.tensor(logits, dtype=torch.float32)).numpy()
+    expected = blend(1 / (1 + np.exp(-logits)), h, centroids, table, 0.4, 0.05)
+    assert np.allclose(1 / (1 + np.exp(-out)), expected, atol=1e-5)
+    none = ClusterPrior(centroids, table, beta=0.0, temperature=0.05)  # beta 0: the logits unchanged
+    assert np.allclose(none(torch.tensor(h, dtype=torch.float32), torch.tensor(logits, dtype=torch.float32)).numpy(),
+                       logits, atol=1e-4)
+
+
+def test_a_prior_is_chosen_where_clusters_tell_the_models_apart_and_recorded():
+    prep, h = _prep()
+    val, train = prep.rows("val"), prep.rows("train")
+    p_val = np.full((len(val), 3), 0.55, np.float32) + np.random.default_rng(2).normal(0, 0.05, (len(val), 3))
+    prior, record = fit_cluster_prior(prep, h[train], h[val], p_val)
+    assert prior is not None and record["chosen"] == {k: record["best"][k] for k in ("k", "temperature", "beta")}
+    assert record["win_rate"] >= 0.9 and record["best"]["quality"] > record["none"] + 0.05
+    blended = blend(p_val, h[val], prior.centroids.numpy(), prior.table.numpy(), float(prior.beta),
+                    float(prior.temperature))
+    assert val_quality(prep, blended, val) == pytest.approx(record["best"]["quality"], abs=1e-4)
+    test = prep.rows("test")  # and it carries to prompts it never saw
+    p_test = np.full((len(test), 3), 0.55, np.float32)
+    picked = blend(p_test, h[test], prior.centroids.numpy(), prior.table.numpy(), float(prior.beta),
+                   float(prior.temperature)).argmax(1)
+    assert (picked == (np.argmax(h[test, :8], axis=1) % 3)).mean() > 0.9
+
+
+def test_no_prior_where_clusters_carry_nothing():
+    prep, h = _prep(informative=False)
+    val, train = prep.rows("val"), prep.rows("train")
+    p_val = np.random.default_rng(3).random((len(val), 3)).astype(np.float32)
+    prior, record = fit_cluster_prior(prep, h[train], h[val], p_val)
+    assert prior is None and record["chosen"] is None and "none" in record
+
+
+def test_too_few_train_prompts_skip_the_search():
+    prep, h = _prep(n=150)
+    val, train = prep.rows("val"), prep.rows("train")
+    prior, record = fit_cluster_prior(prep, h[train], h[val], np.full((len(val), 3), 0.5))
+    assert prior is None and "skipped" in record
+
+
+def test_a_student_with_a_prior_exports_and_reloads_to_the_same_logits(tmp_path):
+    import onnxruntime as ort
+
+    from pipeline.export import to_onnx
+
+    torch.manual_seed(0)
+    net = StaticRouter(2000, 16, 8, 3).eval()
+    ids = torch.randint(1, 2000, (4, 9))
+    mask = torch.ones_like(ids)
+    before = net(ids, mask)
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(size=(6, 16))
+    net.prior = ClusterPrior(centroids / np.linalg.norm(centroids, axis=1, keepdims=True), rng.random((6, 3)),
+                             beta=0.5, temperature=0.1)
+    after = net(ids, mask)
+    assert not torch.allclose(before, after, atol=1e-3)  # the prior changes the outputs
+    session = ort.InferenceSession(str(to_onnx(net, tmp_path / "m.onnx")))
+    names = [i.name for i in session.get_inputs()]
+    onnx_out = session.run(None, {names[0]: ids.numpy(), names[1]: mask.numpy()})[0]
+    assert np.allclose(onnx_out, after.detach().numpy(), atol=1e-4)
+    reloaded = StaticRouter(2000, 16, 8, 3)
+    state = net.state_dict()
+    reloaded.prior = ClusterPrior.empty(*state["prior.centroids"].shape, 3)
+    reloaded.load_state_dict(state)
+    assert torch.allclose(reloaded.eval()(ids, mask), after, atol=1e-6)
