@@ -226,7 +226,7 @@ def quality_at_budgets(p, outcomes, mask, costs, lambdas: Mapping[str, float]) -
     return {key: _route(p, outcomes, mask, costs, lam) for key, lam in lambdas.items()}
 
 
-def _nondecreasing_hull(costs: np.ndarray, qualities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def nondecreasing_hull(costs: np.ndarray, qualities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Vertices of the non-decreasing upper convex hull of the points, by increasing cost."""
     order = np.lexsort((-qualities, costs))  # by cost, best quality first among equal costs
     xs, ys = [], []
@@ -262,7 +262,7 @@ def aiq(costs, qualities, cost_range: Sequence[float] | None = None) -> float:
         return float("nan")
     if lo < costs.min() - _EPS:
         raise ValueError(f"cost range starts at {lo}, below the cheapest point {costs.min()}")
-    hx, hy = _nondecreasing_hull(costs, qualities)
+    hx, hy = nondecreasing_hull(costs, qualities)
     grid = np.unique(np.concatenate([[lo, hi], hx[(hx > lo) & (hx < hi)]]))
     return float(np.trapezoid(np.interp(grid, hx, hy), grid) / (hi - lo))
 

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .metrics import _nondecreasing_hull, aiq, choose
+from .metrics import aiq, choose, nondecreasing_hull
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)  # cost budgets: fractions of the priciest model's cost
 
@@ -72,7 +72,7 @@ def frontier(cost, quality, cheapest: float, budgets: Sequence[float] = BUDGETS)
     c, q = np.asarray(cost, np.float64), np.asarray(quality, np.float64)
     keep = np.isfinite(c) & np.isfinite(q)
     c, q = c[keep], q[keep]
-    hx, hy = _nondecreasing_hull(c, q)
+    hx, hy = nondecreasing_hull(c, q)
     if hx[-1] < 1.0:
         hx, hy = np.r_[hx, 1.0], np.r_[hy, hy[-1]]
     at = [float(q[c <= b + 1e-12].max()) if (c <= b + 1e-12).any() else None for b in budgets]
