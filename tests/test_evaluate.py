@@ -99,24 +99,14 @@ def test_evaluate_on_the_three_model_demo_writes_and_logs_the_multi_section(tmp_
     import json
 
     import mlflow
-    import torch
 
     from pipeline.common import model_dir, setup_mlflow
     from pipeline.config import load_config
     from pipeline.evaluate import evaluate
-    from pipeline.ingest import ingest
-    from pipeline.label import label
     from pipeline.train import train
-    from tests.tiny import make_tiny_teacher
+    from tests.tiny import labeled_with_tiny_teacher
 
-    for var, sub in (("PREROUTER_DATA_DIR", "data"), ("PREROUTER_MLRUNS_DIR", "mlruns"),
-                     ("PREROUTER_CACHE_DIR", "cache"), ("PREROUTER_MODELS_DIR", "models")):
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    torch.set_num_threads(1)
-    ingest(str(demo_files["wide"]), name="demo")
-    label("demo")
-    teacher = make_tiny_teacher(tmp_path / "teacher")
+    teacher = labeled_with_tiny_teacher(monkeypatch, tmp_path, demo_files["wide"], "demo")
     cfg = load_config(overrides=[f"teacher.path={teacher}", "teacher.epochs=2", "teacher.head_hidden=16",
                                  "student.dim=16", "student.hidden=16", "student.max_tokens=16", "student.heads=2",
                                  "train.max_epochs=2", "train.batch_size=64"])
@@ -141,26 +131,13 @@ def test_evaluate_on_the_three_model_demo_writes_and_logs_the_multi_section(tmp_
 
 def _tiny_pipeline(tmp_path, monkeypatch, data_file, name):
     """ingest → label → train (tiny teacher and student) → export into models/NAME/bundle."""
-    import torch
-
     from pipeline.common import model_dir
     from pipeline.config import load_config
     from pipeline.export import export
-    from pipeline.ingest import ingest
-    from pipeline.label import label
     from pipeline.train import train
-    from tests.tiny import make_tiny_teacher
+    from tests.tiny import labeled_with_tiny_teacher
 
-    for var, sub in (("PREROUTER_DATA_DIR", "data"), ("PREROUTER_MLRUNS_DIR", "mlruns"),
-                     ("PREROUTER_CACHE_DIR", "cache"), ("PREROUTER_MODELS_DIR", "models")):
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    torch.set_num_threads(1)
-    ingest(str(data_file), name=name)
-    label(name)
-    teacher = tmp_path / "teacher"
-    if not teacher.exists():
-        make_tiny_teacher(teacher)
+    teacher = labeled_with_tiny_teacher(monkeypatch, tmp_path, data_file, name)
     cfg = load_config(overrides=[f"teacher.path={teacher}", "teacher.epochs=3", "teacher.head_hidden=16",
                                  "student.dim=16", "student.hidden=16", "student.max_tokens=16", "student.heads=2",
                                  "train.max_epochs=3", "train.batch_size=64", "export.latency_decisions=10"])

@@ -1,4 +1,5 @@
-"""Tiny stand-ins for the pretrained teacher: the packaged tokenizer on a 1-layer, 32-wide BERT."""
+"""Tiny end-to-end runs: a stand-in for the pretrained teacher (the packaged tokenizer on a 1-layer, 32-wide
+BERT) and the pipeline's folders under a test's own root."""
 from __future__ import annotations
 
 import shutil
@@ -21,3 +22,30 @@ def make_tiny_teacher(path: Path, seed: int = 0) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(PACKAGED / f, path / f)
     return path
+
+
+# The pipeline's folders, by environment variable, and their place under a test's root.
+PIPELINE_DIRS = {"PREROUTER_DATA_DIR": "data", "PREROUTER_MLRUNS_DIR": "mlruns", "PREROUTER_CACHE_DIR": "cache",
+                 "PREROUTER_MODELS_DIR": "models"}
+
+
+def isolate_pipeline(monkeypatch, root: Path, **folders: str) -> None:
+    """The pipeline's data, MLflow, cache and models folders under `root` (`folders` moves one, by its
+    variable: PREROUTER_MODELS_DIR="one/models"), no inherited MLflow URI, and one torch thread."""
+    for var, sub in (PIPELINE_DIRS | folders).items():
+        monkeypatch.setenv(var, str(root / sub))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    torch.set_num_threads(1)
+
+
+def labeled_with_tiny_teacher(monkeypatch, root: Path, data_file: Path, name: str, **folders: str) -> Path:
+    """`isolate_pipeline`, then `data_file` ingested and labeled as NAME; returns a tiny teacher at
+    root/teacher (made unless it is there already)."""
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+
+    isolate_pipeline(monkeypatch, root, **folders)
+    ingest(str(data_file), name=name)
+    label(name)
+    teacher = root / "teacher"
+    return teacher if teacher.exists() else make_tiny_teacher(teacher)
