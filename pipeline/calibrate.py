@@ -12,8 +12,9 @@ retraining. `calibrate(bundle, prompts, out)`:
    realised mean cost per budget);
 4. refits thresholds at the same strong shares and λs at the same budgets, and writes a new bundle
    with the same model files, `decision` refitted, `decision.reference` the traffic's score
-   quantiles (what the next calibration compares against) and `calibration` recording the source,
-   its sha256 and the previous bundle's seal; the bundle is re-sealed and must verify on load.
+   quantiles (what the next calibration compares against), `calibration` recording the source,
+   its sha256 and the previous bundle's seal, and conformance.jsonl written again (its decisions
+   follow the thresholds and λs); the bundle is re-sealed and must verify on load.
 
 The reference: training stores 101 quantiles of the validation scores per output in
 `decision.reference` (`score_reference`); a bundle made before that falls back to its thresholds,
@@ -113,22 +114,9 @@ def read_prompts(path: Path) -> list[str]:
             raise DataError(f"no `prompt` column (columns: {', '.join(map(str, frame.columns))})", file=path)
         prompts = [p for p in frame["prompt"].tolist() if isinstance(p, str)]
     else:
-        prompts = []
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError:
-                    raise DataError("not valid UTF-8", file=path, row=lineno) from None
-                if not text.strip():
-                    continue
-                try:
-                    rec = json.loads(text)
-                except ValueError as e:
-                    raise DataError(f"not valid JSON: {e}", file=path, row=lineno) from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                    raise DataError("each line must be an object with a string `prompt`", file=path, row=lineno)
-                prompts.append(rec["prompt"])
+        from .runtime import read_prompt_records
+
+        prompts = [rec["prompt"] for rec in read_prompt_records(path)]  # what `prerouter score` reads
     if len(prompts) < 2:
         raise DataError(f"{len(prompts)} prompt(s): calibration needs a sample of traffic", file=path)
     return prompts
@@ -153,7 +141,7 @@ def _mean_cost(p: np.ndarray, rel: np.ndarray, lam: float) -> float:
 def calibrate(bundle: str | Path, prompts: Path, out: Path, report: Path | None = None, log: bool = True) -> dict:
     """Refit `bundle`'s thresholds and λs on the unlabeled `prompts`; write the new bundle to `out` and
     calibration.md / calibration.json to `report` (default OUT.calibration beside it). Returns the report."""
-    from .export import check_bundle_dir, seal_bundle
+    from .export import CONFORMANCE, check_bundle_dir, seal_bundle, write_conformance
     from .metrics import calibrate_lambdas, calibrate_thresholds, realised_fractions
     from .registry import resolve_bundle
     from .runtime import Router
@@ -225,8 +213,15 @@ def calibrate(bundle: str | Path, prompts: Path, out: Path, report: Path | None 
 
         with atomic_dir(out) as tmp:
             for f in sorted(src.iterdir()):
-                if f.is_file() and f.name != "router.json":
+                if f.is_file() and f.name not in ("router.json", CONFORMANCE):
                     shutil.copyfile(f, tmp / f.name)
+            # The conformance vectors record decisions at the bundle's settings, which follow the refitted
+            # thresholds and λs: written again from the new bundle, as export writes them.
+            config.pop("conformance", None)
+            seal_bundle(tmp, config)  # what the runtime reads to write them
+            conformance = write_conformance(tmp)
+            if conformance:
+                config["conformance"] = conformance
             try:
                 from .report import write_model_card
 

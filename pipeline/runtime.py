@@ -13,6 +13,7 @@ import re
 import tempfile
 import unicodedata
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnxruntime as ort
@@ -853,6 +854,32 @@ def prompt_from_messages(messages) -> str:
     return "\n\n".join(turns)
 
 
+def read_prompt_records(path: str | Path) -> Iterator[dict]:
+    """The records of a JSONL file of {"prompt": ..., ...} objects, one per non-blank line, in order.
+
+    UTF-8 (a leading BOM is skipped). A line that is not valid UTF-8 or JSON, or not an object with a
+    string `prompt`, is a RouterError naming the file and the line.
+    """
+    with open(path, "rb") as src:
+        for lineno, raw in enumerate(src, 1):
+            try:
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _error(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
+                             file=path, row=lineno) from None
+            if not text.strip():
+                continue
+            try:
+                rec = json.loads(text)
+            except ValueError as e:
+                raise _error(f"not valid JSON: {e}", file=path, row=lineno) from None
+            except RecursionError:
+                raise _error("not valid JSON: nested too deeply", file=path, row=lineno) from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise _error("each line must be an object with a string `prompt`", file=path, row=lineno)
+            yield rec
+
+
 def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | Path,
                strong_fraction: float | None = None, batch_size: int = 64) -> int:
     """Score a JSONL file of {"prompt": ..., ["prompt_id": ...]} lines; returns the number of lines written.
@@ -899,25 +926,9 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
 
     try:
         os.fchmod(fd, _new_file_mode(output_jsonl))  # mkstemp's 0600 would make the output private
-        with open(input_jsonl, "rb") as src, os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out:
             batch: list[tuple[int, dict]] = []
-            for lineno, raw in enumerate(src, 1):
-                try:
-                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise _error(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
-                                    file=input_jsonl, row=lineno) from None
-                if not text.strip():
-                    continue
-                try:
-                    rec = json.loads(text)
-                except ValueError as e:
-                    raise _error(f"not valid JSON: {e}", file=input_jsonl, row=lineno) from None
-                except RecursionError:
-                    raise _error("not valid JSON: nested too deeply", file=input_jsonl, row=lineno) from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                    raise _error("each line must be an object with a string `prompt`",
-                                    file=input_jsonl, row=lineno)
+            for rec in read_prompt_records(input_jsonl):
                 batch.append((written, rec))
                 written += 1
                 if len(batch) == batch_size * 16:

@@ -144,3 +144,35 @@ def test_bad_traffic_is_bad_input(env, cli, tmp_path, content, message):
     code, log = cli("calibrate", env["bundle"], "--prompts", traffic, "--out", tmp_path / "b")
     assert code == 2 and message in log, log
     assert not (tmp_path / "b").exists()
+
+
+def test_a_calibrated_bundle_ships_vectors_of_its_own_decisions(cli, tmp_path, monkeypatch):
+    """conformance.jsonl records decisions at the bundle's settings: calibrate writes it again for the
+    refitted thresholds (the source bundle's vectors would no longer match), listed and hashed."""
+    from pipeline.runtime import Router
+
+    from .test_conformance import _read
+    from .test_runtime import tiny_bundle
+
+    monkeypatch.setenv("PREROUTER_MLRUNS_DIR", str(tmp_path / "mlruns"))
+    bundle, _ = tiny_bundle(tmp_path / "bundle")
+    words = "prove sum integer essay poem Python sort graph France translate".split()
+    traffic = tmp_path / "traffic.jsonl"
+    traffic.write_text("".join(json.dumps({"prompt": f"{words[i % 10]} {words[i * 7 % 10]} number {i}"}) + "\n"
+                               for i in range(300)))
+    out = tmp_path / "new"
+    code, log = cli("calibrate", bundle, "--prompts", traffic, "--out", out)
+    assert code == 0, log
+    config = Router.load(out, verify=True).config
+    assert config["conformance"]["file"] == "conformance.jsonl" and "conformance.jsonl" in config["files"]
+    head, vectors = _read(out)
+    _, stale = _read(bundle)
+    prompts = [v["prompt"] for v in vectors]
+    assert prompts == [v["prompt"] for v in stale] and head["n_prompts"] == len(prompts)
+    for graph in ("int8", "fp32"):
+        router = Router.load(out, quantized=graph == "int8")
+        assert np.abs(router.scores(prompts, batch_size=1) - np.array([v["scores"][graph] for v in vectors])).max() <= 1e-6
+        for i, setting in enumerate(head["settings"]):
+            assert router.decide(prompts, **setting, batch_size=1) == [v["decisions"][graph][i] for v in vectors], setting
+    # the thresholds moved enough that the source bundle's vectors no longer hold
+    assert [v["decisions"]["int8"] for v in stale] != [v["decisions"]["int8"] for v in vectors]
