@@ -463,8 +463,11 @@ def log_bundle(bundle: Path, meta: dict, name: str) -> str:
     """Log the bundle and its parity/latency figures to the training run; register it as `prerouter-NAME`.
 
     Tracking store: `pipeline.common.setup_mlflow` (MLFLOW_TRACKING_URI, else SQLite under mlruns/,
-    which the model registry needs). The bundle is a plain artifact folder, not an MLflow "logged
-    model", so the version is created from its artifact URI. Returns the registered version.
+    which the model registry needs). The run's `bundle` artifact folder holds the bundle's files and,
+    beside them, an MLflow pyfunc model of it (`pipeline.mlflow_model.save`: MLmodel, the runtime's
+    code and pip requirements), so the version created from its artifact URI is what `prerouter pull`
+    verifies and what `mlflow.pyfunc.load_model("models:/prerouter-NAME/VERSION")` serves. Returns the
+    registered version.
     """
     import time
 
@@ -474,6 +477,7 @@ def log_bundle(bundle: Path, meta: dict, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     from .common import setup_mlflow
+    from .mlflow_model import save as save_pyfunc
 
     experiment = setup_mlflow()
     client = MlflowClient()  # explicit run ids: the training run may be finished or in another experiment
@@ -496,7 +500,8 @@ def log_bundle(bundle: Path, meta: dict, name: str) -> str:
     figures.update({f"latency_{k}_ms": v for k, v in router.get("latency", {}).get("overall", {}).items()
                     if k.startswith("p")})
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in figures.items()])
-    client.log_artifacts(run_id, str(bundle), artifact_path="bundle")
+    with tempfile.TemporaryDirectory(prefix="prerouter-log-") as stage:
+        client.log_artifacts(run_id, str(save_pyfunc(bundle, Path(stage) / "bundle")), artifact_path="bundle")
     if new_run:
         client.set_terminated(run_id)
     model = f"prerouter-{name}"

@@ -1,6 +1,8 @@
 """The MLflow model registry as the record of which bundle is in production.
 
-`export` registers every bundle as a version of the registered model `prerouter-NAME`. Here:
+`export` registers every bundle as a version of the registered model `prerouter-NAME` (the version's
+folder is the bundle and, beside its files, an MLflow pyfunc model of it: `pipeline/mlflow_model.py`).
+Here:
 
 - `promote(name, version)` points the alias `champion` at a version; the version that held it gets
   the alias `previous` (it keeps its version number, so rolling back is `promote NAME <previous>`).
@@ -150,6 +152,18 @@ def promote(name: str, version: str | int) -> dict:
     return {"model": model, "champion": version, "previous": previous if previous != version else None}
 
 
+def _bundle_files(folder: Path) -> set[str]:
+    """router.json and the files it lists; every file of `folder` when router.json lists none (so that
+    Router.load, not this filter, says what is wrong with such a bundle)."""
+    try:
+        listed = read_json(folder / "router.json").get("files")
+    except Exception:
+        listed = None
+    if not isinstance(listed, dict) or not listed:
+        return {f.name for f in folder.iterdir()}
+    return {"router.json", *map(str, listed)}
+
+
 def _download(client, ref: Ref, dst: Path) -> dict:
     """Download the bundle files of `ref` into the existing empty folder `dst`; returns version info."""
     import mlflow
@@ -164,8 +178,10 @@ def _download(client, ref: Ref, dst: Path) -> dict:
         if not (got / "router.json").is_file():
             raise DataError(f"version {mv.version} of {ref.model} holds no bundle (no router.json at {mv.source})",
                             file=str(ref))
+        keep = _bundle_files(got)  # not the MLflow model's files beside the bundle (MLmodel, code/, ...)
         for f in got.iterdir():
-            shutil.move(str(f), dst / f.name)
+            if f.name in keep:
+                shutil.move(str(f), dst / f.name)
     return {"model": ref.model, "version": str(mv.version), "alias": ref.alias, "source": mv.source,
             "run_id": mv.run_id}
 
