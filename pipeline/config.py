@@ -56,7 +56,10 @@ class TeacherConfig(_Section):
     path: Optional[str] = None  # local checkpoint dir or hub id; None: packaged all-MiniLM-L6-v2
     max_tokens: int = Field(256, ge=8, le=512)
     batch_size: int = Field(64, ge=1)  # embedding passes and head training
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # embedding passes; auto: cuda when available
+    # embedding passes; auto: cuda when available. When the training job is several processes on this kind
+    # of device (train.accelerator / devices / num_nodes / strategy, e.g. ddp), the pass is spread over them
+    # with Lightning's Trainer.predict, each rank writing its share to the cache (pipeline/teacher_predict.py)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     head_hidden: int = Field(256, ge=1)
     epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)

@@ -111,48 +111,76 @@ def _write_shard(shard_dir: Path, ids: list[str], emb: np.ndarray) -> None:
     os.replace(tmp, shard_dir / f"{name}.npz")  # atomic: a killed run never leaves a torn shard
 
 
-@torch.inference_mode()
+def _one_process(devices, num_nodes: int) -> bool:
+    """A Lightning layout that is one process whatever the machine (no Trainer needed to know)."""
+    return num_nodes == 1 and (devices == 1 or str(devices).strip() == "1")
+
+
 def teacher_embeddings(prompts: list[str], prompt_ids: list[str], path: str | None = None,
                        max_tokens: int = 256, batch_size: int = 64, device: str = "auto",
-                       shard_size: int = SHARD_PROMPTS) -> np.ndarray:
+                       shard_size: int = SHARD_PROMPTS, job=None) -> np.ndarray:
     """L2-normalised mean-pooled teacher embeddings [n, d].
 
     Cached per encoder as shards of (prompt_id, embedding): only prompts never seen by this encoder
     are encoded, whichever dataset, split or order they come in. They are encoded on `device`
     (`teacher_device`) in batches of similar length, and written out every `shard_size` prompts as
     they are computed, so a killed job loses at most one shard's work and its rerun encodes only the rest.
+
+    `job` (a TrainConfig, or None for this process alone): when the training job is several processes
+    (train.devices / train.num_nodes under a ddp strategy) on `device`'s kind, the prompts are spread
+    over them through Lightning's `Trainer.predict` (`teacher_predict.py`), each rank writing its own
+    shards; every process of the job must then call this, and each gets the whole matrix.
     """
     shard_dir = cache_dir() / "teacher" / encoder_key(path, max_tokens)
     known = _cached_embeddings(shard_dir)
-    missing = sorted({pid: i for i, pid in enumerate(prompt_ids) if pid not in known}.values())
-    if missing:
-        from rich.progress import Progress
+    missing = _missing(prompts, prompt_ids, known)
+    if job is not None and not _one_process(job.devices, job.num_nodes):
+        from .teacher_predict import predict_missing  # imports Lightning: only for a job of several processes
 
-        dev = teacher_device(device)
-        tok, model = _load_teacher(path)
-        model.to(dev)
-        todo = [prompts[i] for i in missing]
-        todo_ids = [prompt_ids[i] for i in missing]
-        order = np.argsort([len(p) for p in todo], kind="stable")  # length-sorted batches waste little on padding
-        shard_dir.mkdir(parents=True, exist_ok=True)
-        ids: list[str] = []
-        embs: list[np.ndarray] = []
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(f"teacher embeddings ({len(todo)} new prompts, {dev})", total=len(todo))
-            for i in range(0, len(todo), batch_size):
-                idx = order[i:i + batch_size]
-                enc = tok([todo[j] for j in idx], padding=True, truncation=True,
-                          max_length=max_tokens, return_tensors="pt").to(dev)
-                pooled = _mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
-                embs.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())
-                ids += [todo_ids[j] for j in idx]
-                bar.advance(task, len(idx))
-                if len(ids) >= shard_size or i + batch_size >= len(todo):
-                    emb = np.concatenate(embs)
-                    _write_shard(shard_dir, ids, emb)
-                    known.update(zip(ids, emb))
-                    ids, embs = [], []
+        ids, texts = missing
+        if predict_missing(ids, texts, shard_dir, path, max_tokens, batch_size, shard_size,
+                           teacher_device(device), job):
+            known = _cached_embeddings(shard_dir)
+            missing = _missing(prompts, prompt_ids, known)  # fewer prompts than ranks, or another node's shards
+    if missing[0]:
+        _encode(*missing, known, shard_dir, path, max_tokens, batch_size, device, shard_size)
     return np.stack([known[pid] for pid in prompt_ids]).astype(np.float32)
+
+
+def _missing(prompts: list[str], prompt_ids: list[str], known: dict) -> tuple[list[str], list[str]]:
+    """(ids, texts) of the prompts not in `known`, each id once, shortest first (batches of similar length
+    waste little on padding)."""
+    first = sorted({pid: i for i, pid in enumerate(prompt_ids) if pid not in known}.values())
+    order = np.argsort([len(prompts[i]) for i in first], kind="stable")
+    return [prompt_ids[first[j]] for j in order], [prompts[first[j]] for j in order]
+
+
+@torch.inference_mode()
+def _encode(todo_ids: list[str], todo: list[str], known: dict, shard_dir: Path, path: str | None,
+            max_tokens: int, batch_size: int, device: str, shard_size: int) -> None:
+    """Encode the (length-sorted) prompts in this process, adding them to `known` and the cache."""
+    from rich.progress import Progress
+
+    dev = teacher_device(device)
+    tok, model = _load_teacher(path)
+    model.to(dev)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    ids: list[str] = []
+    embs: list[np.ndarray] = []
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"teacher embeddings ({len(todo)} new prompts, {dev})", total=len(todo))
+        for i in range(0, len(todo), batch_size):
+            enc = tok(todo[i:i + batch_size], padding=True, truncation=True,
+                      max_length=max_tokens, return_tensors="pt").to(dev)
+            pooled = _mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+            embs.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())
+            ids += todo_ids[i:i + batch_size]
+            bar.advance(task, len(enc["input_ids"]))
+            if len(ids) >= shard_size or i + batch_size >= len(todo):
+                emb = np.concatenate(embs)
+                _write_shard(shard_dir, ids, emb)
+                known.update(zip(ids, emb))
+                ids, embs = [], []
 
 
 @torch.inference_mode()

@@ -120,7 +120,7 @@ def prepare(name: str, cfg: Config) -> Prepared:
         name=name, models=models, costs=costs, pair=pair, prompts=prompts, prompt_ids=prompt_ids,
         target=list_matrix(table, "target", np.float32), mask=list_matrix(table, "mask", bool),
         split=split, teacher_emb=teacher_embeddings(texts, text_ids, cfg.teacher.path, cfg.teacher.max_tokens,
-                                                    cfg.teacher.batch_size, cfg.teacher.device),
+                                                    cfg.teacher.batch_size, cfg.teacher.device, job=cfg.train),
         data_hash=stats.get("content_hash", manifest.get("content_hash", "")), stats=stats,
         templates=templates, battles=_battles(name, prompt_ids), group_columns=group_columns,
     )
