@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.common import versions
+
+from .leftovers import leftovers, visible
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["teacher.epochs=3", "teacher.head_hidden=16", "student.dim=16", "student.hidden=16",
         "student.max_tokens=16", "train.max_epochs=3", "train.group_by=null", "train.accelerator=cpu"]
@@ -80,7 +84,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_writes_once(tmp_path, 
     # written once: one checkpoint directory (no second writer's leftovers), one Lightning checkpoint per
     # network, one MLflow run (beside the one-process run's), the one the checkpoint names
     models = tmp_path / "two/models/demo"
-    assert sorted(p.name for p in models.iterdir() if not p.name.endswith(".lock")) == ["checkpoint"]
+    assert visible(models) == ["checkpoint"] and leftovers(models) == [] and len(versions(models / "checkpoint")) == 1
     two = read_json(models / "checkpoint/meta.json")
     for net in ("teacher", "student"):
         assert [p.name for p in (models / "checkpoint" / net).glob("*.ckpt")] == ["best.ckpt"]

@@ -20,6 +20,8 @@ import pytest
 
 from pipeline.common import atomic_dir, read_json, remove_dir, versions
 
+from .leftovers import leftovers
+
 REPO = Path(__file__).resolve().parents[1]
 N_FILES = 40  # files one atomic write puts in its directory
 
@@ -29,18 +31,7 @@ def env_for(tmp_path: Path) -> dict:
             "PREROUTER_MLRUNS_DIR": str(tmp_path / "mlruns"), "COLUMNS": "300", "PYTHONPATH": str(REPO)}
 
 
-def hidden(folder: Path) -> list[str]:
-    """Leftovers: names starting with a dot anywhere under `folder` (temporaries, lock files, versions set
-    aside), apart from what `atomic_dir` keeps behind each name: the version it names and one before it."""
-    if not folder.exists():
-        return []
-    kept = set()
-    for link in folder.rglob("*"):
-        if link.is_symlink():
-            current = link.parent / os.readlink(link)
-            others = [v for v in versions(link) if v != current]
-            kept |= {current, *others[-1:]}
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p not in kept)
+hidden = leftovers
 
 
 def kill_after(cmd: list[str], env: dict, delay: float | None = None, when=None, poll: float = 0.002) -> int | None:
@@ -247,6 +238,7 @@ SLOW_WRITER = textwrap.dedent("""
         with open(log, "a") as f:
             f.write(f"start {{version}} {{time.time()}}\\n")
         print("writing", flush=True)
+        sys.stdin.readline()  # holds the name until the test lets it go
         for i in range({n}):
             (tmp / f"part{{i:02d}}").write_text(version * 1000)
             time.sleep(0.01)
@@ -259,17 +251,27 @@ def test_atomic_dir_concurrent_writers_of_one_name_take_turns(tmp_path):
     """Two processes write one name at once: the second waits for the first (a lock per name) instead of
     deleting its temporary directory as stale; both succeed, the last one's version is left, whole."""
     final, log, env = tmp_path / "artifact", tmp_path / "log.txt", env_for(tmp_path)
-    first = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(final), "a", str(log)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def writer(version: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(final), version, str(log)], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = writer("a")
     assert first.stdout.readline().strip() == "writing"  # the first is inside its write
-    second = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(final), "b", str(log)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = writer("b")
+    second.stdin.write("\n")
+    second.stdin.flush()
+    said = [second.stderr.readline()]  # the second says it waits, and only then the first goes on
+    while said[-1] and "waiting for another writer" not in said[-1]:
+        said.append(second.stderr.readline())
+    assert "waiting for another writer" in said[-1], said
+    first.stdin.write("\n")
+    first.stdin.flush()
     seen = set()
     while second.poll() is None or first.poll() is None:  # a reader meanwhile: a whole version or nothing
         seen.add(written_version(final))
         time.sleep(0.005)
     assert (first.wait(), second.wait()) == (0, 0), (first.stderr.read(), second.stderr.read())
-    assert "waiting for another writer" in second.stderr.read()
     events = [line.split() for line in log.read_text().splitlines()]
     assert [(e[0], e[1]) for e in events] == [("start", "a"), ("end", "a"), ("start", "b"), ("end", "b")]
     assert written_version(final) == "b" and hidden(tmp_path) == [] and seen <= {None, "a", "b"}

@@ -30,6 +30,8 @@ from hypothesis import strategies as st
 from pipeline.common import prompt_hash, read_json
 from pipeline.label import split_of
 
+from .leftovers import leftovers, visible
+
 NAME = "case"
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                                       HealthCheck.data_too_large])
@@ -292,11 +294,6 @@ def expected_observations(case: Case) -> dict[tuple[str, str], list[float]]:
     return obs
 
 
-def leftovers(data_dir: Path) -> list[str]:
-    """Temporary directories or caches anywhere under the data root."""
-    return [str(p) for p in data_dir.rglob(".*")]
-
-
 def check_failure(case: Case, path: Path, code: int, out: str, must_contain: str | None, data_dir: Path) -> None:
     assert code == 2, out
     assert "error:" in out and str(path) in out and "Traceback" not in out, out
@@ -309,7 +306,7 @@ def check_dataset(case: Case, code: int, out: str, data_dir: Path, rows_written:
     """Invariants of an accepted file, and the oracle where it is exact. Returns the manifest."""
     assert code == 0, out
     out_dir = data_dir / "processed" / NAME
-    assert sorted(p.name for p in (data_dir / "processed").iterdir()) == [NAME]
+    assert visible(data_dir / "processed") == [NAME]
     assert not leftovers(data_dir), leftovers(data_dir)
     m = read_json(out_dir / "manifest.json")
     n_in, used, dropped = m["n_rows_in"], m["n_rows_used"], m["dropped"]
