@@ -1,0 +1,263 @@
+"""Reading one ingest input into an Arrow table: a local .csv, .jsonl, .json or .parquet file, or a hub
+dataset given as `hf:org/name`.
+
+`resolve_source` checks the name, `hash_input` hashes a local file's bytes (checking text formats are
+UTF-8 on the same pass) and `load_table` reads it through the `datasets` library, memory-mapped, with
+every read failure turned into one `DataError` naming the file (and line where there is one). CSV
+columns are read as text and typed here over whole columns; a header naming a column twice is an
+error. The read cache lives under the data root and is removed after, or by the next ingest when the
+process that made it was killed.
+"""
+from __future__ import annotations
+
+import codecs
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .common import DataError, data_root
+
+_TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
+_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Source:
+    """Where the data comes from and how `datasets` reads it."""
+
+    text: str  # as given by the user
+    path: Optional[Path]  # local file, None for a hub dataset
+    builder: str  # csv | json | parquet | hub id
+    split: str
+
+    @property
+    def stem(self) -> str:
+        if self.path is not None:
+            return self.path.stem
+        return self.builder.rstrip("/").split("/")[-1]
+
+
+def resolve_source(source: str, split: str) -> Source:
+    """`source` (a file path or hf:org/name) checked to be a file of a known type that exists and is not empty."""
+    if source.startswith("hf:"):
+        return Source(source, None, source[3:], split)
+    path = Path(source)
+    builder = _BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"unsupported file type {path.suffix or '(none)'!r}: use .csv, .jsonl, .json, "
+                        ".parquet or hf:org/name", file=path)
+    if not path.is_file():
+        raise DataError("file not found", file=path)
+    if path.stat().st_size == 0:
+        raise DataError("the file is empty", file=path)
+    return Source(source, path, builder, split)
+
+
+def hash_input(src: Source) -> str:
+    """sha256 of the input bytes; text formats are checked to be UTF-8 on the same pass."""
+    h = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")() if src.builder != "parquet" else None
+    try:
+        with open(src.path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+                if decoder is not None:
+                    decoder.decode(block)
+            if decoder is not None:
+                decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"not valid UTF-8 text (line {_first_bad_line(src.path)}); re-save the file as UTF-8",
+                        file=src.path) from None
+    except OSError as e:
+        raise DataError(f"cannot read file: {e.strerror or e}", file=src.path) from None
+    return h.hexdigest()
+
+
+def _first_bad_line(path: Path) -> int:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
+def _duplicated_columns(src: Source) -> list[str]:
+    """Column names the file holds more than once. pandas would read them as m, m.1 and the JSON readers
+    keep one of them, so they are looked up in the raw header (CSV), schema (parquet) or first record (JSON)."""
+    names: list[str] = []
+    try:
+        if src.builder == "csv":
+            import csv
+
+            with open(src.path, encoding="utf-8-sig", newline="") as f:
+                names = next(csv.reader(f), [])
+        elif src.builder == "parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(src.path).names
+        elif src.builder == "json":
+            with open(src.path, encoding="utf-8-sig") as f:
+                head = f.read(1 << 16).lstrip()
+            if head.startswith("["):
+                head = head[1:].lstrip()
+            pairs: list = []
+            decoder = json.JSONDecoder(object_pairs_hook=lambda kv: pairs.append([k for k, _ in kv]) or dict(kv))
+            with contextlib.suppress(ValueError):
+                decoder.raw_decode(head)
+            names = pairs[-1] if pairs else []  # the record itself is decoded last (nested objects first)
+    except (OSError, UnicodeDecodeError, StopIteration, ValueError, pa.ArrowException):
+        return []  # unreadable: reading it reports that
+    seen: set[str] = set()
+    return [n for n in names if n in seen or seen.add(n)]
+
+
+@contextlib.contextmanager
+def load_table(src: Source) -> Iterator[tuple[pa.Table, str]]:
+    """Yield the input as a memory-mapped Arrow table (and a fingerprint); temporary caches are removed after."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    # Read failures become one DataError line; `datasets` would log its own line about them first.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    if src.path is None:
+        try:
+            ds = datasets.load_dataset(src.builder, split=src.split)
+        except Exception as e:  # network, unknown id, unknown split: all are "cannot read"
+            raise DataError(f"cannot load hub dataset split {src.split!r}: {e}", file=src.text) from None
+        yield ds.data.table, ds._fingerprint
+        return
+    duplicated = _duplicated_columns(src)
+    if duplicated:
+        raise DataError(f"column name(s) {', '.join(map(repr, dict.fromkeys(duplicated)))} appear more than once "
+                        "in the header; rename them (read as they are, one would become a separate model or be lost)",
+                        file=src.path)
+    root = data_root()
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_dead_caches(root)
+    cache = Path(tempfile.mkdtemp(prefix=f".ingest-cache-{os.getpid()}-", dir=root))
+    try:
+        kwargs = {}
+        if src.builder == "csv":
+            # Every column as text, then typed over the whole column below: pandas infers types per
+            # 10k-row chunk, which fails when a later chunk differs (ints, then a 0.5), and its
+            # default NA strings would turn a prompt like "None" into a missing value.
+            import pandas as pd
+
+            try:
+                head = pd.read_csv(src.path, nrows=1, encoding="utf-8", dtype=str)
+            except Exception as e:
+                raise DataError(f"cannot read the CSV header: {e}", file=src.path) from None
+            if head.empty:
+                raise DataError("the file has a header but no rows", file=src.path)
+            header = list(head.columns)
+            kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
+                          keep_default_na=False, na_values=[""])
+        data_file = (_json_array_as_lines(src.path, cache) if src.builder == "json" else None) or src.path
+        try:
+            ds = datasets.load_dataset(src.builder, data_files=str(data_file), split="train",
+                                       cache_dir=str(cache), **kwargs)
+        except Exception as e:
+            if _no_records(src):
+                raise DataError("the file has no rows", file=src.path) from None
+            cause = e.__cause__ or e
+            line = _first_bad_json_line(src.path) if src.builder == "json" else None
+            raise DataError(f"cannot read as {src.builder}" + (f" (line {line})" if line else "")
+                            + f": {type(cause).__name__}: {cause}", file=src.path) from None
+        table = ds.data.table
+        if src.builder == "csv":
+            table = pa.table({c: table.column(c) if c in _TEXT_COLUMNS else _infer_type(table.column(c))
+                              for c in table.column_names})
+        yield table, ""
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _remove_dead_caches(root: Path) -> None:
+    """Read caches left by an ingest that was killed (its process is gone); they can be as big as the input."""
+    for cache in root.glob(".ingest-cache-*"):
+        pid = cache.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(cache, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _json_array_as_lines(path: Path, folder: Path) -> Optional[Path]:
+    """A whole-document JSON array of records rewritten as JSON lines in `folder`, else None.
+
+    `datasets` re-encodes a JSON array through ujson, which turns NaN and Infinity into null, so an
+    infinite score would silently become "not observed" instead of a dropped row as in JSON lines.
+    """
+    with open(path, "rb") as f:
+        if not f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            return None
+    try:
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError:
+        return None  # `datasets` fails on it too and the error names the line
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        return None
+    out = folder / f"{path.stem}.jsonl"
+    with open(out, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return out
+
+
+def _no_records(src: Source) -> bool:
+    """A parquet file of zero rows or JSON without records (`datasets` fails on them with obscure errors)."""
+    try:
+        if src.builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(src.path).metadata.num_rows == 0
+        if src.builder == "json":
+            text = src.path.read_text(encoding="utf-8").strip()
+            return not text or (text.startswith("[") and json.loads(text) == [])
+    except Exception:  # unreadable for another reason: the caller reports the original error
+        pass
+    return False
+
+
+def _first_bad_json_line(path: Path) -> Optional[int]:
+    """Line of the first JSON syntax error (whole-document JSON or JSON lines), for the message."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            json.loads(text)
+        except ValueError as e:
+            return getattr(e, "lineno", None)
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except ValueError:
+                return number
+    return None
+
+
+def _infer_type(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A text column as int64, float64 or bool when every non-empty value parses, else unchanged."""
+    if col.null_count == len(col):
+        return col
+    for typ in (pa.int64(), pa.float64(), pa.bool_()):
+        try:
+            return pc.cast(col, typ)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            continue
+    return col
