@@ -95,20 +95,9 @@ def merge_inputs(parts: list[tuple[dict, pa.Table, Optional[pa.Table]]],
         for fields, _, b in parts:
             if b is None:
                 continue
-            remap = np.array([index[m] for m in fields["models"]], np.int32)
-            for side in ("model_a", "model_b"):
-                b = b.set_column(b.column_names.index(side), side, pa.array(remap[b.column(side).to_numpy()]))
-            pieces.append(b)
+            pieces.append(_renumbered(b, fields["models"], index))
         battles = pa.concat_tables(pieces)
 
-    n_obs = {m: 0.0 for m in names}
-    cost_total = {m: 0.0 for m in names}
-    for fields, d, _ in parts:
-        per_model = list_matrix(d, "count", np.int64).sum(axis=0)
-        for j, m in enumerate(fields["models"]):
-            if fields["costs"][m] is not None:
-                n_obs[m] += per_model[j]
-                cost_total[m] += per_model[j] * fields["costs"][m]
     kinds = {f["outcome_kind"] for f, _, _ in parts}
     layouts = [f["layout"] for f, _, _ in parts]
     dropped: dict[str, int] = {}
@@ -118,7 +107,7 @@ def merge_inputs(parts: list[tuple[dict, pa.Table, Optional[pa.Table]]],
     values = np.concatenate([list_matrix(d, "outcome", np.float64)[list_matrix(d, "mask", bool)] for _, d, _ in parts])
     fields = {
         "layout": layouts[0] if len(set(layouts)) == 1 else "mixed", "models": names,
-        "costs": {m: (float(cost_total[m] / n_obs[m]) if n_obs[m] else None) for m in names},
+        "costs": _mean_costs([(f, d) for f, d, _ in parts], names),
         "outcome_kind": kinds.pop() if len(kinds) == 1 else "score",
         "outcome_range": [float(values.min()), float(values.max())],
         "n_rows_in": sum(f["n_rows_in"] for f, _, _ in parts),
@@ -172,25 +161,11 @@ def add_test_data(fields: dict, dataset: pa.Table, battles: Optional[pa.Table], 
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise DataError(f"its columns do not match the main file's: {e}", file=where) from None
     if battles is not None:
-        remap = np.array([index[m] for m in t_names], np.int32)
-        for side in ("model_a", "model_b"):
-            at = t_battles.column_names.index(side)
-            t_battles = t_battles.set_column(at, side, pa.array(remap[t_battles.column(side).to_numpy()]))
-        battles = pa.concat_tables([battles, t_battles])
-
-    # Per-model cost: the mean over both files, each file's mean weighted by its observations.
-    weight = {m: 0.0 for m in names}
-    total = {m: 0.0 for m in names}
-    for part, part_fields in ((dataset, fields), (t_dataset, t_fields)):
-        n_obs = list_matrix(part, "count", np.int64).sum(axis=0)
-        for j, m in enumerate(part_fields["models"]):
-            if part_fields["costs"][m] is not None:
-                weight[m] += n_obs[j]
-                total[m] += n_obs[j] * part_fields["costs"][m]
+        battles = pa.concat_tables([battles, _renumbered(t_battles, t_names, index)])
     lo, hi = fields["outcome_range"]
     t_lo, t_hi = t_fields["outcome_range"]
     fields = fields | {
-        "costs": {m: (float(total[m] / weight[m]) if weight[m] else None) for m in names},
+        "costs": _mean_costs([(fields, dataset), (t_fields, t_dataset)], names),
         "outcome_kind": fields["outcome_kind"] if fields["outcome_kind"] == t_fields["outcome_kind"] else "score",
         "outcome_range": [min(lo, t_lo), max(hi, t_hi)], "n_prompts": merged.num_rows,
         "n_battles": battles.num_rows if battles is not None else None,
@@ -200,3 +175,24 @@ def add_test_data(fields: dict, dataset: pa.Table, battles: Optional[pa.Table], 
     test = {k: t_fields[k] for k in ("n_rows_in", "n_rows_used", "dropped", "dropped_rows", "n_prompts", "n_battles")}
     return fields, merged, battles, test
 
+
+def _renumbered(battles: pa.Table, models: list[str], index: dict[str, int]) -> pa.Table:
+    """`battles` whose model_a / model_b index `models` made to index the merged models (`index`: name -> index)."""
+    remap = np.array([index[m] for m in models], np.int32)
+    for side in ("model_a", "model_b"):
+        battles = battles.set_column(battles.column_names.index(side), side,
+                                     pa.array(remap[battles.column(side).to_numpy()]))
+    return battles
+
+
+def _mean_costs(parts: list[tuple[dict, pa.Table]], names: list[str]) -> dict[str, Optional[float]]:
+    """Each model's cost over the (manifest fields, dataset) parts: each part's mean weighted by its observations."""
+    n_obs = {m: 0.0 for m in names}
+    total = {m: 0.0 for m in names}
+    for fields, dataset in parts:
+        per_model = list_matrix(dataset, "count", np.int64).sum(axis=0)
+        for j, m in enumerate(fields["models"]):
+            if fields["costs"][m] is not None:
+                n_obs[m] += per_model[j]
+                total[m] += per_model[j] * fields["costs"][m]
+    return {m: (float(total[m] / n_obs[m]) if n_obs[m] else None) for m in names}
