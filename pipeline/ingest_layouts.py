@@ -179,12 +179,8 @@ def _wide_models(table: pa.Table) -> list[str]:
             lo, hi = lo_hi["min"].as_py(), lo_hi["max"].as_py()
             if lo is not None and lo >= 0 and hi <= 1:
                 models.append(c)
-            elif lo is not None:  # 0/1 but for a few cells: a model with bad cells, which _check_outliers reports
-                values = table.column(c).drop_null().to_numpy()
-                outside = int(((values < 0) | (values > 1)).sum())
-                if outside <= max(1, OUTLIER_SHARE * values.size) and values.size - outside >= OUTLIER_MIN_REST \
-                        and (values == 0).any():
-                    models.append(c)
+            elif lo is not None and _zero_one_but_a_few(table.column(c).drop_null().to_numpy()):
+                models.append(c)  # a model with bad cells, which _check_outliers reports
     return models
 
 
@@ -230,17 +226,24 @@ def _wide(table: pa.Table, drops: Drops, where, models: Optional[list[str]]) -> 
     return obs
 
 
+def _zero_one_but_a_few(values: np.ndarray) -> bool:
+    """Outcomes in [0, 1] but for a few: at most OUTLIER_SHARE of them outside, at least OUTLIER_MIN_REST
+    inside, one of those below 1 (so a 1-10 judge column is never one)."""
+    outside = (values < 0.0) | (values > 1.0)
+    n_out = int(outside.sum())
+    return n_out <= max(1, OUTLIER_SHARE * values.size) and values.size - n_out >= OUTLIER_MIN_REST \
+        and bool((values[~outside] < 1.0).any())
+
+
 def _check_outliers(obs: Observations, keep: np.ndarray, layout: str, where) -> None:
-    """A few outcomes outside [0, 1] in a model whose others are 0-1 (at most OUTLIER_SHARE of them, at
-    least OUTLIER_MIN_REST others, one of them below 1 so a 1-10 judge column is never one): an error naming
+    """A few outcomes outside [0, 1] in a model whose others are 0-1 (`_zero_one_but_a_few`): an error naming
     the column, row and value. Left in, one such cell would make label rescale every target of the dataset."""
     for j, model in enumerate(obs.models):
         mine = keep & (obs.model == j)
         values = obs.value[mine]
         outside = (values < 0.0) | (values > 1.0)
         n_out = int(outside.sum())
-        if n_out == 0 or n_out > max(1, OUTLIER_SHARE * values.size) or values.size - n_out < OUTLIER_MIN_REST \
-                or not (values[~outside] < 1.0).any():
+        if n_out == 0 or not _zero_one_but_a_few(values):
             continue
         rows = obs.row[mine][outside]
         first = int(np.argmin(rows))
