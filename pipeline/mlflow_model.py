@@ -24,6 +24,7 @@ the settings the bundle's decision kind takes, `strong_fraction` or `threshold` 
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 from mlflow.pyfunc import PythonModel
@@ -151,11 +152,15 @@ def save(bundle: str | Path, folder: str | Path) -> Path:
         before = set(sys.modules)
         sys.path.insert(0, stage)  # save_model runs the loader once, which imports the shipped package
         try:
-            mlflow.pyfunc.save_model(
-                path=str(folder), python_model=str(loader), code_paths=[str(package)], signature=signature(config),
-                pip_requirements=requirements(),
-                metadata={"bundle_sha256": config.get("bundle_sha256"), "name": config.get("name"),
-                          "pipeline_version": config.get("pipeline_version")})
+            with warnings.catch_warnings():
+                # MLflow advises type hints and an input example: the signature above already states the
+                # types, and an example would make it run the model on the staging folder while saving.
+                warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
+                mlflow.pyfunc.save_model(
+                    path=str(folder), python_model=str(loader), code_paths=[str(package)], signature=signature(config),
+                    pip_requirements=requirements(),
+                    metadata={"bundle_sha256": config.get("bundle_sha256"), "name": config.get("name"),
+                              "pipeline_version": config.get("pipeline_version")})
         finally:
             sys.path.remove(stage)
             for module in [m for m in sys.modules if m.split(".")[0] == PACKAGE and m not in before]:
