@@ -13,7 +13,7 @@ CONFIG ?=
 CFG := $(if $(CONFIG),--config $(CONFIG))
 
 .PHONY: setup all demo-data ingest label train evaluate export latency tune report test \
-        bench-quality bench-templates bench-latency bench-tune bench-scale mlflow-ui clean bench-serve serve node-conformance retrain
+        bench-quality bench-templates bench-latency bench-tune bench-scale bench-scale-gpu mlflow-ui clean bench-serve serve node-conformance retrain
 
 setup: $(VENV)/.installed  ## create .venv and install the project with every extra (train, serve, dev)
 $(VENV)/.installed: pyproject.toml
@@ -59,8 +59,11 @@ bench-latency: setup  ## teacher and students, fp32 and int8, into bench/results
 	$(VENV)/bin/python bench/latency.py --shared $(SHARED)
 bench-tune: setup  ## 20+ pruned trials on MMLU, into bench/results/tune.md
 	$(VENV)/bin/python bench/tune.py --shared $(SHARED)
-bench-scale: setup  ## 1M pairwise battles over 50 models through ingest + label
-	$(VENV)/bin/python bench/scale.py
+bench-scale: setup  ## the pipeline at 10k, 30k, 100k prompts over 20 models on cpu, then 1M battles through ingest + label
+	$(VENV)/bin/python bench/scale.py --sizes 10000,30000,100000 --models 20 --device cpu
+	$(VENV)/bin/python bench/scale.py --ingest-only
+bench-scale-gpu: setup  ## the same pipeline sizes on one GPU (teacher and training on cuda), its own section of scale.md
+	$(VENV)/bin/python bench/scale.py --sizes 10000,30000,100000 --models 20 --device cuda
 bench-serve: setup  ## POST /route at 1, 8, 64 clients, 1 and 2 workers (BUNDLE=, SECONDS=60), into bench/results/serve.md
 	$(VENV)/bin/python bench/serve.py --bundle $(BUNDLE) --seconds $(SECONDS)
 
