@@ -425,7 +425,7 @@ def write_conformance(folder: Path) -> dict:
             rec["scores"][graph] = [float(x) for x in p]
             if router.decision["kind"] == "pair":
                 rec.setdefault("score", {})[graph] = float(router.routing_score(p))
-            rec["decisions"][graph] = [router.models[int(router._choose(p, s.get("strong_fraction"), s.get("threshold"),
+            rec["decisions"][graph] = [router.models[int(router.choose(p, s.get("strong_fraction"), s.get("threshold"),
                                                                         s.get("cost_weight")))] for s in settings]
         lines.append(json.dumps(rec, ensure_ascii=False))
     (folder / CONFORMANCE).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -43,7 +43,7 @@ from {PACKAGE}.mlflow_model import RouterModel
 
 set_model(RouterModel(Path(__file__).resolve().parent))
 '''
-SETTINGS = ("strong_fraction", "threshold", "cost_weight")  # Router._choose's order
+SETTINGS = ("strong_fraction", "threshold", "cost_weight")  # Router.choose's order
 RUNTIME_REQUIREMENTS = ("numpy", "onnxruntime", "tokenizers")
 MLFLOW_FILES = ("MLmodel", "code", LOADER, "requirements.txt", "python_env.yaml", "conda.yaml",
                 "input_example.json", "serving_input_example.json", "registered_model_meta")
@@ -70,7 +70,7 @@ class RouterModel(PythonModel):
         prompts = prompts_of(model_input)
         params = params or {}
         p = router.scores(prompts)
-        chosen = router._choose(p, *(params.get(k) for k in SETTINGS))  # a setting the kind does not take raises
+        chosen = router.choose(p, *(params.get(k) for k in SETTINGS))  # a setting the kind does not take raises
         out = {MODEL: [router.models[int(i)] for i in chosen]}
         if router.decision["kind"] == "pair":
             out[SCORE] = [float(s) for s in router.routing_score(p)]

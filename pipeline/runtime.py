@@ -393,7 +393,7 @@ class RouterError(ValueError):
 _ERROR_CLASS: list[type] = []
 
 
-def _error(reason: str, file: str | os.PathLike | None = None, row: int | None = None) -> RouterError:
+def router_error(reason: str, file: str | os.PathLike | None = None, row: int | None = None) -> RouterError:
     """A RouterError that is also the pipeline's DataError when pipeline.common can be imported (looked up
     on the first error only: the serving path imports nothing of the training side)."""
     if not _ERROR_CLASS:
@@ -408,7 +408,7 @@ def _error(reason: str, file: str | os.PathLike | None = None, row: int | None =
 
 
 def _bundle_error(reason: str, file: Path | None = None) -> RouterError:
-    return _error(reason, file)
+    return router_error(reason, file)
 
 
 def _one_line(e: BaseException, limit: int = 300) -> str:
@@ -744,7 +744,8 @@ class Router:
         """P(model j succeeds / wins) for every prompt: [n, len(models)] float64."""
         return routing.sigmoid(self.logits(prompts, batch_size))
 
-    def _score_one(self, prompt: str) -> np.ndarray:
+    def score_one(self, prompt: str) -> np.ndarray:
+        """P(model j succeeds / wins) for one prompt: [len(models)] float64 (batch 1, the serving path)."""
         ids = encode_one(self.tokenizer, prompt, self.spec)
         return routing.sigmoid(self._run(ids, np.ones_like(ids))[0])
 
@@ -771,19 +772,20 @@ class Router:
         allowed = ("strong_fraction", "threshold") if kind == "pair" else ("cost_weight",)
         wrong = [k for k in given if k not in allowed]
         if wrong:
-            raise _error(f"{' and '.join(wrong)} does not apply to this bundle: its decision is {kind!r}, which "
+            raise router_error(f"{' and '.join(wrong)} does not apply to this bundle: its decision is {kind!r}, which "
                          f"takes {' or '.join(allowed)}")
         if strong_fraction is not None and threshold is not None:
-            raise _error("give strong_fraction or threshold, not both")
+            raise router_error("give strong_fraction or threshold, not both")
         for name, value, lo, hi in (("strong_fraction", strong_fraction, 0.0, 1.0),
                                     ("threshold", threshold, -math.inf, math.inf),
                                     ("cost_weight", cost_weight, 0.0, math.inf)):
             if value is not None and not (_is_number(value) and lo <= value <= hi):
-                raise _error(f"{name} must be a finite number" + (f" in [{lo:g}, {hi:g}]" if lo > -math.inf else "")
+                raise router_error(f"{name} must be a finite number" + (f" in [{lo:g}, {hi:g}]" if lo > -math.inf else "")
                              + f", got {value!r}")
 
-    def _choose(self, p: np.ndarray, strong_fraction, threshold, cost_weight) -> np.ndarray:
-        """Model index per row of probabilities p [n, len(models)]."""
+    def choose(self, p: np.ndarray, strong_fraction=None, threshold=None, cost_weight=None) -> np.ndarray:
+        """Model index per row of probabilities p [n, len(models)] (or one index for one row), under
+        the bundle's decision and these settings (checked by `check_settings`)."""
         self.check_settings(strong_fraction, threshold, cost_weight)
         if self.decision["kind"] == "pair":
             if threshold is None:
@@ -812,13 +814,13 @@ class Router:
         """The model name one prompt is routed to (batch 1: the latency-critical path)."""
         if not isinstance(prompt, str):
             raise TypeError(f"route takes one prompt as a str, got {type(prompt).__name__}")
-        p = self._score_one(prompt)
-        return self.models[int(self._choose(p, strong_fraction, threshold, cost_weight))]
+        p = self.score_one(prompt)
+        return self.models[int(self.choose(p, strong_fraction, threshold, cost_weight))]
 
     def decide(self, prompts: list[str], strong_fraction: float | None = None, threshold: float | None = None,
                cost_weight: float | None = None, batch_size: int = 64) -> list[str]:
         """`route` for many prompts at once."""
-        idx = self._choose(self.scores(prompts, batch_size), strong_fraction, threshold, cost_weight)
+        idx = self.choose(self.scores(prompts, batch_size), strong_fraction, threshold, cost_weight)
         return [self.models[int(i)] for i in idx]
 
 
@@ -829,11 +831,11 @@ def prompt_from_messages(messages) -> str:
     system, assistant and tool messages are not part of the prompt. Raises RouterError on anything
     else, or when no user text is left."""
     if not isinstance(messages, list) or not messages:
-        raise _error("messages must be a non-empty list of {role, content} objects")
+        raise router_error("messages must be a non-empty list of {role, content} objects")
     turns: list[str] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _error(f"messages[{i}] must be an object with a string role")
+            raise router_error(f"messages[{i}] must be an object with a string role")
         if m["role"] != "user":
             continue
         content = m.get("content")
@@ -842,15 +844,15 @@ def prompt_from_messages(messages) -> str:
         elif isinstance(content, list):
             for j, part in enumerate(content):
                 if not isinstance(part, dict):
-                    raise _error(f"messages[{i}].content[{j}] must be an object")
+                    raise router_error(f"messages[{i}].content[{j}] must be an object")
                 if part.get("type") == "text":
                     if not isinstance(part.get("text"), str):
-                        raise _error(f"messages[{i}].content[{j}].text must be a string")
+                        raise router_error(f"messages[{i}].content[{j}].text must be a string")
                     turns.append(part["text"])
         elif content is not None:
-            raise _error(f"messages[{i}].content must be a string or a list of parts")
+            raise router_error(f"messages[{i}].content must be a string or a list of parts")
     if not turns:
-        raise _error("messages hold no user text to route on")
+        raise router_error("messages hold no user text to route on")
     return "\n\n".join(turns)
 
 
@@ -865,18 +867,18 @@ def read_prompt_records(path: str | Path) -> Iterator[dict]:
             try:
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
-                raise _error(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
+                raise router_error(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
                              file=path, row=lineno) from None
             if not text.strip():
                 continue
             try:
                 rec = json.loads(text)
             except ValueError as e:
-                raise _error(f"not valid JSON: {e}", file=path, row=lineno) from None
+                raise router_error(f"not valid JSON: {e}", file=path, row=lineno) from None
             except RecursionError:
-                raise _error("not valid JSON: nested too deeply", file=path, row=lineno) from None
+                raise router_error("not valid JSON: nested too deeply", file=path, row=lineno) from None
             if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise _error("each line must be an object with a string `prompt`", file=path, row=lineno)
+                raise router_error("each line must be an object with a string `prompt`", file=path, row=lineno)
             yield rec
 
 
@@ -895,22 +897,22 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
     """
     input_jsonl, output_jsonl = Path(input_jsonl), Path(output_jsonl)
     if not input_jsonl.is_file():
-        raise _error("input file not found", file=input_jsonl)
+        raise router_error("input file not found", file=input_jsonl)
     if output_jsonl.exists() and os.path.samefile(input_jsonl, output_jsonl):
-        raise _error("the output is the same file as the input; choose another --output", file=output_jsonl)
+        raise router_error("the output is the same file as the input; choose another --output", file=output_jsonl)
     router = Router.load(bundle)
     router.check_settings(strong_fraction=strong_fraction)
     try:
         output_jsonl.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{output_jsonl.name}.", suffix=".tmp", dir=output_jsonl.parent)
     except OSError as e:
-        raise _error(f"cannot write the output there: {e.strerror or e}", file=output_jsonl) from None
+        raise router_error(f"cannot write the output there: {e.strerror or e}", file=output_jsonl) from None
     tmp = Path(tmp_name)
     written = 0
 
     def flush(records: list[tuple[int, dict]], out) -> None:
         p = router.scores([r["prompt"] for _, r in records], batch_size)
-        chosen = router._choose(p, strong_fraction, None, None)
+        chosen = router.choose(p, strong_fraction, None, None)
         pair = router.decision["kind"] == "pair"
         for (index, rec), row, c in zip(records, p, chosen):
             line = {"prompt_id": rec["prompt_id"]} if "prompt_id" in rec else {}
@@ -939,7 +941,7 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
             out.flush()
             os.fsync(out.fileno())
         if written == 0:
-            raise _error("no prompts in the input", file=input_jsonl)
+            raise router_error("no prompts in the input", file=input_jsonl)
         os.replace(tmp, output_jsonl)
     finally:
         tmp.unlink(missing_ok=True)

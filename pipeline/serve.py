@@ -64,13 +64,13 @@ def load_upstreams(path: str | Path, models: list[str]) -> dict[str, dict]:
     `upstreams` maps every bundle model to its upstream: `base_url` (an OpenAI-compatible API root, e.g.
     `https://api.example.com/v1`), `model` (the upstream's model name; default the bundle's name) and
     optionally `api_key_env` (the environment variable holding the key, sent as a Bearer token)."""
-    from .runtime import _error
+    from .runtime import router_error
 
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise _error(f"cannot read the upstreams file: {e}", path) from None
+        raise router_error(f"cannot read the upstreams file: {e}", path) from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
@@ -79,21 +79,21 @@ def load_upstreams(path: str | Path, models: list[str]) -> dict[str, dict]:
         else:
             data = json.loads(text)
     except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
-        raise _error(f"not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
+        raise router_error(f"not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
                      f"{' '.join(str(e).split())[:200]}", path) from None
     ups = data.get("upstreams") if isinstance(data, dict) else None
     if not isinstance(ups, dict):
-        raise _error("needs a top-level `upstreams` object: {model: {base_url, model, api_key_env}}", path)
+        raise router_error("needs a top-level `upstreams` object: {model: {base_url, model, api_key_env}}", path)
     missing = [m for m in models if m not in ups]
     if missing:
-        raise _error(f"no upstream for the bundle's model(s) {missing}", path)
+        raise router_error(f"no upstream for the bundle's model(s) {missing}", path)
     out = {}
     for name, u in ups.items():
         if not isinstance(u, dict) or not isinstance(u.get("base_url"), str) or not u["base_url"].startswith(
                 ("http://", "https://")):
-            raise _error(f"upstreams[{name!r}].base_url must be an http(s) URL", path)
+            raise router_error(f"upstreams[{name!r}].base_url must be an http(s) URL", path)
         if not isinstance(u.get("model", name), str) or not isinstance(u.get("api_key_env", ""), (str, type(None))):
-            raise _error(f"upstreams[{name!r}]: model and api_key_env must be strings", path)
+            raise router_error(f"upstreams[{name!r}]: model and api_key_env must be strings", path)
         out[name] = {"base_url": u["base_url"].rstrip("/"), "model": u.get("model", name),
                      "api_key_env": u.get("api_key_env")}
     return out
@@ -180,7 +180,7 @@ def create_app(bundle: str | Path | None = None, *, threads: int = 1, quantized:
             realised_g.set(default_stats["sum"] / default_stats["n"])
 
     def result(p, settings: dict) -> tuple[int, dict]:
-        j = int(router._choose(p, settings.get("strong_fraction"), settings.get("threshold"),
+        j = int(router.choose(p, settings.get("strong_fraction"), settings.get("threshold"),
                                settings.get("cost_weight")))
         return j, {"model": router.models[j], "scores": dict(zip(router.models, map(float, p))),
                    "score": float(router.routing_score(p)) if kind == "pair" else None}
@@ -227,7 +227,7 @@ def create_app(bundle: str | Path | None = None, *, threads: int = 1, quantized:
         prompt = prompt_of(body)
         router.check_settings(**settings)
         t = time.perf_counter()
-        j, out = result(router._score_one(prompt), settings)
+        j, out = result(router.score_one(prompt), settings)
         record([j], not settings, time.perf_counter() - t)
         return JSONResponse(out)
 
@@ -277,7 +277,7 @@ def create_app(bundle: str | Path | None = None, *, threads: int = 1, quantized:
         if model == "router":
             prompt = prompt_of({"messages": body.get("messages")})
             t = time.perf_counter()
-            j = int(router._choose(router._score_one(prompt), None, None, None))
+            j = int(router.choose(router.score_one(prompt), None, None, None))
             record([j], True, time.perf_counter() - t)
             model = router.models[j]
         elif model not in ups:
