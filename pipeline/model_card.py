@@ -58,6 +58,16 @@ def _label_method(cfg: Mapping) -> str:
     return "; ".join(parts)
 
 
+def _chosen_line(selection: Mapping) -> str:
+    """What the pipeline chose on validation (`router.json` `selection`), in one bullet."""
+    prior = (selection.get("cluster_prior") or {}).get("chosen")
+    return ("- chosen on validation: "
+            + (f"group smoothing by `{selection['group_by']}`" if selection.get("group_by") else "no group smoothing")
+            + "; cluster prior " + (f"k = {prior['k']}, τ = {prior['temperature']}, β = {prior['beta']} (nearest "
+                                    "train clusters' model rates blended into the outputs, inside the graph)"
+                                    if prior else "none") + " (`selection` in router.json)")
+
+
 def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> Path:
     """Write BUNDLE/MODEL_CARD.md from the router.json dict (read from the bundle when not given).
 
@@ -164,7 +174,8 @@ def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> P
               f"- ONNX opset {onnx.get('opset', '?')}: `{onnx.get('fp32', 'model.onnx')}` (fp32) and "
               f"`{onnx.get('int8', 'model.int8.onnx')}` (int8, served by default); inputs `input_ids`, "
               "`attention_mask` (int64 [batch, seq]), output `logits` [batch, n_models]",
-              "- `router.json` lists the sha256 of every file; the runtime refuses a bundle whose files changed", "",
+              "- `router.json` lists the sha256 of every file; the runtime refuses a bundle whose files changed",
+              _chosen_line(router.get("selection") or {}), "",
               "## Intended use", "",
               "Choosing, per prompt and before generation, which of the listed models to call, to trade answer "
               "quality against cost on traffic resembling the training data. Serve it with "

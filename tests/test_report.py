@@ -98,6 +98,11 @@ def test_model_card_is_a_pure_function_of_router_json(tmp_path):
     assert report.write_model_card is write_model_card  # where the exporter imports it from
     multi = write_model_card(tmp_path / "b", _router_json("multi")).read_text()
     assert "argmax_j" in multi and "| 0.25 | 0.8 |" in multi and "Pair routing" not in multi
+    assert "no group smoothing; cluster prior none" in text  # what validation chose, from `selection`
+    chosen = _router_json() | {"selection": {"group_by": "topic", "cluster_prior": {
+        "chosen": {"k": 20, "temperature": 0.05, "beta": 0.5}}}}
+    assert "group smoothing by `topic`; cluster prior k = 20, τ = 0.05, β = 0.5" in \
+        write_model_card(tmp_path / "b", chosen).read_text()
 
 
 # ---------------------------------------------------------------------------------------------
