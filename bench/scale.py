@@ -341,7 +341,7 @@ class Memory:
 def _teacher_texts(name: str, cfg) -> tuple[list[str], list[str], dict | None]:
     """The texts and ids `pipeline.train.prepare` hands to `teacher_embeddings`: the labeled prompts with
     templates learned on the (possibly limited) train split compacted, ids re-hashed where compacted."""
-    from pipeline.common import prompt_hash
+    from pipeline.common import prompt_id
     from pipeline.label import load_labels
     from pipeline.runtime import compact_templates, learn_templates
 
@@ -357,7 +357,7 @@ def _teacher_texts(name: str, cfg) -> tuple[list[str], list[str], dict | None]:
     if not (templates and (templates["prefixes"] or templates["suffixes"])):
         templates = None
     texts = [compact_templates(p, {"templates": templates}) for p in prompts]
-    ids = [pid if t == p else prompt_hash(t)[:16] for pid, p, t in zip(prompt_ids, prompts, texts)]
+    ids = [pid if t == p else prompt_id(t) for pid, p, t in zip(prompt_ids, prompts, texts)]
     return texts, ids, templates
 
 

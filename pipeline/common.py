@@ -300,6 +300,11 @@ def prompt_hash(prompt: str) -> str:
     return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
 
+def prompt_id(prompt: str) -> str:
+    """A prompt's id in datasets and caches: the first 16 hex digits of its sha256."""
+    return prompt_hash(prompt)[:16]
+
+
 def write_json(path: Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

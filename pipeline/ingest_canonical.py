@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .common import ConfigError, DataError, console, prompt_hash
+from .common import ConfigError, DataError, console, prompt_id
 from .ingest_columns import as_text, category_codes
 from .ingest_layouts import Drops, Observations, detect_layout, is_arena, read_observations, require_columns
 
@@ -25,8 +25,8 @@ RESERVED = ("prompt_id", "outcome", "mask", "count", "cost", "target", "split", 
 
 
 def prompt_ids(prompts: list[str]) -> list[str]:
-    """Each prompt's id: the first 16 hex digits of its sha256."""
-    return [prompt_hash(p)[:16] for p in prompts]
+    """Each prompt's id (`common.prompt_id`)."""
+    return [prompt_id(p) for p in prompts]
 
 
 def list_column(matrix: np.ndarray, typ: pa.DataType) -> pa.ListArray:

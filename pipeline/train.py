@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__, routing
-from .common import (DataError, atomic_dir, console, flatten, labels_dir, model_dir, processed_dir, prompt_hash,
+from .common import (DataError, atomic_dir, console, flatten, labels_dir, model_dir, processed_dir, prompt_id,
                      read_json, sha256_json, write_json)
 from .config import Config, load_config
 from .encoders import (EmbeddingRouter, build_student, with_prior, teacher_embeddings, teacher_path,
@@ -115,7 +115,7 @@ def prepare(name: str, cfg: Config) -> Prepared:
         templates = None
     # The teacher reads the prompt as the student will (templates shortened), cached under that text's hash.
     texts = [compact_templates(p, {"templates": templates}) for p in prompts]
-    text_ids = [pid if t == p else prompt_hash(t)[:16] for pid, p, t in zip(prompt_ids, prompts, texts)]
+    text_ids = [pid if t == p else prompt_id(t) for pid, p, t in zip(prompt_ids, prompts, texts)]
     prep = Prepared(
         name=name, models=models, costs=costs, pair=pair, prompts=prompts, prompt_ids=prompt_ids,
         target=list_matrix(table, "target", np.float32), mask=list_matrix(table, "mask", bool),
