@@ -339,25 +339,15 @@ class Memory:
 
 
 def _teacher_texts(name: str, cfg) -> tuple[list[str], list[str], dict | None]:
-    """The texts and ids `pipeline.train.prepare` hands to `teacher_embeddings`: the labeled prompts with
-    templates learned on the (possibly limited) train split compacted, ids re-hashed where compacted."""
-    from pipeline.common import prompt_id
+    """The texts and ids `pipeline.train.prepare` hands to `teacher_embeddings` (`train.teacher_inputs`)."""
     from pipeline.label import load_labels
-    from pipeline.runtime import compact_templates, learn_templates
+    from pipeline.train import teacher_inputs, training_split
 
     ds, _ = load_labels(name)
     table = ds.data.table if hasattr(ds.data, "table") else ds.data
-    prompts = table.column("prompt").to_pylist()
-    prompt_ids = table.column("prompt_id").to_pylist()
-    split = np.asarray(table.column("split").to_pylist())
-    if cfg.train.limit_train_prompts:
-        train_rows = np.flatnonzero(split == "train")
-        split[train_rows[cfg.train.limit_train_prompts:]] = "unused"
-    templates = learn_templates([prompts[i] for i in np.flatnonzero(split == "train")]) if cfg.student.templates else None
-    if not (templates and (templates["prefixes"] or templates["suffixes"])):
-        templates = None
-    texts = [compact_templates(p, {"templates": templates}) for p in prompts]
-    ids = [pid if t == p else prompt_id(t) for pid, p, t in zip(prompt_ids, prompts, texts)]
+    split = training_split(table.column("split").to_pylist(), cfg)
+    templates, texts, ids = teacher_inputs(table.column("prompt").to_pylist(), table.column("prompt_id").to_pylist(),
+                                           split, cfg)
     return texts, ids, templates
 
 

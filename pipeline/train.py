@@ -73,6 +73,26 @@ class Prepared:
         return np.flatnonzero(self.split == split)
 
 
+def training_split(split, cfg: Config) -> np.ndarray:
+    """Each prompt's split, with train prompts beyond `train.limit_train_prompts` marked "unused"."""
+    split = np.asarray(split)
+    if cfg.train.limit_train_prompts:
+        split[np.flatnonzero(split == "train")[cfg.train.limit_train_prompts:]] = "unused"
+    return split
+
+
+def teacher_inputs(prompts: list[str], prompt_ids: list[str], split: np.ndarray,
+                   cfg: Config) -> tuple[dict | None, list[str], list[str]]:
+    """(templates learned on the train split or None, the texts the teacher embeds, their cache ids).
+
+    The teacher reads a prompt as the student will (templates shortened), cached under that text's id."""
+    templates = learn_templates([prompts[i] for i in np.flatnonzero(split == "train")]) if cfg.student.templates else None
+    if not (templates and (templates["prefixes"] or templates["suffixes"])):
+        templates = None
+    texts = [compact_templates(p, {"templates": templates}) for p in prompts]
+    return templates, texts, [pid if t == p else prompt_id(t) for pid, p, t in zip(prompt_ids, prompts, texts)]
+
+
 def prepare(name: str, cfg: Config) -> Prepared:
     """Load the labels and the (cached) teacher embeddings; with `train.group_by`, the smoothed fit targets."""
     from .ingest import list_matrix
@@ -88,10 +108,7 @@ def prepare(name: str, cfg: Config) -> Prepared:
         pair = (models.index(stats["pair"]["weak"]), models.index(stats["pair"]["strong"]))
     prompts = table.column("prompt").to_pylist()
     prompt_ids = table.column("prompt_id").to_pylist()
-    split = np.asarray(table.column("split").to_pylist())
-    if cfg.train.limit_train_prompts:
-        train_rows = np.flatnonzero(split == "train")
-        split[train_rows[cfg.train.limit_train_prompts:]] = "unused"
+    split = training_split(table.column("split").to_pylist(), cfg)
     groups, group_columns = None, {}
     if cfg.train.group_by == "auto":  # candidates for select.choose_group_by
         from .select import group_candidates
@@ -107,15 +124,10 @@ def prepare(name: str, cfg: Config) -> Prepared:
     for s in ("train", "val"):
         if not (split == s).any():
             raise DataError(f"the {s} split of {name!r} is empty: need more prompts or other split fractions")
-    templates = learn_templates([prompts[i] for i in np.flatnonzero(split == "train")]) if cfg.student.templates else None
-    if templates and (templates["prefixes"] or templates["suffixes"]):
+    templates, texts, text_ids = teacher_inputs(prompts, prompt_ids, split, cfg)
+    if templates:
         console.print(f"templates: {len(templates['prefixes'])} shared prefixes and {len(templates['suffixes'])} "
                       "suffixes shortened before tokenizing")
-    else:
-        templates = None
-    # The teacher reads the prompt as the student will (templates shortened), cached under that text's hash.
-    texts = [compact_templates(p, {"templates": templates}) for p in prompts]
-    text_ids = [pid if t == p else prompt_id(t) for pid, p, t in zip(prompt_ids, prompts, texts)]
     prep = Prepared(
         name=name, models=models, costs=costs, pair=pair, prompts=prompts, prompt_ids=prompt_ids,
         target=list_matrix(table, "target", np.float32), mask=list_matrix(table, "mask", bool),
