@@ -3,8 +3,6 @@ does (validation metrics gathered from both) and writes one checkpoint and one M
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import pytest
 from pipeline.common import versions
 
 from .leftovers import leftovers, visible
+from .tiny import run_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["teacher.epochs=3", "teacher.head_hidden=16", "student.dim=16", "student.hidden=16",
@@ -67,19 +66,9 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_writes_once(tmp_path, 
     # (one MLflow store for both runs: creating a SQLite store costs seconds)
     env = os.environ | {"PREROUTER_MODELS_DIR": str(tmp_path / "two/models"), "OMP_NUM_THREADS": "1",
                         "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     sets = [a for o in overrides + ["train.batch_size=32", "teacher.batch_size=32", "train.strategy=ddp",
                                     "train.devices=2"] for a in ("-s", o)]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "demo", *sets], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=240)  # the pipe stays open until rank 1 has exited too
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # both ranks: rank 1 is in rank 0's process group
-        out, _ = proc.communicate()
-        pytest.fail(f"ddp training did not finish in 240 s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
+    out = run_two_ranks([sys.executable, "-m", "pipeline", "train", "demo", *sets], env, tmp_path, 240, "ddp training")
 
     # written once: one checkpoint directory (no second writer's leftovers), one Lightning checkpoint per
     # network, one MLflow run (beside the one-process run's), the one the checkpoint names

