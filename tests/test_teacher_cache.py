@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .tiny import make_tiny_teacher
+from .tiny import counting_teacher_loader, make_tiny_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,17 +39,7 @@ def _counting(monkeypatch) -> list[int]:
     from pipeline import encoders
 
     seen: list[int] = []
-    load = encoders._load_teacher
-
-    def counted(path):
-        tok, model = load(path)
-
-        def tokenize(texts, **kw):
-            seen.append(len(texts))
-            return tok(texts, **kw)
-        return tokenize, model
-
-    monkeypatch.setattr(encoders, "_load_teacher", counted)
+    monkeypatch.setattr(encoders, "_load_teacher", counting_teacher_loader(encoders._load_teacher, seen))
     return seen
 
 

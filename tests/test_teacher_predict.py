@@ -27,15 +27,9 @@ JOB = textwrap.dedent("""
     from pipeline.config import TrainConfig
 
     args = json.loads(Path(sys.argv[1]).read_text())
+    from tests.tiny import counting_teacher_loader
     encoded = []
-    load = encoders._load_teacher
-    def counted(path):
-        tok, model = load(path)
-        def tokenize(texts, **kw):
-            encoded.append(len(texts))
-            return tok(texts, **kw)
-        return tokenize, model
-    encoders._load_teacher = counted
+    encoders._load_teacher = counting_teacher_loader(encoders._load_teacher, encoded)
     job = TrainConfig(accelerator="cpu", devices=2, strategy="ddp")
     out = Path(args["out"])
     steps = []

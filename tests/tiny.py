@@ -74,3 +74,16 @@ def run_two_ranks(cmd: list[str], env: dict, cwd: Path, timeout: float, what: st
         pytest.fail(f"{what} did not finish in {timeout:g} s:\n{log[-3000:]}")
     assert proc.returncode == 0, log[-3000:]
     return log
+
+
+def counting_teacher_loader(load, seen: list[int]):
+    """`encoders._load_teacher` wrapped so that `seen` gets the size of every batch of texts the teacher's
+    tokenizer is handed (each encoded prompt passes through it once)."""
+    def counted(path):
+        tok, model = load(path)
+
+        def tokenize(texts, **kw):
+            seen.append(len(texts))
+            return tok(texts, **kw)
+        return tokenize, model
+    return counted
