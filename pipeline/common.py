@@ -149,24 +149,30 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         except BaseException:
             _remove(tmp)
             raise
-        previous = _named_version(final)
-        if os.path.lexists(final) and previous is None:  # a plain folder from before versions
-            previous = final.parent / f".{final.name}.v-0-{os.getpid()}"
-            os.replace(final, previous)
+        if os.path.lexists(final) and not final.is_symlink():  # a plain folder from before versions
+            os.replace(final, final.parent / f".{final.name}.v-0-{os.getpid()}")
         link = final.parent / f".{final.name}.link-{os.getpid()}"
         _remove(link)
         os.symlink(version.name, link, target_is_directory=True)
         os.replace(link, final)  # the swap: one rename, `final` never missing
-        for old in versions(final):
-            if old not in (version, previous):
-                _remove(old)
+        _prune_versions(final)
 
 
 def versions(final: Path) -> list[Path]:
-    """The version folders kept for `final` (the one it names and the one before), oldest first."""
+    """The version folders of `final` on disk, oldest first (after a write: the one it names and the
+    one before)."""
     final = Path(final)
     found = final.parent.glob(f".{final.name}.v-*")
     return sorted(found, key=lambda p: int(p.name.rsplit(".v-", 1)[1].split("-")[0]))
+
+
+def kept_versions(final: Path) -> list[Path]:
+    """The versions a new writer keeps: the one `final` names and the newest other, for readers that
+    resolved the name before the last swap; none when `final` is not a link."""
+    current = _named_version(Path(final))
+    if current is None:
+        return []
+    return [*[v for v in versions(final) if v != current][-1:], current]
 
 
 def _named_version(final: Path) -> Path | None:
@@ -196,12 +202,16 @@ def _recover(final: Path) -> None:
         console.print(f"[yellow]{final}: restored the previous version, which an interrupted write had set aside[/]")
     stale = [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.link-*"),
              *final.parent.glob(f".{final.name}.old-*")]
-    current = _named_version(final)
-    kept = [v for v in versions(final) if v != current]
-    # keep the newest version before the current one for readers still on it; with no link, none is
-    stale += kept[:-1] if current is not None else kept
     for path in stale:
         _remove(path)
+    _prune_versions(final)
+
+
+def _prune_versions(final: Path) -> None:
+    kept = kept_versions(final)
+    for version in versions(final):
+        if version not in kept:
+            _remove(version)
 
 
 def _remove(path: Path) -> None:

@@ -1,10 +1,9 @@
 """What interrupted or finished writes leave behind, apart from what `atomic_dir` keeps on purpose."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from pipeline.common import versions
+from pipeline.common import kept_versions
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -14,12 +13,7 @@ def leftovers(folder: Path) -> list[str]:
     folder = Path(folder)
     if not folder.exists():
         return []
-    kept = set()
-    for link in folder.rglob("*"):
-        if link.is_symlink():
-            current = link.parent / os.readlink(link)
-            others = [v for v in versions(link) if v != current]
-            kept |= {current, *others[-1:]}
+    kept = {v for link in folder.rglob("*") if link.is_symlink() for v in kept_versions(link)}
     return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p not in kept)
 
 
