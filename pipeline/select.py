@@ -14,6 +14,7 @@ of validation battles whose winner sigmoid(logit_a - logit_b) predicts.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -69,14 +70,24 @@ def val_quality(prep, p: np.ndarray, rows: np.ndarray, resample: np.ndarray | No
     return routed(p[i], t, m)[1]
 
 
-def bootstrap_win_rate(prep, p: np.ndarray, base: np.ndarray, rows: np.ndarray, seed: int = 0) -> float:
-    """Share of paired bootstrap resamples of `rows` where `p` routes better than `base`."""
+def paired_win_rate(n: int, beats: Callable[[np.ndarray], bool], resamples: int = BOOTSTRAP,
+                    seed: int = 0) -> float:
+    """Share of paired bootstrap resamples of `n` validation prompts where `beats(i)` holds, `i` the
+    resampled positions (the same for candidate and base). A candidate replaces the default at
+    >= MIN_WIN_RATE: the rule for group smoothing, the cluster prior (`prior.py`) and a tune study's
+    chosen trial (`tune_results.py`)."""
     rng = np.random.default_rng(seed)
     wins = 0
-    for _ in range(BOOTSTRAP):
-        i = rng.integers(len(rows), size=len(rows))
-        wins += val_quality(prep, p, rows, i) > val_quality(prep, base, rows, i)
-    return wins / BOOTSTRAP
+    for _ in range(resamples):
+        i = rng.integers(n, size=n)
+        wins += beats(i)
+    return wins / resamples
+
+
+def bootstrap_win_rate(prep, p: np.ndarray, base: np.ndarray, rows: np.ndarray, seed: int = 0) -> float:
+    """Share of paired bootstrap resamples of `rows` where `p` routes better than `base`."""
+    return paired_win_rate(len(rows), lambda i: val_quality(prep, p, rows, i) > val_quality(prep, base, rows, i),
+                           seed=seed)
 
 
 def choose_group_by(prep, cfg, workdir: Path):
