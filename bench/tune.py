@@ -81,7 +81,8 @@ def top_trials_on_test(result, cfg, k: int = 5) -> list[tuple]:
     from optuna.trial import TrialState
 
     from pipeline.train import fit_student, predict, prepare, split_metrics
-    from pipeline.tune import apply, fit_teacher_once
+    from pipeline.tune import fit_teacher_once
+    from pipeline.tune_space import apply
 
     done = result.study.get_trials(states=(TrialState.COMPLETE,))
     chosen = sorted(done, key=lambda t: -t.value)[:k]

@@ -276,7 +276,7 @@ class TuneConfig(_Section):
     objective: Literal["quality", "pareto"] = "quality"
     pruner: Literal["median", "hyperband"] = "median"
     seed: int = 0
-    space: dict[str, Any] = Field(default_factory=dict)  # narrows the search space, see tune.py
+    space: dict[str, Any] = Field(default_factory=dict)  # narrows the search space, see tune_space.py
     # SQL storages only (workers on several machines; see tune_storage.py): Optuna's heartbeat and retry
     heartbeat_interval: int = Field(60, ge=1)  # seconds between the heartbeats of a running trial
     grace_period: int = Field(120, ge=1)  # seconds without one before another worker fails the trial

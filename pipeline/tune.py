@@ -7,17 +7,10 @@ The data are prepared and the teacher head is fitted once per process; each tria
 student. Pruning (median or Hyperband, `tune.pruner`) reads the per-epoch validation APGR, or the
 validation loss when the data have no weak/strong pair.
 
-Search space. `SPACE` below; `tune.space` in the config narrows or extends it, per dotted config key:
-    a scalar               fixed value, not searched            student.family: static
-    a list                 categorical choices                  train.batch_size: [32, 64]
-                           ([low, high] narrows a numeric range of SPACE, keeping its scale)
-    {low, high[, log]}     a numeric range (int when both ends are ints)
-Any `section.key` of the config may be added; `student.layers` is searched for transformers only.
-Trial 0 of a new study is the base configuration (its values that lie inside the space). The chosen
-trial is the best validation APGR among the trials that beat the base one in at least 90% of paired
-bootstrap resamples of the validation prompts, else the base: differences of a few thousandths of
-APGR on a thousand prompts are noise, and picking the top of 20 noisy scores would often pick a
-worse router than the default.
+Search space: `SPACE` in `tune_space.py`, narrowed or extended per config key by `tune.space`.
+Trial 0 of a new study is the base configuration (its values that lie inside the space); another trial
+is chosen over it only when it routes validation better in at least 90% of paired bootstrap resamples
+(`tune_results.py`).
 
 Pareto mode. The second objective is the p99 of single int8 decisions (tokenization included, CPU
 time of the deciding thread, steady when other processes share the machine) of the candidate
@@ -34,8 +27,8 @@ Workers. Processes that run the same command with the same `--storage` share the
 machine the default journal file is enough (a dead worker's trial: its pid is gone; not retried);
 across machines pass an SQL URL (`--storage postgresql://user@host/db`): Optuna's heartbeat fails a
 trial silent for `tune.grace_period` seconds and queues its configuration again, at most
-`tune.max_retry` times. Every trial is a nested MLflow run under the study's
-parent run. The last worker to finish writes the results: `models/NAME/tuned.yaml` (the chosen
+`tune.max_retry` times. Every trial is a nested MLflow run under the study's parent run. The last
+worker to finish writes the results (`tune_results.py`): `models/NAME/tuned.yaml` (the chosen
 configuration), plots and tables under `models/NAME/tune/`, and the retrained checkpoint
 `models/NAME/checkpoint` of the chosen trial, ready for `prerouter export`.
 """
@@ -46,143 +39,22 @@ import fcntl
 import math
 import tempfile
 import time
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import optuna
-import yaml
 from optuna.trial import TrialState
 
-from .common import ConfigError, console, mlruns_root, model_dir, sha256_json, write_json
+from .common import ConfigError, console, mlruns_root, sha256_json
 from .config import Config, check_machine, load_config
+from .tune_results import TuneResult, finish, pair_rows
+from .tune_space import apply, base_values, search_space, suggest
 from .tune_storage import StudyStorage, open_storage
-
-# The default search space, one entry per dotted config key (format in the module docstring).
-SPACE: dict[str, Any] = {
-    "train.lr": {"low": 1e-4, "high": 3e-2, "log": True},
-    "train.weight_decay": {"low": 1e-5, "high": 1e-1, "log": True},
-    "train.batch_size": [32, 64, 128],
-    "train.max_epochs": {"low": 4, "high": 30},
-    "train.distill_weight": {"low": 0.0, "high": 1.0},
-    "student.dropout": {"low": 0.0, "high": 0.5},
-    "student.family": ["static", "transformer"],
-    "student.dim": [64, 128, 256],
-    "student.layers": {"low": 1, "high": 4},
-    "student.max_tokens": [64, 128, 256],
-    "student.truncation": ["head_tail", "head"],
-}
-ONLY_WHEN = {"student.layers": ("student.family", "transformer")}  # searched only under this condition
 
 LATENCY_DECISIONS = 300  # timed decisions per Pareto candidate (after 200 warm-up ones)
 LATENCY_HOLDOUT = 512  # val prompts the candidate's export parity gate runs on
 MAX_FAILURES = 3  # consecutive failed trials before the worker gives up
-CONFIDENCE, BOOTSTRAP = 0.9, 1000  # a trial replaces the base one when it is better in 90% of val resamples
-
-
-@dataclass
-class TuneResult:
-    config: Config  # the base configuration with the chosen trial's values applied
-    study: optuna.Study
-    best_params: dict  # dotted config key -> value (searched and fixed)
-    best_value: float | list[float] | None  # quality: val APGR (or loss); pareto: [quality, p99 ms]
-    best_trial: int | None
-    out_dir: Path
-
-
-# ----------------------------------------------------------------------------- search space
-
-FIXED_PER_STUDY = ("train.group_by", "train.group_smoothing")  # read once, when the study prepares the data
-
-
-def search_space(cfg: Config) -> dict[str, dict]:
-    """SPACE narrowed by `cfg.tune.space`: key -> {"fixed": v} | {"choices": [...]} | {"low", "high", "log"}."""
-    space = {key: _normalise(key, spec, None) for key, spec in SPACE.items()}
-    for key, spec in cfg.tune.space.items():
-        if key.startswith("tune.") or "." not in key:
-            raise ConfigError(f"tune.space key {key!r} must be a `section.key` of the config outside `tune`")
-        if key in FIXED_PER_STUDY:
-            raise ConfigError(f"tune.space key {key!r} is fixed for a study: it changes the targets the shared "
-                              "teacher head fits; set it in the config instead")
-        space[key] = _normalise(key, spec, space.get(key))
-    for key, spec in space.items():  # every value must make a valid config on its own, before any trial runs
-        for value in spec.get("choices") or [spec.get("fixed", spec.get("low")), spec.get("high")]:
-            if value is not None:
-                apply(cfg, {key: value})
-    return space
-
-
-def _normalise(key: str, spec: Any, default: dict | None) -> dict:
-    if isinstance(spec, dict):
-        if set(spec) - {"low", "high", "log"} or not {"low", "high"} <= set(spec):
-            raise ConfigError(f"tune.space.{key}: a range is {{low, high[, log]}}, got {spec!r}")
-        low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
-            raise ConfigError(f"tune.space.{key}: need numbers low <= high, got {spec!r}")
-        if log and low <= 0:
-            raise ConfigError(f"tune.space.{key}: a log range needs low > 0, got {spec!r}")
-        return {"low": low, "high": high, "log": log}
-    if isinstance(spec, (list, tuple)):
-        if not spec:
-            raise ConfigError(f"tune.space.{key}: empty list of choices")
-        if default is not None and "low" in default and len(spec) == 2:  # narrows a numeric range
-            return _normalise(key, {"low": spec[0], "high": spec[1], "log": default["log"]}, None)
-        return {"choices": list(spec)} if len(spec) > 1 else {"fixed": spec[0]}
-    return {"fixed": spec}
-
-
-def suggest(trial: optuna.trial.BaseTrial, space: dict[str, dict], cfg: Config) -> dict[str, Any]:
-    """Draw one configuration: dotted key -> value, fixed values included."""
-    values: dict[str, Any] = {}
-    for key, spec in space.items():
-        if key in ONLY_WHEN:
-            cond, wanted = ONLY_WHEN[key]
-            if values.get(cond, _get(cfg, cond)) != wanted:
-                continue
-        if "fixed" in spec:
-            values[key] = spec["fixed"]
-        elif "choices" in spec:
-            values[key] = trial.suggest_categorical(key, spec["choices"])
-        elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
-            values[key] = trial.suggest_int(key, spec["low"], spec["high"], log=spec["log"])
-        else:
-            values[key] = trial.suggest_float(key, spec["low"], spec["high"], log=spec["log"])
-    return values
-
-
-def base_values(space: dict[str, dict], cfg: Config) -> dict[str, Any]:
-    """The base configuration's values of the searched keys, where they lie inside the space."""
-    values = {}
-    for key, spec in space.items():
-        value = _get(cfg, key)
-        if value in spec.get("choices", ()) or ("low" in spec and spec["low"] <= value <= spec["high"]):
-            values[key] = value
-    return values
-
-
-def apply(cfg: Config, values: dict[str, Any]) -> Config:
-    """`cfg` with dotted-key values set, validated (a bad value is a ConfigError naming the key)."""
-    tree = cfg.to_dict()
-    for key, value in values.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            if not isinstance(node.get(p), dict):
-                raise ConfigError(f"tune.space: unknown config key {key!r}")
-            node = node[p]
-        if leaf not in node:
-            raise ConfigError(f"tune.space: unknown config key {key!r}")
-        node[leaf] = value
-    return load_config(base=tree)
-
-
-def _get(cfg: Config, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
 
 
 # ----------------------------------------------------------------------------- storage, workers, MLflow
@@ -320,7 +192,7 @@ def run_trial(trial: optuna.Trial, prep, cfg: Config, space: dict, pareto: bool,
                        if isinstance(v, (int, float))}
             result = [metrics["val_apgr"] if prep.pair is not None else metrics["val_bce"]]
             if prep.pair is not None:  # per-prompt routing scores, for the noise check in `choose`
-                trial.set_user_attr("val_scores", np.round(pair_score(p_val[_pair_rows(prep)], prep.pair), 6).tolist())
+                trial.set_user_attr("val_scores", np.round(pair_score(p_val[pair_rows(prep)], prep.pair), 6).tolist())
             if pareto:
                 latency = candidate_latency(net, prep, tcfg, p_val, Path(work))
                 metrics |= {"latency_p99_ms": latency["p99"], "latency_cpu_p99_ms": latency["cpu_p99"],
@@ -492,192 +364,3 @@ def _check_same_inputs(study: optuna.Study, data_hash: str, cfg: Config) -> None
             what = "labels" if key == "data_hash" else f"configuration ({', '.join(trained)} sections)"
             raise ConfigError(f"study {study.study_name!r} was started on other {what}; pass another "
                               "--study-name (or delete the study) to tune on these")
-
-
-# ----------------------------------------------------------------------------- results
-
-def choose(study: optuna.Study, pareto: bool, budget_ms: float, prep=None) -> optuna.trial.FrozenTrial | None:
-    """Quality: the best trial that beats the base trial beyond validation noise, else the base trial
-    (with `prep`, when the objective is APGR). Pareto: the best quality on the front whose p99 is
-    within budget (the fastest front trial, with a warning, when none is)."""
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not done:
-        return None
-    if pareto:
-        sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
-        front = study.best_trials
-        within = [t for t in front if t.values[1] <= budget_ms]
-        if within:
-            return max(within, key=lambda t: sign * t.values[0])
-        console.print(f"[yellow]tune: no candidate is within the {budget_ms:g} ms budget; choosing the fastest[/]")
-        return min(front, key=lambda t: t.values[1])
-    base = next((t for t in done if t.user_attrs.get("base")), None)
-    if prep is None or prep.pair is None or base is None or "val_scores" not in base.user_attrs:
-        return study.best_trial
-    for t in sorted(done, key=lambda t: -t.value):
-        if t.number == base.number:
-            return base
-        win = bootstrap_win_rate(prep, t.user_attrs["val_scores"], base.user_attrs["val_scores"])
-        if win >= CONFIDENCE:
-            return t
-        console.print(f"[dim]tune: trial {t.number} (val APGR {t.value:.4f}) beats the base trial {base.number} "
-                      f"({base.value:.4f}) in only {win:.0%} of bootstrap resamples[/]")
-    return base
-
-
-def _pair_rows(prep) -> np.ndarray:
-    """Positions, within the val rows, of the prompts with both pair models observed."""
-    weak, strong = prep.pair
-    val = prep.rows("val")
-    return np.flatnonzero(prep.mask[val, weak] & prep.mask[val, strong])
-
-
-def bootstrap_win_rate(prep, scores: list[float], base_scores: list[float], seed: int = 0) -> float:
-    """Share of paired bootstrap resamples of the val prompts where `scores` route with a higher APGR."""
-    from .metrics import apgr
-
-    rows = prep.rows("val")[_pair_rows(prep)]
-    weak, strong = prep.target[rows, prep.pair[0]], prep.target[rows, prep.pair[1]]
-    a, b = np.asarray(scores), np.asarray(base_scores)
-    rng = np.random.default_rng(seed)
-    wins = 0
-    for _ in range(BOOTSTRAP):
-        i = rng.integers(len(rows), size=len(rows))
-        wins += apgr(a[i], weak[i], strong[i]) > apgr(b[i], weak[i], strong[i])
-    return wins / BOOTSTRAP
-
-
-def finish(name: str, study: optuna.Study, cfg: Config, pareto: bool, prep, parent: str) -> TuneResult:
-    """Write tuned.yaml, tables and plots, log them to the study's run, retrain the chosen trial.
-
-    Left to the last worker: while other trials still run, this only returns the best so far."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from .train import train
-
-    out = model_dir(name) / "tune"
-    best = choose(study, pareto, cfg.export.budget_ms, prep)
-    if best is None:
-        console.print("[yellow]tune: no completed trial yet; the configuration is unchanged[/]")
-        return TuneResult(cfg, study, {}, None, None, out)
-    params = dict(best.user_attrs.get("config", best.params))
-    tuned = apply(cfg, params)
-    value = list(best.values) if pareto else best.value
-    result = TuneResult(tuned, study, params, value, best.number, out)
-    others = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if others:
-        console.print(f"[dim]tune: {len(others)} trial(s) still running in other workers; the last one "
-                      f"to finish writes the results[/]")
-        return result
-    out.mkdir(parents=True, exist_ok=True)
-    (model_dir(name) / "tuned.yaml").write_text(yaml.safe_dump(tuned.to_dict(), sort_keys=False))
-    files = write_tables(study, out, pareto, best, cfg.export.budget_ms)
-    client = MlflowClient()
-    client.log_metric(parent, "best_value", float(value[0] if pareto else value))
-    for k, v in {"best_trial": best.number, **{f"best.{k}": v for k, v in params.items()}}.items():
-        client.set_tag(parent, k, str(v))
-    client.log_dict(parent, {"trial": best.number, "values": best.values, "config": params}, "best_params.json")
-    for f in [*files, model_dir(name) / "tuned.yaml"]:
-        client.log_artifact(parent, str(f), artifact_path="tune")
-    _print_summary(study, best, params)
-    console.print(f"[bold]retrain[/] trial {best.number}'s configuration into {model_dir(name) / 'checkpoint'}")
-    # Training is deterministic, so a checkpoint with the same fingerprint already is this trial's model.
-    with mlflow.start_run(run_id=parent, nested=mlflow.active_run() is not None):
-        train(name, tuned, prep=prep)
-    client.set_terminated(parent, "FINISHED")
-    return result
-
-
-def write_tables(study: optuna.Study, out: Path, pareto: bool, best, budget_ms: float) -> list[Path]:
-    """trials.csv, history.png, importance.png (and pareto.md, pareto.png) under `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as vis
-
-    files = [out / "trials.csv"]
-    study.trials_dataframe().to_csv(files[0], index=False)
-    target = (lambda t: t.values[0]) if pareto else None
-    label = "val APGR" if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else "val loss"
-    plots = {"history.png": lambda: vis.plot_optimization_history(study, target=target, target_name=label),
-             "importance.png": lambda: vis.plot_param_importances(study, target=target, target_name=label)}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the matplotlib backend is "experimental" in Optuna
-        for fname, plot in plots.items():
-            try:
-                ax = plot()
-            except (ValueError, RuntimeError) as e:  # e.g. importance when no parameter varied
-                console.print(f"[dim]tune: no {fname}: {e}[/]")
-                continue
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-            fig.set_size_inches(9, 5)
-            fig.tight_layout()
-            fig.savefig(out / fname, dpi=100)
-            plt.close(fig)
-            files.append(out / fname)
-    if pareto:
-        files += write_front(study, out, best, budget_ms, label)
-    write_json(out / "summary.json", {"study": study.study_name, "best_trial": best.number,
-                                      "best_values": best.values, "config": best.user_attrs.get("config"),
-                                      "states": _states(study)})
-    return files + [out / "summary.json"]
-
-
-def write_front(study: optuna.Study, out: Path, chosen, budget_ms: float, label: str) -> list[Path]:
-    """The Pareto front as a Markdown table and a scatter plot (all trials, front, budget, chosen)."""
-    import matplotlib.pyplot as plt
-
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    front = sorted(study.best_trials, key=lambda t: t.values[1])
-    keys = ["student.family", "student.dim", "student.layers", "student.max_tokens", "student.truncation"]
-    lines = [f"| trial | {label} | p99 ms (cpu) | p99 ms (wall) | " + " | ".join(k.split(".")[1] for k in keys)
-             + " | |", "|" + "---|" * (len(keys) + 5)]
-    for t in front:
-        cfg = t.user_attrs.get("config", t.params)
-        mark = "chosen" if t.number == chosen.number else ("" if t.values[1] <= budget_ms else "over budget")
-        lines.append(f"| {t.number} | {t.values[0]:.4f} | {t.values[1]:.3f} | "
-                     f"{t.user_attrs.get('latency_p99_ms', float('nan')):.3f} | "
-                     + " | ".join(str(cfg.get(k, "")) for k in keys) + f" | {mark} |")
-    (out / "pareto.md").write_text(f"# Pareto front of {study.study_name}\n\nBudget: p99 <= {budget_ms:g} ms "
-                                   f"(single int8 decisions, tokenization included). {len(done)} completed "
-                                   f"trials, {len(front)} on the front.\n\n" + "\n".join(lines) + "\n")
-    with plt.style.context("default"):  # Optuna's plots switch the global style
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.scatter([t.values[1] for t in done], [t.values[0] for t in done], c="0.7", label="trials")
-        ax.plot([t.values[1] for t in front], [t.values[0] for t in front], "o-", c="tab:blue", label="Pareto front")
-        ax.scatter([chosen.values[1]], [chosen.values[0]], marker="*", s=250, c="tab:red", zorder=3, label="chosen")
-        ax.axvline(budget_ms, ls="--", c="tab:red", lw=1, label=f"budget {budget_ms:g} ms")
-        ax.set_xlabel("p99 decision latency, ms (cpu)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "pareto.png", dpi=100)
-        plt.close(fig)
-    return [out / "pareto.md", out / "pareto.png"]
-
-
-def _states(study: optuna.Study) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name.lower()] = counts.get(t.state.name.lower(), 0) + 1
-    return counts
-
-
-def _print_summary(study: optuna.Study, best, params: dict) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"study {study.study_name}: " + ", ".join(f"{n} {s}" for s, n in _states(study).items()))
-    for col in ("trial", "state", "value(s)", "epochs", "family", "dim", "max_tokens"):
-        table.add_column(col, justify="right")
-    for t in study.get_trials(deepcopy=False):
-        cfg = t.user_attrs.get("config", t.params)
-        vals = ", ".join(f"{v:.4f}" for v in t.values) if t.values else ""
-        style = "bold green" if t.number == best.number else None
-        table.add_row(str(t.number), t.state.name.lower(), vals, str(t.last_step + 1 if t.last_step is not None else ""),
-                      str(cfg.get("student.family", "")), str(cfg.get("student.dim", "")),
-                      str(cfg.get("student.max_tokens", "")), style=style)
-    console.print(table)
-    console.print(f"best: trial {best.number} " + " ".join(f"{k}={v}" for k, v in params.items()))

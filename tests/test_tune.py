@@ -158,7 +158,7 @@ def waiting_on_lock(pid: int) -> bool:
 # ----------------------------------------------------------------------------- the search space
 
 def test_space_is_narrowed_fixed_and_extended_from_the_config():
-    from pipeline.tune import SPACE as DEFAULT, search_space
+    from pipeline.tune_space import SPACE as DEFAULT, search_space
 
     cfg = load_config(overrides=["tune.space={student.family: static, train.lr: [0.001, 0.01], "
                                  "train.batch_size: [32, 64], student.hidden: {low: 16, high: 64}, "
@@ -172,7 +172,7 @@ def test_space_is_narrowed_fixed_and_extended_from_the_config():
     assert set(DEFAULT) < set(space)
 
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-    from pipeline.tune import suggest
+    from pipeline.tune_space import suggest
 
     for _ in range(20):
         values = suggest(study.ask(), space, cfg)
@@ -182,7 +182,7 @@ def test_space_is_narrowed_fixed_and_extended_from_the_config():
 
 
 def test_transformer_trials_search_layers():
-    from pipeline.tune import search_space, suggest
+    from pipeline.tune_space import search_space, suggest
 
     cfg = load_config(overrides=["tune.space={student.family: transformer}"])
     values = suggest(optuna.create_study().ask(), search_space(cfg), cfg)
@@ -199,7 +199,7 @@ def test_transformer_trials_search_layers():
     ("{train.group_smoothing: [0.3, 0.6]}", "fixed for a study"),
 ])
 def test_bad_spaces_fail_before_any_trial(space, message):
-    from pipeline.tune import search_space
+    from pipeline.tune_space import search_space
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         search_space(load_config(overrides=[f"tune.space={space}"]))
@@ -207,8 +207,9 @@ def test_bad_spaces_fail_before_any_trial(space, message):
 
 def test_a_trial_replaces_the_base_only_when_better_beyond_validation_noise():
     from pipeline.metrics import apgr
+    from pipeline.select import MIN_WIN_RATE
     from pipeline.train import Prepared
-    from pipeline.tune import CONFIDENCE, bootstrap_win_rate, choose
+    from pipeline.tune_results import choose, trial_win_rate
 
     rng = np.random.default_rng(0)
     n = 600
@@ -231,10 +232,10 @@ def test_a_trial_replaces_the_base_only_when_better_beyond_validation_noise():
     study.add_trial(trial(base, is_base=True))
     study.add_trial(trial(noisy))
     assert study.best_trial.number == 1 and choose(study, False, 1.0, prep).number == 0
-    assert bootstrap_win_rate(prep, noisy.tolist(), base.tolist()) < CONFIDENCE
+    assert trial_win_rate(prep, noisy.tolist(), base.tolist()) < MIN_WIN_RATE
     study.add_trial(trial(good))
     assert choose(study, False, 1.0, prep).number == 2
-    assert bootstrap_win_rate(prep, good.tolist(), base.tolist()) == 1.0
+    assert trial_win_rate(prep, good.tolist(), base.tolist()) == 1.0
 
 
 # ----------------------------------------------------------------------------- studies
@@ -373,7 +374,8 @@ def test_two_workers_share_one_study(world, env, tmp_path, workers):
 
 
 def test_pareto_study_writes_the_front_and_picks_within_budget(world, env, tmp_path):
-    from pipeline.tune import choose, tune
+    from pipeline.tune import tune
+    from pipeline.tune_results import choose
 
     # 30 val prompts: one routing flip in int8 is 3% disagreement, so the export gate is loosened here
     cfg = load_config(world["config"], ["export.budget_ms=1000", "export.min_int8_agreement=0.8",
@@ -399,7 +401,8 @@ def test_pareto_study_writes_the_front_and_picks_within_budget(world, env, tmp_p
 
 
 def test_a_failed_base_trial_is_enqueued_again_until_it_runs(capsys):
-    from pipeline.tune import MAX_FAILURES, base_values, requeue_base, search_space
+    from pipeline.tune import MAX_FAILURES, requeue_base
+    from pipeline.tune_space import base_values, search_space
 
     cfg = load_config(None, ["train.max_epochs=3"])
     space = search_space(cfg)
@@ -458,7 +461,8 @@ def test_a_study_killed_during_its_base_trial_reruns_it(world, env, tmp_path, wo
 def test_an_sql_study_runs_a_dead_workers_trial_again(world, env, tmp_path):
     """With an SQL storage a worker killed mid-trial is found by Optuna's heartbeat, not by its pid: after the
     grace period the next worker fails the trial and runs its configuration again (RetryHeartbeatStaleTrialCallback)."""
-    from pipeline.tune import open_study, search_space, suggest, tune
+    from pipeline.tune import open_study, tune
+    from pipeline.tune_space import search_space, suggest
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = load_config(world["config"], ["tune.heartbeat_interval=1", "tune.grace_period=2"])

@@ -13,7 +13,8 @@ from optuna.trial import TrialState
 
 from pipeline.common import ConfigError
 from pipeline.config import load_config
-from pipeline.tune import fail_stale_trials, open_study, search_space, suggest
+from pipeline.tune import fail_stale_trials, open_study
+from pipeline.tune_space import search_space, suggest
 from pipeline.tune_storage import HOST, JournalFile, SQLStorage
 
 SPACE = "tune.space={student.family: static, student.dim: [16, 32], train.lr: [0.001, 0.02]}"
