@@ -5,7 +5,10 @@ Per prompt and model, `target` in [0, 1]:
 - numeric scores are normalised to [0, 1] with `score_range` when given, else with an inferred
   scale: values already in [0, 1] are kept, values in [1, 10] are a 1-10 judge (MT-Bench:
   (s - 1) / 9), anything else is min-max scaled (printed as a note);
-- pairwise outcomes are already the mean battle score on the prompt (win 1, tie 0.5, loss 0);
+- pairwise outcomes are already the mean battle score on the prompt (win 1, tie 0.5, loss 0). When one
+  model is in every battle (a reference, AlpacaEval-style), its target is 0.5, a tie with itself: every
+  other model's target is its score against the reference, and the reference's own mean score against
+  the field would not compare with them (routing by it picks the reference for beating weak models);
 - `threshold`, when set, then binarises every target (target >= threshold -> 1).
 
 Per dataset: Bradley-Terry strengths for pairwise data (ties count half a win each way), tiers
@@ -28,7 +31,7 @@ from .common import (ConfigError, DataError, atomic_dir, console, labels_dir, pr
 from .config import LabelConfig
 from .ingest import list_column, list_matrix
 
-LABEL_VERSION = 1  # bump when labels for the same dataset and options change
+LABEL_VERSION = 2  # bump when labels for the same dataset and options change
 JUDGE_SCALE = (1.0, 10.0)
 
 
@@ -135,6 +138,15 @@ def _normalise(outcome: np.ndarray, mask: np.ndarray, manifest: dict, cfg: Label
     return np.where(mask, target, 0.0), scale
 
 
+def reference_model(a: np.ndarray, b: np.ndarray, n_models: int) -> int | None:
+    """The model in every battle (a vs b index arrays), if there is one and it is not the only model."""
+    if len(a) == 0 or n_models < 2:
+        return None
+    in_battles = np.bincount(a, minlength=n_models) + np.bincount(b, minlength=n_models)
+    every = np.flatnonzero(in_battles == len(a))
+    return int(every[0]) if every.size == 1 else None
+
+
 def _tiers(rank: np.ndarray, models: list[str], n_tiers: int) -> dict[str, str]:
     """Models ranked by `rank` cut into equal groups: weak, mid1, ..., strong."""
     n_tiers = min(n_tiers, len(models))
@@ -191,7 +203,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
 
     observed = mask.sum(axis=0)
     mean_target = target.sum(axis=0) / np.maximum(observed, 1)
-    strengths = None
+    strengths = reference = None
     per_model = {m: {"rate": float(mean_target[j]), "n": int(observed[j])} for j, m in enumerate(models)}
     rank = mean_target
     if manifest["layout"] == "pairwise":
@@ -206,6 +218,9 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
                                                                                 minlength=len(models))
         per_model = {m: {"rate": float(won[j] / max(n[j], 1)), "n": int(n[j])} for j, m in enumerate(models)}
         rank = log_p
+        reference = reference_model(a, b, len(models))
+        if reference is not None:
+            target[:, reference] = np.where(mask[:, reference], 0.5, 0.0)
     tiers = _tiers(rank, models, cfg.tiers)
     weak, strong = _pair(rank, models, cfg)
 
@@ -236,6 +251,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
         "splits": {s: int((split == s).sum()) for s in ("train", "val", "test")},
         "split_rule": manifest.get("split_rule") or "hash", "split_by": split_by(manifest),
         "per_model": per_model, "strengths": strengths, "tiers": tiers,
+        "reference": None if reference is None else models[reference],
         "pair": {"weak": models[weak], "strong": models[strong]}, "balance": balance,
         "outcome_kind": manifest["outcome_kind"], "scale": scale,
         "dropped": manifest.get("dropped", {}), "costs": manifest.get("costs", {}),
@@ -277,6 +293,9 @@ def print_stats(stats: dict) -> None:
     console.print(table)
     console.print("splits: " + ", ".join(f"{k} {v:,}" for k, v in stats["splits"].items())
                   + f" (by {stats.get('split_by', 'prompt hash')}); scale: {stats['scale']['rule']}")
+    if stats.get("reference"):
+        console.print(f"reference: {stats['reference']} is in every battle; its target is 0.5 (a tie with itself), "
+                      "the others' are their scores against it")
     if stats["balance"]:
         b = stats["balance"]
         console.print(f"pair {pair['weak']} -> {pair['strong']} on {b['n']:,} prompts: both right {b['both_right']:.1%}, "

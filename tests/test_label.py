@@ -111,6 +111,41 @@ def test_pairwise_labels_strengths_tiers_and_pair(data_dir, tmp_path):
     assert stats["tiers"] == {"m0": "weak", "m1": "weak", "m2": "mid1", "m3": "strong"}
 
 
+def test_a_reference_in_every_battle_gets_target_half(data_dir, tmp_path):
+    # AlpacaEval-style: every model meets only the reference. The reference's mean score against the
+    # field (it beats the weak ones) must not be compared with the others' scores against it.
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(60):
+        for m, p_win in (("strong", 0.8), ("weak", 0.2)):  # the models' chance to beat the reference
+            won = rng.random() < p_win
+            rows.append({"prompt": f"q{i}", "model_a": m, "model_b": "ref", "winner": "model_a" if won else "model_b"})
+    pd.DataFrame(rows).to_parquet(tmp_path / "star.parquet")
+    ingest(str(tmp_path / "star.parquet"))
+    stats = label("star")
+    df, _ = targets("star")
+    ref = stats["models"].index("ref")
+    assert stats["reference"] == "ref"
+    assert {float(t[ref]) for t in df.target} == {0.5}
+    strong = stats["models"].index("strong")
+    # the others keep their scores against the reference; the reference's own rate (it beat "weak" often)
+    # stays in per_model, but no longer ranks it above "strong" as a routing target
+    assert np.mean([t[strong] for t in df.target]) > 0.6
+    assert stats["per_model"]["ref"]["rate"] > 0.45
+
+
+def test_no_reference_when_models_meet_each_other(data_dir, tmp_path):
+    rows = [{"prompt": f"q{i}", "model_a": a, "model_b": b, "winner": "model_a"}
+            for i in range(10) for a, b in (("x", "y"), ("y", "z"), ("x", "z"))]
+    pd.DataFrame(rows).to_parquet(tmp_path / "chain.parquet")
+    ingest(str(tmp_path / "chain.parquet"))
+    stats = label("chain")
+    assert stats["reference"] is None
+    df, _ = targets("chain")
+    assert {float(t[stats["models"].index("y")]) for t in df.target} == {0.5}  # won one, lost one: its real mean
+    assert {float(t[stats["models"].index("x")]) for t in df.target} == {1.0}
+
+
 # --- targets ------------------------------------------------------------------------------------
 
 
