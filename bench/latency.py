@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.config import StudentConfig, load_config  # noqa: E402
 from pipeline.encoders import EmbeddingRouter, _mean_pool, build_student, teacher_path, tokenizer_file  # noqa: E402
 from pipeline.export import FP32, INT8, QUANT_RECIPES, quantize, to_onnx, write_bundle  # noqa: E402
-from pipeline.runtime import make_spec  # noqa: E402
+from pipeline.tokenization import make_spec  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "latency.md"
 GOAL_MS = 0.5

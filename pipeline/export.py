@@ -22,7 +22,9 @@ from .common import (ConfigError, DataError, GateError, atomic_dir, console, mod
                      write_json)
 from .config import Config, ExportConfig
 from .routing import choose, pair_score, sigmoid
-from .runtime import SCHEMA_VERSION, encode, load_tokenizer, relative_costs
+from .bundle_contract import SCHEMA_VERSION
+from .runtime import relative_costs
+from .tokenization import encode, load_tokenizer
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "logits"
@@ -402,7 +404,8 @@ def write_conformance(folder: Path) -> dict:
     clip_chars), `input_ids` ([CLS] … [SEP], batch 1), `scores` ({graph: [p_j]}), for pair bundles
     `score` ({graph: pair score}), and `decisions` ({graph: [model per setting]}). Returns router.json's
     `conformance` record (None, and no file, for a bundle the runtime cannot load)."""
-    from .runtime import Router, RouterError, clip_chars, compact_templates, encode_one
+    from .runtime import Router, RouterError
+    from .tokenization import clip_chars, compact_templates, encode_one
 
     folder = Path(folder)
     try:
@@ -438,7 +441,7 @@ def seal_bundle(folder: Path, router: dict) -> dict:
     The digest is computed on router.json as it is read back (values that JSON cannot hold are written
     as strings), so `Router.load` recomputes the same. Returns that read-back dict.
     """
-    from .runtime import bundle_digest
+    from .bundle_contract import bundle_digest
 
     router = {k: v for k, v in router.items() if k != "bundle_sha256"}
     router["files"] = {f.name: sha256_file(f) for f in sorted(Path(folder).iterdir())

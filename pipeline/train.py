@@ -33,7 +33,7 @@ from .common import (DataError, atomic_dir, console, flatten, labels_dir, model_
 from .config import Config, load_config
 from .encoders import (EmbeddingRouter, build_student, with_prior, teacher_embeddings, teacher_path,
                        tokenizer_file)
-from .runtime import compact_templates, encode, learn_templates, load_tokenizer, make_spec
+from .tokenization import compact_templates, encode, learn_templates, load_tokenizer, make_spec
 
 CHECKPOINT = "checkpoint"
 UNREACHABLE_TOLERANCE = 0.05  # a calibrated strong share realised further off than this on validation is reported

@@ -47,7 +47,7 @@ def _graph(w: np.ndarray, b: np.ndarray, path: Path) -> None:
 
 def features(prompts: list[str], spec: dict) -> tuple[np.ndarray, np.ndarray]:
     """(mean one-hot over the token ids of each prompt [n, V_seen], the seen token ids)."""
-    from pipeline.runtime import encode, load_tokenizer
+    from pipeline.tokenization import encode, load_tokenizer
 
     ids, mask = encode(load_tokenizer(TOKENIZER), prompts, spec)
     vocab, inverse = np.unique(ids, return_inverse=True)
@@ -67,7 +67,7 @@ def bag_bundle(out: Path, prompts: list[str], target: np.ndarray, observed: np.n
     from pipeline.calibrate import score_reference
     from pipeline.export import router_config, seal_bundle
     from pipeline.metrics import calibrate_lambdas, calibrate_thresholds
-    from pipeline.runtime import make_spec
+    from pipeline.tokenization import make_spec
     from tokenizers import Tokenizer
 
     spec = make_spec(max_tokens)

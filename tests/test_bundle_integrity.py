@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.bundle_contract import MAX_JSON_DEPTH, bundle_digest, canonical_router_json
 from pipeline.common import DataError
-from pipeline.runtime import MAX_JSON_DEPTH, Router, bundle_digest, canonical_router_json
+from pipeline.runtime import Router
 
 from .test_runtime import tiny_bundle
 

@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.bundle_contract import bundle_digest
 from pipeline.routing import sigmoid
-from pipeline.runtime import Router, RouterError, bundle_digest, learn_templates, load_tokenizer
+from pipeline.runtime import Router, RouterError
+from pipeline.tokenization import learn_templates, load_tokenizer
 
 from .test_runtime import TOKENIZER, tiny_bundle
 
@@ -85,7 +87,7 @@ def test_vectors_are_listed_hashed_and_reproduced(bundles, kind):
 
 def test_vectors_cover_templates_and_follow_the_contract(tmp_path, monkeypatch):
     from pipeline import export as export_module
-    from pipeline.runtime import make_spec
+    from pipeline.tokenization import make_spec
 
     system = ("You are a careful assistant. Answer the question below with one letter only, and explain "
               "nothing. Think step by step before answering. ")
@@ -132,7 +134,7 @@ def test_settings_that_do_not_apply_are_errors(bundles):
 
 def test_characters_are_code_points():
     # The char window counts code points: an astral character is one, whatever UTF-16 makes of it.
-    from pipeline.runtime import clip_chars, make_spec
+    from pipeline.tokenization import clip_chars, make_spec
 
     spec = make_spec(32, char_window=10)
     cut = clip_chars("😀" * 30, spec)

@@ -15,7 +15,8 @@ from pipeline.config import ExportConfig, StudentConfig, load_config
 from pipeline.encoders import build_student
 from pipeline.export import (QUANT_RECIPES, export_module, int8_failures, log_bundle, onnx_logits, quantize,
                              to_onnx)
-from pipeline.runtime import Router, encode, load_tokenizer
+from pipeline.runtime import Router
+from pipeline.tokenization import encode, load_tokenizer
 
 from .test_runtime import TOKENIZER, VOCAB, make_meta, tiny_bundle
 

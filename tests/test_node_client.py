@@ -16,7 +16,7 @@ import onnx
 import pytest
 
 from pipeline.export import quantize, write_bundle
-from pipeline.runtime import learn_templates, make_spec
+from pipeline.tokenization import learn_templates, make_spec
 
 from .test_runtime import make_meta, mean_pool_graph
 

@@ -28,6 +28,7 @@ sys.meta_path.insert(0, Block())
 
 SCRIPT = BLOCKER + """
 from pathlib import Path
+import pipeline.bundle_contract, pipeline.tokenization  # each of the runtime's modules, on its own
 from pipeline.runtime import Router, RouterError, score_file
 
 router = Router.load(BUNDLE)
@@ -63,6 +64,7 @@ out["lines"] = [json.loads(l) for l in (tmp / "out.jsonl").read_text().splitline
 out["loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in ("numpy", "onnxruntime", "tokenizers")
                        and "." not in m)
 out["extra"] = sorted(m for m in ("pipeline.common", "pipeline.config", "pipeline.cli") if m in sys.modules)
+out["pipeline"] = sorted(m for m in sys.modules if m.split(".")[0] == "pipeline")
 print(json.dumps(out))
 """
 
@@ -95,6 +97,9 @@ def test_route_with_training_stack_blocked(tmp_path):
     assert all(line["route"] in ("weak", "strong") and 0 <= line["score"] <= 1 for line in out["lines"])
     assert out["loaded"] == ["numpy", "onnxruntime", "tokenizers"]
     assert out["extra"] == []  # not even the pipeline's own plumbing on the serving path
+    # The whole runtime: the modules mlflow_model ships and the slim install needs.
+    assert out["pipeline"] == ["pipeline", "pipeline.bundle_contract", "pipeline.routing", "pipeline.runtime",
+                               "pipeline.tokenization"]
 
 
 def test_blocker_really_blocks():

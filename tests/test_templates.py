@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.runtime import compact_templates, encode, learn_templates, load_tokenizer, make_spec
+from pipeline.tokenization import compact_templates, encode, learn_templates, load_tokenizer, make_spec
 from tests.tiny import PACKAGED
 
 SHOTS = "The following are multiple choice questions (with answers) about anatomy.\n\n" + "\n\n".join(
