@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import StudentConfig, load_config  # noqa: E402
-from pipeline.encoders import EmbeddingRouter, _mean_pool, build_student, teacher_path, tokenizer_file  # noqa: E402
+from pipeline.encoders import EmbeddingRouter, build_student, mean_pool, teacher_path, tokenizer_file  # noqa: E402
 from pipeline.export import FP32, INT8, QUANT_RECIPES, quantize, to_onnx, write_bundle  # noqa: E402
 from pipeline.tokenization import make_spec  # noqa: E402
 
@@ -48,7 +48,7 @@ class TeacherRouter(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.head(nn.functional.normalize(_mean_pool(hidden, attention_mask), dim=-1))
+        return self.head(nn.functional.normalize(mean_pool(hidden, attention_mask), dim=-1))
 
 
 def routers() -> list[tuple[str, nn.Module, dict]]:

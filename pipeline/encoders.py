@@ -75,7 +75,8 @@ def _load_teacher(path: str | None):
         return AutoTokenizer.from_pretrained(src), AutoModel.from_pretrained(src).eval()
 
 
-def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of `hidden` [b, L, d] over the positions `mask` [b, L] keeps: a sentence embedding."""
     # a batched matmul rather than multiply-then-sum: same numbers, 1.2-2x faster in ONNX Runtime
     m = mask.to(hidden.dtype).unsqueeze(1)  # [b, 1, L]
     return torch.bmm(m, hidden).squeeze(1) / m.sum(-1).clamp(min=1.0)
@@ -172,7 +173,7 @@ def _encode(todo_ids: list[str], todo: list[str], known: dict, shard_dir: Path, 
         for i in range(0, len(todo), batch_size):
             enc = tok(todo[i:i + batch_size], padding=True, truncation=True,
                       max_length=max_tokens, return_tensors="pt").to(dev)
-            pooled = _mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+            pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
             embs.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())
             ids += todo_ids[i:i + batch_size]
             bar.advance(task, len(enc["input_ids"]))
@@ -306,7 +307,7 @@ class TransformerRouter(nn.Module):
 
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return _mean_pool(hidden, attention_mask)
+        return mean_pool(hidden, attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return with_prior(self, self.features(input_ids, attention_mask))

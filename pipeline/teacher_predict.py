@@ -63,7 +63,7 @@ class TeacherEmbedder(pl.LightningModule):
         ids, texts = batch
         enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_tokens,
                        return_tensors="pt").to(self.device)
-        pooled = encoders._mean_pool(self.encoder(**enc).last_hidden_state, enc["attention_mask"])
+        pooled = encoders.mean_pool(self.encoder(**enc).last_hidden_state, enc["attention_mask"])
         return ids, torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
 
 
