@@ -13,7 +13,7 @@ own entry functions, each a stage timed on its own:
 
     ingest         pipeline.ingest.ingest
     label          pipeline.label.label
-    teacher        pipeline.encoders.teacher_embeddings, on the texts `train.prepare` embeds (templates
+    teacher        pipeline.encoders.teacher_embeddings, on the texts `data.prepare` embeds (templates
                    learned on the train split and compacted, same ids), so the train stage finds them cached
     student init   pipeline.encoders.static_vectors (teacher_word_embeddings for a transformer student):
                    the teacher-derived token vectors the student starts from; a fixed cost, not growing with n
@@ -339,9 +339,9 @@ class Memory:
 
 
 def _teacher_texts(name: str, cfg) -> tuple[list[str], list[str], dict | None]:
-    """The texts and ids `pipeline.train.prepare` hands to `teacher_embeddings` (`train.teacher_inputs`)."""
+    """The texts and ids `pipeline.data.prepare` hands to `teacher_embeddings` (`data.teacher_inputs`)."""
+    from pipeline.data import teacher_inputs, training_split
     from pipeline.label import load_labels
-    from pipeline.train import teacher_inputs, training_split
 
     ds, _ = load_labels(name)
     table = ds.data.table if hasattr(ds.data, "table") else ds.data

@@ -21,10 +21,12 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import load_config
+from pipeline.data import prepare
 from pipeline.evaluate import evaluate
 from pipeline.ingest import ingest
 from pipeline.label import label
-from pipeline.train import load_trained, pair_score, predict, prepare, train
+from pipeline.module import pair_score
+from pipeline.train import load_trained, predict, train
 
 HERE = Path(__file__).parent
 CLOSE = "\nAnswer with the letter of the correct option only (A, B, C or D), without explanation.\nAnswer:"

@@ -80,7 +80,8 @@ def top_trials_on_test(result, cfg, k: int = 5) -> list[tuple]:
 
     from optuna.trial import TrialState
 
-    from pipeline.train import fit_student, predict, prepare, split_metrics
+    from pipeline.data import prepare
+    from pipeline.train import fit_student, predict, split_metrics
     from pipeline.tune import fit_teacher_once
     from pipeline.tune_space import apply
 

@@ -159,7 +159,7 @@ class TrainConfig(_Section):
     patience: int = Field(3, ge=1)
     distill_weight: float = Field(0.5, ge=0.0, le=1.0)  # soft-target share of the label loss
     repr_weight: float = Field(0.1, ge=0.0)  # representation regression onto teacher embeddings
-    contrast_weight: float = Field(0.0, ge=0.0)  # BCE on logit differences between models (see train.contrast_loss)
+    contrast_weight: float = Field(0.0, ge=0.0)  # BCE on logit differences between models (see module.contrast_loss)
     # Per-prompt outcomes are single noisy draws; with a metadata column that groups prompts (MMLU's
     # `subject`), training targets move this share of the way to their group's train-split rate.
     # Only training reads the column: serving still sees the prompt alone.

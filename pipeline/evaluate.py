@@ -16,8 +16,10 @@ import torch
 
 from .common import console, model_dir, processed_dir, write_json
 from .config import load_config
+from .data import Prepared, prepare
+from .module import pair_score
 from .routing import sigmoid
-from .train import Prepared, load_trained, pair_score, predict, prepare
+from .train import load_trained, predict
 
 
 def _teacher_probs(checkpoint_dir: Path, prep: Prepared, cfg) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Settings that depend on the data, chosen by the pipeline on the validation split.
 
 `train.group_by: auto` (the default): every categorical metadata column (2 or more values, at least
-10 train prompts per value on average) is a candidate for group smoothing (`train.group_smoothed`).
+10 train prompts per value on average) is a candidate for group smoothing (`data.group_smoothed`).
 The teacher head, seconds on cached embeddings, is fitted once without smoothing and once per
 candidate; a candidate replaces "none" only when it routes the validation prompts better in at least
 90% of paired bootstrap resamples, so a noise-level gain never changes the defaults. The choice and
@@ -53,8 +53,8 @@ def _battle_parts(prep, p: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np
 def val_quality(prep, p: np.ndarray, rows: np.ndarray, resample: np.ndarray | None = None) -> float:
     """The routing measure of `p` (probabilities for `rows`), optionally on resampled positions of `rows`."""
     from .metrics import apgr
+    from .module import pair_score
     from .multi import routed
-    from .train import pair_score
 
     i = np.arange(len(rows)) if resample is None else resample
     if prep.battles is not None:
@@ -95,7 +95,8 @@ def choose_group_by(prep, cfg, workdir: Path):
 
     Returns (teacher net, config with `train.group_by` resolved, selection record). Leaves the chosen
     targets in `prep.fit_target` and the chosen teacher's probabilities in `prep.teacher_prob`."""
-    from .train import fit_teacher, group_smoothed
+    from .data import group_smoothed
+    from .train import fit_teacher
 
     val = prep.rows("val")
     train_rows = prep.split == "train"

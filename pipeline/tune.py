@@ -163,7 +163,8 @@ def run_trial(trial: optuna.Trial, prep, cfg: Config, space: dict, pareto: bool,
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import MlflowClient
 
-    from .train import fit_student, pair_score, predict, split_metrics
+    from .module import pair_score
+    from .train import fit_student, predict, split_metrics
 
     values = suggest(trial, space, cfg)
     trial.set_user_attr("config", values)
@@ -249,7 +250,7 @@ def tune(name: str, cfg: Config | None = None, trials: int | None = None, timeou
          storage: str | None = None, study_name: str | None = None, objective: str | None = None) -> TuneResult:
     """Run this worker's share of a `trials`-trial study, then (as the last worker) retrain the chosen trial."""
     from .common import setup_mlflow
-    from .train import prepare
+    from .data import prepare
 
     cfg = cfg or load_config()
     trials = cfg.tune.trials if trials is None else trials

@@ -14,7 +14,7 @@ def test_win_prediction_puts_win_rates_against_different_opponents_on_one_scale(
 
     from pipeline.common import processed_dir
     from pipeline.evaluate import battle_accuracy
-    from pipeline.train import Prepared
+    from pipeline.data import Prepared
 
     n = 10
     split = np.array(["train"] * 6 + ["test"] * 4)
@@ -41,7 +41,7 @@ def test_win_prediction_puts_win_rates_against_different_opponents_on_one_scale(
 def _three_models(n=400, seed=0):
     """Three models, each right on its own topic (a keyword and an embedding direction); the last is
     also a bit better overall. Model 1 is never observed on even prompts."""
-    from pipeline.train import Prepared
+    from pipeline.data import Prepared
 
     rng = np.random.default_rng(seed)
     topic = rng.integers(0, 3, n)
@@ -161,7 +161,7 @@ def test_pairwise_bundle_serves_the_win_predictions_evaluate_scores(tmp_path, mo
     assert router.decision["win_probability"] == "sigmoid(logit_a - logit_b)"
 
     from pipeline.config import load_config
-    from pipeline.train import prepare
+    from pipeline.data import prepare
 
     prep = prepare("duel", load_config(base=load_trained("duel").meta["config"]))
     test_ids = {prep.prompt_ids[r]: prep.prompts[r] for r in prep.rows("test")}

@@ -36,7 +36,7 @@ def test_unknown_precision_names_the_choices():
 def test_nets_trained_in_bf16_come_back_float32(precision, tmp_path, monkeypatch):
     """The Trainer gets the precision; whatever it trained in, the teacher head and the student that
     export reads are float32 (bf16 runs on CPU too, so this runs here)."""
-    from pipeline.train import _trainer, fit_student, fit_teacher, predict
+    from pipeline.train import fit_student, fit_teacher, make_trainer, predict
 
     monkeypatch.setenv("PREROUTER_CACHE_DIR", str(tmp_path / "cache"))
     torch.set_num_threads(1)
@@ -44,7 +44,7 @@ def test_nets_trained_in_bf16_come_back_float32(precision, tmp_path, monkeypatch
     cfg = load_config(overrides=[f"train.precision={precision}", "student.dim=16", "student.hidden=16",
                                  "student.max_tokens=16", "train.max_epochs=2", "teacher.epochs=2",
                                  f"teacher.path={teacher}"])
-    trainer, _ = _trainer(cfg, tmp_path / "probe")
+    trainer, _ = make_trainer(cfg, tmp_path / "probe")
     assert trainer.precision == precision
     prep = planted(120)
     head = fit_teacher(prep, cfg, tmp_path / "work")

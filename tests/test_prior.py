@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data import Prepared
 from pipeline.encoders import StaticRouter
 from pipeline.prior import ClusterPrior, blend, fit_cluster_prior
 from pipeline.select import val_quality
-from pipeline.train import Prepared
 
 
 def _prep(n: int = 3000, informative: bool = True, seed: int = 0) -> tuple[Prepared, np.ndarray]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import load_config
+from pipeline.data import Prepared
 from pipeline.select import choose_group_by, group_candidates, val_quality
-from pipeline.train import Prepared
 
 
 def _prep(n=5000, seed=0) -> Prepared:

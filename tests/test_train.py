@@ -8,8 +8,9 @@ import torch
 from pipeline.config import load_config
 from pipeline.metrics import apgr
 from pipeline.encoders import StaticRouter, TransformerRouter, build_student
-from pipeline.train import (Prepared, fit_student, fit_teacher, group_smoothed, masked_bce, pair_score, predict,
-                            split_metrics)
+from pipeline.data import Prepared, group_smoothed
+from pipeline.module import masked_bce, pair_score
+from pipeline.train import fit_student, fit_teacher, predict, split_metrics
 
 from .tiny import make_tiny_teacher
 
@@ -120,7 +121,7 @@ def test_prepare_smooths_by_a_metadata_column_and_names_the_columns_when_it_is_m
     from pipeline.common import DataError
     from pipeline.ingest import ingest
     from pipeline.label import label
-    from pipeline.train import prepare
+    from pipeline.data import prepare
 
     ingest(str(demo_files["wide"]), name="demo")
     label("demo")
@@ -140,7 +141,7 @@ def test_prepare_smooths_by_a_metadata_column_and_names_the_columns_when_it_is_m
 def test_contrast_loss_is_lowest_at_the_true_differences():
     import torch
 
-    from pipeline.train import contrast_loss, outcome_pairs
+    from pipeline.module import contrast_loss, outcome_pairs
 
     target = torch.tensor([[1.0, 0.0, 1.0]])
     mask = torch.tensor([[True, True, False]])
@@ -154,12 +155,12 @@ def test_contrast_loss_is_lowest_at_the_true_differences():
 
 
 def test_battles_collate_into_pair_targets():
-    from pipeline.train import _collate
+    from pipeline.data import collate
 
     battles = np.array([[0, 1, 1.0], [0, 1, 0.5], [2, 0, 0.0]], dtype=np.float32)
     item = {"target": np.zeros(3, np.float32), "mask": np.ones(3, bool), "emb": np.zeros(2, np.float32),
             "battles": battles}
-    batch = _collate([item])
+    batch = collate([item])
     pt, pw = batch["pair_target"][0], batch["pair_weight"][0]
     assert pt[0, 1].item() == 0.75 and pt[1, 0].item() == 0.25  # two battles averaged
     assert pt[0, 2].item() == 1.0 and pt[2, 0].item() == 0.0
@@ -167,7 +168,8 @@ def test_battles_collate_into_pair_targets():
 
 
 def test_decision_rules_report_strong_shares_that_ties_make_unreachable():
-    from pipeline.train import Prepared, decision_rules
+    from pipeline.data import Prepared
+    from pipeline.train import decision_rules
 
     n = 200
     prep = Prepared(name="t", models=["weak", "strong"], costs=[None, None], pair=(0, 1), prompts=[""] * n,

@@ -208,7 +208,7 @@ def test_bad_spaces_fail_before_any_trial(space, message):
 def test_a_trial_replaces_the_base_only_when_better_beyond_validation_noise():
     from pipeline.metrics import apgr
     from pipeline.select import MIN_WIN_RATE
-    from pipeline.train import Prepared
+    from pipeline.data import Prepared
     from pipeline.tune_results import choose, trial_win_rate
 
     rng = np.random.default_rng(0)
