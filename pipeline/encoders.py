@@ -63,7 +63,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PREROUTER_CACHE_DIR", data_root() / "cache"))
 
 
-def _load_teacher(path: str | None):
+def load_teacher(path: str | None):
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -105,7 +105,7 @@ def _cached_embeddings(shard_dir: Path) -> dict[str, np.ndarray]:
     return known
 
 
-def _write_shard(shard_dir: Path, ids: list[str], emb: np.ndarray) -> None:
+def write_shard(shard_dir: Path, ids: list[str], emb: np.ndarray) -> None:
     name = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
     tmp = shard_dir / f".{name}.{os.getpid()}.tmp.npz"
     np.savez(tmp, ids=np.array(ids), emb=emb)
@@ -163,7 +163,7 @@ def _encode(todo_ids: list[str], todo: list[str], known: dict, shard_dir: Path, 
     from rich.progress import Progress
 
     dev = teacher_device(device)
-    tok, model = _load_teacher(path)
+    tok, model = load_teacher(path)
     model.to(dev)
     shard_dir.mkdir(parents=True, exist_ok=True)
     ids: list[str] = []
@@ -179,7 +179,7 @@ def _encode(todo_ids: list[str], todo: list[str], known: dict, shard_dir: Path, 
             bar.advance(task, len(enc["input_ids"]))
             if len(ids) >= shard_size or i + batch_size >= len(todo):
                 emb = np.concatenate(embs)
-                _write_shard(shard_dir, ids, emb)
+                write_shard(shard_dir, ids, emb)
                 known.update(zip(ids, emb))
                 ids, embs = [], []
 
@@ -193,7 +193,7 @@ def static_vectors(path: str | None = None, dim: int = 256, batch_size: int = 10
         return np.load(file)
     from rich.progress import Progress
 
-    tok, model = _load_teacher(path)
+    tok, model = load_teacher(path)
     vocab = model.config.vocab_size
     cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
     vecs = np.zeros((vocab, model.config.hidden_size), dtype=np.float32)
@@ -218,7 +218,7 @@ def teacher_word_embeddings(path: str | None = None, dim: int = 128) -> np.ndarr
     file = cache_dir() / "static" / f"{encoder_key(path, 0)}-words-{dim}.npy"
     if file.is_file():
         return np.load(file)
-    _, model = _load_teacher(path)
+    _, model = load_teacher(path)
     reduced = _pca(model.get_input_embeddings().weight.detach().numpy(), dim)
     file.parent.mkdir(parents=True, exist_ok=True)
     np.save(file, reduced)

@@ -51,7 +51,7 @@ class TeacherEmbedder(pl.LightningModule):
         # left to the caller, which encodes what the cache still lacks in its own process
         self.work = rows if len(rows) >= world else []
         if self.work:
-            self.tok, self.encoder = encoders._load_teacher(self.path)
+            self.tok, self.encoder = encoders.load_teacher(self.path)
             if self.trainer.is_global_zero:
                 device = "cuda" if isinstance(self.trainer.accelerator, CUDAAccelerator) else "cpu"
                 console.print(f"teacher embeddings: {len(self.work)} new prompts over {world} processes ({device})")
@@ -90,7 +90,7 @@ class ShardWriter(BasePredictionWriter):
 
     def flush(self) -> None:
         if self.ids:
-            encoders._write_shard(self.shard_dir, self.ids, np.concatenate(self.embs))
+            encoders.write_shard(self.shard_dir, self.ids, np.concatenate(self.embs))
             self.ids, self.embs = [], []
 
 

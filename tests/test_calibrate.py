@@ -151,7 +151,7 @@ def test_a_calibrated_bundle_ships_vectors_of_its_own_decisions(cli, tmp_path, m
     refitted thresholds (the source bundle's vectors would no longer match), listed and hashed."""
     from pipeline.runtime import Router
 
-    from .test_conformance import _read
+    from .tiny import read_conformance
     from .test_runtime import tiny_bundle
 
     monkeypatch.setenv("PREROUTER_MLRUNS_DIR", str(tmp_path / "mlruns"))
@@ -165,8 +165,8 @@ def test_a_calibrated_bundle_ships_vectors_of_its_own_decisions(cli, tmp_path, m
     assert code == 0, log
     config = Router.load(out, verify=True).config
     assert config["conformance"]["file"] == "conformance.jsonl" and "conformance.jsonl" in config["files"]
-    head, vectors = _read(out)
-    _, stale = _read(bundle)
+    head, vectors = read_conformance(out)
+    _, stale = read_conformance(bundle)
     prompts = [v["prompt"] for v in vectors]
     assert prompts == [v["prompt"] for v in stale] and head["n_prompts"] == len(prompts)
     for graph in ("int8", "fp32"):

@@ -14,13 +14,9 @@ from pipeline.runtime import Router, RouterError
 from pipeline.tokenization import learn_templates, load_tokenizer
 
 from .test_runtime import TOKENIZER, tiny_bundle
+from .tiny import read_conformance
 
 MULTI = {"kind": "multi", "cost_lambdas": {"0.25": 0.4, "0.5": 0.1, "1.0": 0.0}}
-
-
-def _read(bundle: Path) -> tuple[dict, list[dict]]:
-    lines = (bundle / "conformance.jsonl").read_text(encoding="utf-8").splitlines()
-    return json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
 
 
 def _spec_rules(prompt: str, spec: dict, tok) -> list[int]:
@@ -57,7 +53,7 @@ def test_vectors_are_listed_hashed_and_reproduced(bundles, kind):
     config = json.loads((bundle / "router.json").read_text())
     assert "conformance.jsonl" in config["files"] and config["conformance"]["file"] == "conformance.jsonl"
     assert config["bundle_sha256"] == bundle_digest(config)
-    head, vectors = _read(bundle)
+    head, vectors = read_conformance(bundle)
     assert head["conformance"] == 1 and head["tolerance"] == 1e-5 and 200 <= len(vectors) == head["n_prompts"]
     prompts = [v["prompt"] for v in vectors]
     assert "" in prompts and "[CLS]" in prompts and any(len(p) > 5 * 32 * 6 for p in prompts)
@@ -106,7 +102,7 @@ def test_vectors_cover_templates_and_follow_the_contract(tmp_path, monkeypatch):
 
     monkeypatch.setattr(test_runtime, "write_bundle", with_templates)
     bundle, _ = tiny_bundle(tmp_path / "tpl")
-    head, vectors = _read(bundle)
+    head, vectors = read_conformance(bundle)
     prefix = templates["prefixes"][0]["text"]
     assert sum(v["prompt"].startswith(prefix) for v in vectors) >= 2
     tok = load_tokenizer(TOKENIZER)
@@ -156,14 +152,14 @@ def test_win_probability_is_the_documented_formula(tmp_path):
 def test_model_card_names_the_decision_kind_and_its_settings(tmp_path):
     from pipeline.model_card import write_model_card
 
-    from .test_report import _router_json
+    from .tiny import sample_router_json
 
-    pair = _router_json()
+    pair = sample_router_json()
     pair["tokenizer"]["char_window"] = 768
     text = write_model_card(tmp_path, pair).read_text()
     assert "**Decision kind: `pair`**" in text and "`cost_weight` does not apply" in text
     assert "one inserted space" in text and "⌊768·31 / (95 + 31)⌋ (rounded down)" in text and "code points" in text
-    multi = _router_json("multi")
+    multi = sample_router_json("multi")
     multi["decision"].update(weak="w", strong="s", thresholds={"0.5": 0.5})
     text = write_model_card(tmp_path, multi).read_text()
     decision = text.split("## Decision rule")[1]

@@ -6,6 +6,8 @@ from pipeline.model_card import write_model_card
 from pipeline.report_figures import (breakdown_rows, breakdown_table, drift_table, multi_table, pair_table,
                                      plot_cost_quality, plot_pair_curves)
 
+from .tiny import sample_router_json
+
 
 def _is_real_png(path, min_bytes=15_000):
     import matplotlib.image as mpimg
@@ -66,23 +68,8 @@ def test_breakdown_per_group():
     assert "| math | 3 | 67% | 70% | 0.667 | 0.333 |" in table
 
 
-def _router_json(kind="pair"):
-    decision = {"kind": "pair", "weak": "w", "strong": "s", "score": "(1 + p_strong - p_weak) / 2",
-                "thresholds": {"0.5": 0.51, "0.1": 0.73}, "default_strong_fraction": 0.5}
-    if kind == "multi":
-        decision = {"kind": "multi", "cost_lambdas": {"0.25": 0.8, "1.0": 0.0}}
-    return {"schema_version": 1, "pipeline_version": "0.1.0", "created_at": "2026-01-01T00:00:00+00:00",
-            "name": "demo", "models": [{"name": "w", "cost": 0.1, "index": 0}, {"name": "s", "cost": 1.0, "index": 1}],
-            "tokenizer": {"file": "tokenizer.json", "max_tokens": 128, "truncation": "head_tail", "head_tokens": 95,
-                          "tail_tokens": 31}, "onnx": {"fp32": "model.onnx", "int8": "model.int8.onnx", "opset": 17},
-            "decision": decision, "metrics": {"val": {"apgr": 0.61, "bce": 0.5}, "test": {"apgr": 0.59}},
-            "latency": {"overall": {"p50": 0.21, "p99": 0.4}, "buckets": {"short": {"p50": 0.1}}},
-            "data_hash": "abc123", "training_config": {"label": {"relaxation": 0.1, "tiers": 2},
-                                                       "student": {"family": "static", "dim": 256}}}
-
-
 def test_model_card_is_a_pure_function_of_router_json(tmp_path):
-    r = _router_json()
+    r = sample_router_json()
     (tmp_path / "a").mkdir()
     a = write_model_card(tmp_path / "a", r)
     text = a.read_text()
@@ -96,10 +83,10 @@ def test_model_card_is_a_pure_function_of_router_json(tmp_path):
     from pipeline import report
 
     assert report.write_model_card is write_model_card  # where the exporter imports it from
-    multi = write_model_card(tmp_path / "b", _router_json("multi")).read_text()
+    multi = write_model_card(tmp_path / "b", sample_router_json("multi")).read_text()
     assert "argmax_j" in multi and "| 0.25 | 0.8 |" in multi and "Pair routing" not in multi
     assert "no group smoothing; cluster prior none" in text  # what validation chose, from `selection`
-    chosen = _router_json() | {"selection": {"group_by": "topic", "cluster_prior": {
+    chosen = sample_router_json() | {"selection": {"group_by": "topic", "cluster_prior": {
         "chosen": {"k": 20, "temperature": 0.05, "beta": 0.5}}}}
     assert "group smoothing by `topic`; cluster prior k = 20, τ = 0.05, β = 0.5" in \
         write_model_card(tmp_path / "b", chosen).read_text()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .tiny import counting_teacher_loader, make_tiny_teacher
+from .tiny import count_teacher_inputs, finished_shards, make_tiny_teacher, word_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,37 +23,17 @@ def tiny_teacher(tmp_path_factory):
     return make_tiny_teacher(tmp_path_factory.mktemp("teacher"))
 
 
-def _prompts(n: int = 240) -> tuple[list[str], list[str]]:
-    rng = np.random.default_rng(0)
-    words = "explain prove write sort the list of primes capital city river poem code".split()
-    prompts = [" ".join(rng.choice(words, size=int(k))) + f" #{i}" for i, k in enumerate(rng.integers(2, 40, n))]
-    return prompts, [f"p{i}" for i in range(n)]
-
-
-def _finished(shard_dir: Path) -> list[Path]:
-    return sorted(shard_dir.glob("[!.]*.npz")) if shard_dir.is_dir() else []
-
-
-def _counting(monkeypatch) -> list[int]:
-    """Count the prompts the teacher's tokenizer is handed (each encoded prompt passes through it once)."""
-    from pipeline import encoders
-
-    seen: list[int] = []
-    monkeypatch.setattr(encoders, "_load_teacher", counting_teacher_loader(encoders._load_teacher, seen))
-    return seen
-
-
 @pytest.mark.timeout(180)
 def test_a_killed_embedding_job_resumes_without_recomputing_finished_shards(tmp_path, tiny_teacher, monkeypatch):
     from pipeline.encoders import encoder_key, teacher_embeddings
 
-    prompts, ids = _prompts()
+    prompts, ids = word_prompts()
     (tmp_path / "prompts.json").write_text(json.dumps([prompts, ids]))
     # the job: batches of 8, a shard every 24 prompts, each batch slowed so the kill lands mid-way
     script = textwrap.dedent(f"""
         import json, time
         from pipeline import encoders
-        load = encoders._load_teacher
+        load = encoders.load_teacher
         def slow(path):
             tok, model = load(path)
             forward = model.forward
@@ -62,7 +42,7 @@ def test_a_killed_embedding_job_resumes_without_recomputing_finished_shards(tmp_
                 return forward(*a, **kw)
             model.forward = slowed
             return tok, model
-        encoders._load_teacher = slow
+        encoders.load_teacher = slow
         prompts, ids = json.load(open({str(tmp_path / "prompts.json")!r}))
         encoders.teacher_embeddings(prompts, ids, {str(tiny_teacher)!r}, 32, 8, "cpu", shard_size=24)
     """)
@@ -72,21 +52,21 @@ def test_a_killed_embedding_job_resumes_without_recomputing_finished_shards(tmp_
     job = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 150
-    while not _finished(shard_dir) and job.poll() is None and time.monotonic() < deadline:
+    while not finished_shards(shard_dir) and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     job.send_signal(signal.SIGKILL)
     _, err = job.communicate()
     assert job.returncode == -signal.SIGKILL, f"the job ended before it was killed: {err[-2000:]}"
-    shards = _finished(shard_dir)
+    shards = finished_shards(shard_dir)
     done = [i for s in shards for i in np.load(s)["ids"].tolist()]
     assert shards and len(done) == 24 * len(shards) < len(prompts)  # whole shards only, and work left
     (shard_dir / ".deadbeef.123.tmp.npz").write_bytes(b"PK\x03\x04 torn")  # a write cut short is ignored
 
     monkeypatch.setenv("PREROUTER_CACHE_DIR", str(cache))
-    encoded = _counting(monkeypatch)
+    encoded = count_teacher_inputs(monkeypatch)
     resumed = teacher_embeddings(prompts, ids, str(tiny_teacher), 32, 8, "cpu", shard_size=24)
     assert sum(encoded) == len(prompts) - len(done)  # only the prompts of the unfinished shards
-    assert len({i for s in _finished(shard_dir) for i in np.load(s)["ids"].tolist()}) == len(prompts)
+    assert len({i for s in finished_shards(shard_dir) for i in np.load(s)["ids"].tolist()}) == len(prompts)
 
     monkeypatch.setenv("PREROUTER_CACHE_DIR", str(tmp_path / "fresh"))
     fresh = teacher_embeddings(prompts, ids, str(tiny_teacher), 32, 8, "cpu", shard_size=1000)

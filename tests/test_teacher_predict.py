@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .test_teacher_cache import _counting, _finished, _prompts
-from .tiny import make_tiny_teacher, run_two_ranks
+from .tiny import count_teacher_inputs, finished_shards, make_tiny_teacher, run_two_ranks, word_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +28,7 @@ JOB = textwrap.dedent("""
     args = json.loads(Path(sys.argv[1]).read_text())
     from tests.tiny import counting_teacher_loader
     encoded = []
-    encoders._load_teacher = counting_teacher_loader(encoders._load_teacher, encoded)
+    encoders.load_teacher = counting_teacher_loader(encoders.load_teacher, encoded)
     job = TrainConfig(accelerator="cpu", devices=2, strategy="ddp")
     out = Path(args["out"])
     steps = []
@@ -53,7 +52,7 @@ def test_ddp_on_two_cpu_processes_embeds_each_prompt_once_as_one_process_does(tm
     from pipeline.encoders import encoder_key, teacher_embeddings
 
     teacher = str(make_tiny_teacher(tmp_path / "teacher"))
-    prompts, ids = _prompts(200)
+    prompts, ids = word_prompts(200)
     more = (prompts + ["one more prompt"], ids + ["p-extra"])  # fewer new prompts than ranks
     cache = tmp_path / "cache"
     shard_dir = cache / "teacher" / encoder_key(teacher, 32)
@@ -84,7 +83,7 @@ def test_ddp_on_two_cpu_processes_embeds_each_prompt_once_as_one_process_does(tm
 
     # one new prompt, fewer than ranks: each rank encodes it itself, into the same shard (named by its ids)
     assert [r[2]["encoded"] for r in ranks] == [1, 1]
-    assert len(_finished(shard_dir)) == len(shards) + 1 and sorted(_ids_in(_finished(shard_dir))) == sorted(more[1])
+    assert len(finished_shards(shard_dir)) == len(shards) + 1 and sorted(_ids_in(finished_shards(shard_dir))) == sorted(more[1])
 
     # the same numbers as one process, rows in the caller's order, on both ranks
     monkeypatch.setenv("PREROUTER_CACHE_DIR", str(tmp_path / "one"))
@@ -96,7 +95,7 @@ def test_ddp_on_two_cpu_processes_embeds_each_prompt_once_as_one_process_does(tm
 
     # and a one-process run on the job's cache encodes nothing
     monkeypatch.setenv("PREROUTER_CACHE_DIR", str(cache))
-    encoded = _counting(monkeypatch)
+    encoded = count_teacher_inputs(monkeypatch)
     np.testing.assert_allclose(teacher_embeddings(*more, teacher, 32, 8, "cpu"), one, atol=1e-5)
     assert not encoded
 
@@ -110,7 +109,7 @@ def test_a_one_process_job_keeps_the_pass_in_this_process(tmp_path, monkeypatch)
     monkeypatch.setattr(teacher_predict, "predict_missing", lambda *a, **k: pytest.fail("a Trainer was built"))
     monkeypatch.setenv("PREROUTER_CACHE_DIR", str(tmp_path / "cache"))
     teacher = str(make_tiny_teacher(tmp_path / "teacher"))
-    prompts, ids = _prompts(20)
-    encoded = _counting(monkeypatch)
+    prompts, ids = word_prompts(20)
+    encoded = count_teacher_inputs(monkeypatch)
     emb = teacher_embeddings(prompts, ids, teacher, 32, 8, "cpu", job=TrainConfig())
     assert emb.shape == (20, 32) and sum(encoded) == 20

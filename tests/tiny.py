@@ -77,7 +77,7 @@ def run_two_ranks(cmd: list[str], env: dict, cwd: Path, timeout: float, what: st
 
 
 def counting_teacher_loader(load, seen: list[int]):
-    """`encoders._load_teacher` wrapped so that `seen` gets the size of every batch of texts the teacher's
+    """`encoders.load_teacher` wrapped so that `seen` gets the size of every batch of texts the teacher's
     tokenizer is handed (each encoded prompt passes through it once)."""
     def counted(path):
         tok, model = load(path)
@@ -87,3 +87,51 @@ def counting_teacher_loader(load, seen: list[int]):
             return tok(texts, **kw)
         return tokenize, model
     return counted
+
+
+def word_prompts(n: int = 240) -> tuple[list[str], list[str]]:
+    """`n` distinct prompts of 2-40 words, and their ids."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = "explain prove write sort the list of primes capital city river poem code".split()
+    prompts = [" ".join(rng.choice(words, size=int(k))) + f" #{i}" for i, k in enumerate(rng.integers(2, 40, n))]
+    return prompts, [f"p{i}" for i in range(n)]
+
+
+def finished_shards(shard_dir: Path) -> list[Path]:
+    """The teacher cache's finished shards (temporary files start with a dot)."""
+    return sorted(shard_dir.glob("[!.]*.npz")) if shard_dir.is_dir() else []
+
+
+def count_teacher_inputs(monkeypatch) -> list[int]:
+    """Count the prompts the teacher's tokenizer is handed (each encoded prompt passes through it once)."""
+    from pipeline import encoders
+
+    seen: list[int] = []
+    monkeypatch.setattr(encoders, "load_teacher", counting_teacher_loader(encoders.load_teacher, seen))
+    return seen
+
+
+def sample_router_json(kind="pair") -> dict:
+    """A hand-written router.json of a pair (or a `multi`) bundle, for the code that only reads it."""
+    decision = {"kind": "pair", "weak": "w", "strong": "s", "score": "(1 + p_strong - p_weak) / 2",
+                "thresholds": {"0.5": 0.51, "0.1": 0.73}, "default_strong_fraction": 0.5}
+    if kind == "multi":
+        decision = {"kind": "multi", "cost_lambdas": {"0.25": 0.8, "1.0": 0.0}}
+    return {"schema_version": 1, "pipeline_version": "0.1.0", "created_at": "2026-01-01T00:00:00+00:00",
+            "name": "demo", "models": [{"name": "w", "cost": 0.1, "index": 0}, {"name": "s", "cost": 1.0, "index": 1}],
+            "tokenizer": {"file": "tokenizer.json", "max_tokens": 128, "truncation": "head_tail", "head_tokens": 95,
+                          "tail_tokens": 31}, "onnx": {"fp32": "model.onnx", "int8": "model.int8.onnx", "opset": 17},
+            "decision": decision, "metrics": {"val": {"apgr": 0.61, "bce": 0.5}, "test": {"apgr": 0.59}},
+            "latency": {"overall": {"p50": 0.21, "p99": 0.4}, "buckets": {"short": {"p50": 0.1}}},
+            "data_hash": "abc123", "training_config": {"label": {"relaxation": 0.1, "tiers": 2},
+                                                       "student": {"family": "static", "dim": 256}}}
+
+
+def read_conformance(bundle: Path) -> tuple[dict, list[dict]]:
+    """A bundle's conformance.jsonl: its header and its vectors."""
+    import json
+
+    lines = (bundle / "conformance.jsonl").read_text(encoding="utf-8").splitlines()
+    return json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
