@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
@@ -44,6 +45,7 @@ class Prepared:
     battles: list[np.ndarray] | None = None  # pairwise data: per row, [k, 3] (model a, model b, a's score)
     group_columns: dict = field(default_factory=dict)  # train.group_by=auto: candidate column -> values
     tokens: dict = field(default_factory=dict)  # spec key -> (ids list, spec)
+    source: Path | None = None  # the processed dataset's folder, resolved once: the version read
 
     def __post_init__(self):
         if self.fit_target is None:
@@ -78,10 +80,11 @@ def prepare(name: str, cfg: Config) -> Prepared:
     from .ingest import list_matrix
     from .label import load_labels
 
-    ds, stats = load_labels(name)
+    src = processed_dir(name).resolve()  # one version of the dataset, whatever an ingest does meanwhile
+    ds, stats = load_labels(name, src)
     table = ds.data.table if hasattr(ds.data, "table") else ds.data
     models = list(stats["models"])
-    manifest = read_json(processed_dir(name) / "manifest.json")
+    manifest = read_json(src / "manifest.json")
     costs = [manifest.get("costs", {}).get(m) for m in models]
     pair = None
     if stats.get("pair"):
@@ -114,7 +117,7 @@ def prepare(name: str, cfg: Config) -> Prepared:
         split=split, teacher_emb=teacher_embeddings(texts, text_ids, cfg.teacher.path, cfg.teacher.max_tokens,
                                                     cfg.teacher.batch_size, cfg.teacher.device, job=cfg.train),
         data_hash=stats.get("content_hash", manifest.get("content_hash", "")), stats=stats,
-        templates=templates, battles=_battles(name, prompt_ids), group_columns=group_columns,
+        templates=templates, battles=_battles(src, prompt_ids), group_columns=group_columns, source=src,
     )
     if groups is not None:
         prep.fit_target = group_smoothed(prep.target, prep.mask, groups, split == "train",
@@ -122,9 +125,9 @@ def prepare(name: str, cfg: Config) -> Prepared:
     return prep
 
 
-def _battles(name: str, prompt_ids: list[str]) -> list[np.ndarray] | None:
+def _battles(dataset_dir: Path, prompt_ids: list[str]) -> list[np.ndarray] | None:
     """Pairwise data: each labeled prompt's battles as rows (model a, model b, a's score); else None."""
-    path = processed_dir(name) / "battles"
+    path = dataset_dir / "battles"
     if not path.exists():
         return None
     from datasets import load_from_disk

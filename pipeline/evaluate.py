@@ -49,7 +49,7 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
 
     from .metrics import opponent_adjusted_strengths, win_accuracy
 
-    path = processed_dir(prep.name) / "battles"
+    path = (prep.source or processed_dir(prep.name)) / "battles"
     strengths = prep.stats.get("strengths")
     if not path.exists() or not strengths:
         return None

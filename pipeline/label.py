@@ -21,6 +21,7 @@ recorded the user's own (`--split-column`, or `--test-data` with train/val left 
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -176,13 +177,16 @@ def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig) -> tuple[int, i
 def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> dict:
     """Write data/processed/NAME/labels/ (dataset/, label_stats.json) and return the statistics."""
     cfg = cfg or LabelConfig()
-    src = processed_dir(name)
-    if not (src / "manifest.json").is_file():
-        raise DataError(f"no ingested dataset {name!r} (run `prerouter ingest` first)", file=src)
+    where = processed_dir(name)
+    if not (where / "manifest.json").is_file():
+        raise DataError(f"no ingested dataset {name!r} (run `prerouter ingest` first)", file=where)
+    # One version of the dataset whatever an ingest of the same name does meanwhile (common.atomic_dir):
+    # the manifest, prompts and battles are read from it, and the labels are written beside them.
+    src = where.resolve()
     manifest = read_json(src / "manifest.json")
     options = cfg.model_dump(mode="json")
     content_hash = sha256_json({"dataset": manifest["content_hash"], "options": options, "version": LABEL_VERSION})
-    stats_path = labels_dir(name) / "label_stats.json"
+    stats_path = src / "labels" / "label_stats.json"
     if not force and stats_path.is_file():
         try:
             old = read_json(stats_path)
@@ -199,7 +203,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     models = manifest["models"]
     outcome = list_matrix(table, "outcome", np.float64)
     mask = list_matrix(table, "mask", bool)
-    target, scale = _normalise(outcome, mask, manifest, cfg, src / "dataset")
+    target, scale = _normalise(outcome, mask, manifest, cfg, where / "dataset")
 
     observed = mask.sum(axis=0)
     mean_target = target.sum(axis=0) / np.maximum(observed, 1)
@@ -257,21 +261,25 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
         "dropped": manifest.get("dropped", {}), "costs": manifest.get("costs", {}),
         "options": options, "content_hash": content_hash,
     }
-    with atomic_dir(labels_dir(name)) as tmp:
+    with atomic_dir(src / "labels") as tmp:
         datasets.Dataset(pa.table(columns)).save_to_disk(str(tmp / "dataset"))
         write_json(tmp / "label_stats.json", stats)
     print_stats(stats)
     return stats
 
 
-def load_labels(name: str):
-    """(datasets.Dataset of labels, label_stats dict) written by `label(name)`."""
+def load_labels(name: str, dataset_dir: Path | None = None):
+    """(datasets.Dataset of labels, label_stats dict) written by `label(name)`, from one version.
+
+    `dataset_dir`: the processed dataset's folder as the caller resolved it (`processed_dir(name).resolve()`),
+    so that what it reads beside the labels (manifest, battles) is of the same version."""
     import datasets
 
     path = labels_dir(name)
-    if not (path / "label_stats.json").is_file():
+    pinned = ((dataset_dir or path.parent.resolve()) / "labels").resolve()
+    if not (pinned / "label_stats.json").is_file():
         raise DataError(f"no labels for {name!r} (run `prerouter label {name}` first)", file=path)
-    return datasets.load_from_disk(str(path / "dataset")), read_json(path / "label_stats.json")
+    return datasets.load_from_disk(str(pinned / "dataset")), read_json(pinned / "label_stats.json")
 
 
 def print_stats(stats: dict) -> None:

@@ -146,6 +146,24 @@ def test_no_reference_when_models_meet_each_other(data_dir, tmp_path):
     assert {float(t[stats["models"].index("x")]) for t in df.target} == {1.0}
 
 
+def test_labels_are_read_and_written_with_the_dataset_version_they_came_from(data_dir, tmp_path):
+    from pipeline.common import processed_dir
+
+    first = long_dataset(tmp_path, [("p", "a", 0.0), ("p", "b", 1.0), ("q", "a", 1.0), ("q", "b", 1.0)], name="v")
+    label(first)
+    pinned = processed_dir("v").resolve()  # what a stage resolves once before reading
+    # the same name ingested again with other outcomes: a new version, not yet labeled
+    long_dataset(tmp_path, [("p", "a", 1.0), ("p", "b", 0.0), ("r", "a", 0.0), ("r", "b", 1.0)], name="v")
+    assert processed_dir("v").resolve() != pinned and (pinned / "labels").is_dir()
+    ds, stats = load_labels("v", pinned)  # the pinned reader still sees its own version whole
+    assert sorted(ds["prompt"]) == ["p", "q"] and stats["n_prompts"] == 2
+    with pytest.raises(DataError, match="no labels"):
+        load_labels("v")  # the new version has none yet
+    label("v")
+    assert sorted(load_labels("v")[0]["prompt"]) == ["p", "r"]
+    assert (processed_dir("v").resolve() / "labels" / "label_stats.json").is_file()
+
+
 # --- targets ------------------------------------------------------------------------------------
 
 
