@@ -141,7 +141,7 @@ def _mean_cost(p: np.ndarray, rel: np.ndarray, lam: float) -> float:
 def calibrate(bundle: str | Path, prompts: Path, out: Path, report: Path | None = None, log: bool = True) -> dict:
     """Refit `bundle`'s thresholds and λs on the unlabeled `prompts`; write the new bundle to `out` and
     calibration.md / calibration.json to `report` (default OUT.calibration beside it). Returns the report."""
-    from .export import CONFORMANCE, check_bundle_dir, seal_bundle, write_conformance
+    from .export import CONFORMANCE, check_bundle_dir, seal_bundle, with_conformance
     from .metrics import calibrate_lambdas, calibrate_thresholds, realised_fractions
     from .registry import resolve_bundle
     from .runtime import Router
@@ -217,11 +217,7 @@ def calibrate(bundle: str | Path, prompts: Path, out: Path, report: Path | None 
                     shutil.copyfile(f, tmp / f.name)
             # The conformance vectors record decisions at the bundle's settings, which follow the refitted
             # thresholds and λs: written again from the new bundle, as export writes them.
-            config.pop("conformance", None)
-            seal_bundle(tmp, config)  # what the runtime reads to write them
-            conformance = write_conformance(tmp)
-            if conformance:
-                config["conformance"] = conformance
+            config = with_conformance(tmp, config)
             try:
                 from .report import write_model_card
 

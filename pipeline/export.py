@@ -322,10 +322,7 @@ def write_bundle(out: str | Path, fp32: Path, int8: Path, meta: dict, *, opset: 
         shutil.copyfile(fp32, tmp / FP32)
         shutil.copyfile(int8, tmp / INT8)
         shutil.copyfile(_tokenizer_file(meta["tokenizer"]["source"]), tmp / TOKENIZER)
-        router = seal_bundle(tmp, router)  # what Router.load reads; sealed again below with the card
-        conformance = write_conformance(tmp)
-        if conformance:
-            router["conformance"] = conformance
+        router = with_conformance(tmp, router)  # sealed again below with the card
         if latency_decisions:
             router = seal_bundle(tmp, router)
             router["latency"] = check_latency(tmp, budget_ms=None, decisions=latency_decisions, show=False)
@@ -433,6 +430,17 @@ def write_conformance(folder: Path) -> dict:
         lines.append(json.dumps(rec, ensure_ascii=False))
     (folder / CONFORMANCE).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"file": CONFORMANCE, "n_prompts": len(prompts), "tolerance": CONFORMANCE_TOLERANCE}
+
+
+def with_conformance(folder: Path, router: dict) -> dict:
+    """Seal `router` into FOLDER (what the runtime loads), write the conformance vectors from that bundle,
+    and return the read-back router.json dict with its new `conformance` record (none when the runtime
+    refuses the bundle). Export and calibrate both end a bundle's decision rules this way."""
+    router = seal_bundle(folder, {k: v for k, v in router.items() if k != "conformance"})
+    conformance = write_conformance(folder)
+    if conformance:
+        router["conformance"] = conformance
+    return router
 
 
 def seal_bundle(folder: Path, router: dict) -> dict:
