@@ -45,7 +45,6 @@ class Prepared:
     battles: list[np.ndarray] | None = None  # pairwise data: per row, [k, 3] (model a, model b, a's score)
     group_columns: dict = field(default_factory=dict)  # train.group_by=auto: candidate column -> values
     tokens: dict = field(default_factory=dict)  # spec key -> (ids list, spec)
-    source: Path | None = None  # the processed dataset's folder, resolved once: the version read
 
     def __post_init__(self):
         if self.fit_target is None:
@@ -117,7 +116,7 @@ def prepare(name: str, cfg: Config) -> Prepared:
         split=split, teacher_emb=teacher_embeddings(texts, text_ids, cfg.teacher.path, cfg.teacher.max_tokens,
                                                     cfg.teacher.batch_size, cfg.teacher.device, job=cfg.train),
         data_hash=stats.get("content_hash", manifest.get("content_hash", "")), stats=stats,
-        templates=templates, battles=_battles(src, prompt_ids), group_columns=group_columns, source=src,
+        templates=templates, battles=_battles(src, prompt_ids), group_columns=group_columns,
     )
     if groups is not None:
         prep.fit_target = group_smoothed(prep.target, prep.mask, groups, split == "train",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import console, model_dir, processed_dir, write_json
+from .common import console, model_dir, write_json
 from .config import load_config
 from .data import Prepared, prepare
 from .module import pair_score
@@ -45,27 +45,21 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
     fitted given who each model met in the train battles (`opponent_adjusted_strengths`), against the global
     Bradley-Terry ranking (the same winner for every prompt). `vs_bradley_terry` counts the battles a
     router gets right and Bradley-Terry wrong, and the reverse: the difference is what beats the ranking."""
-    from datasets import load_from_disk
-
     from .metrics import opponent_adjusted_strengths, win_accuracy
 
-    path = (prep.source or processed_dir(prep.name)) / "battles"
     strengths = prep.stats.get("strengths")
-    if not path.exists() or not strengths:
+    if prep.battles is None or not strengths:
         return None
-    table = load_from_disk(str(path)).data
-    col = lambda name: table.column(name).to_numpy()  # noqa: E731
-    # Row of each battle's prompt; a prompt not in the labels gets the extra last row (-1), whose split
-    # is none and whose position in `rows` is -1.
-    row_of = {pid: j for j, pid in enumerate(prep.prompt_ids)}
-    battle_row = np.array([row_of.get(pid, -1) for pid in table.column("prompt_id").to_pylist()])
-    a, b, score_a = col("model_a"), col("model_b"), col("score_a")
+    # The battles `prepare` read with the labels, flattened; each keeps its prompt's row.
+    battle_row = np.repeat(np.arange(len(prep.battles)), [len(x) for x in prep.battles])
+    flat = np.concatenate(prep.battles) if len(battle_row) else np.zeros((0, 3), np.float32)
+    a, b, score_a = flat[:, 0].astype(np.int64), flat[:, 1].astype(np.int64), flat[:, 2]
     m = len(prep.models)
     counts = np.zeros((m, m))
-    train = np.append(prep.split, "")[battle_row] == "train"
+    train = prep.split[battle_row] == "train"
     np.add.at(counts, (a[train], b[train]), 1.0)
     np.add.at(counts, (b[train], a[train]), 1.0)
-    position = np.full(len(prep.prompt_ids) + 1, -1)
+    position = np.full(len(prep.prompt_ids), -1)
     position[rows] = np.arange(len(rows))
     at = position[battle_row]
     keep = at >= 0
