@@ -149,13 +149,17 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         except BaseException:
             _remove(tmp)
             raise
+        previous = _named_version(final)  # what readers may have resolved: kept one more write
         if os.path.lexists(final) and not final.is_symlink():  # a plain folder from before versions
-            os.replace(final, final.parent / f".{final.name}.v-0-{os.getpid()}")
+            previous = final.parent / f".{final.name}.v-0-{os.getpid()}"
+            os.replace(final, previous)
         link = final.parent / f".{final.name}.link-{os.getpid()}"
         _remove(link)
         os.symlink(version.name, link, target_is_directory=True)
         os.replace(link, final)  # the swap: one rename, `final` never missing
-        _prune_versions(final)
+        for old in versions(final):  # e.g. a version a killed writer finished but never swapped in
+            if old not in (version, previous):
+                _remove(old)
 
 
 def versions(final: Path) -> list[Path]:
@@ -167,8 +171,9 @@ def versions(final: Path) -> list[Path]:
 
 
 def kept_versions(final: Path) -> list[Path]:
-    """The versions a new writer keeps: the one `final` names and the newest other, for readers that
-    resolved the name before the last swap; none when `final` is not a link."""
+    """The versions a writer finds and keeps: the one `final` names and the newest other (after a write,
+    the one it named before the swap, for readers that resolved the name then); none when `final` is
+    not a link."""
     current = _named_version(Path(final))
     if current is None:
         return []

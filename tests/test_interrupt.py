@@ -228,6 +228,23 @@ def test_a_reader_that_resolved_the_name_reads_one_whole_version_across_a_swap(t
     assert written_version(pinned) == "b" and written_version(final) == "c"
 
 
+def test_a_version_a_killed_writer_never_swapped_in_does_not_push_out_the_one_readers_resolved(tmp_path):
+    final = tmp_path / "artifact"
+    for version in "ab":
+        with atomic_dir(final) as tmp:
+            for i in range(N_FILES):
+                (tmp / f"part{i:02d}").write_text(version * 1000)
+    pinned = final.resolve()
+    orphan = tmp_path / f".artifact.v-{time.time_ns()}-999999"  # finished, killed before its swap
+    orphan.mkdir()
+    (orphan / "part00").write_text("x" * 1000)
+    with atomic_dir(final) as tmp:
+        for i in range(N_FILES):
+            (tmp / f"part{i:02d}").write_text("d" * 1000)
+    assert written_version(pinned) == "b" and written_version(final) == "d"
+    assert versions(final) == [pinned, final.resolve()] and hidden(tmp_path) == []
+
+
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
