@@ -139,12 +139,11 @@ def _normalise(outcome: np.ndarray, mask: np.ndarray, manifest: dict, cfg: Label
     return np.where(mask, target, 0.0), scale
 
 
-def reference_model(a: np.ndarray, b: np.ndarray, n_models: int) -> int | None:
-    """The model in every battle (a vs b index arrays), if there is one and it is not the only model."""
-    if len(a) == 0 or n_models < 2:
+def reference_model(in_battles: np.ndarray, n_battles: int) -> int | None:
+    """The model in every battle (`in_battles`: battles per model), if there is one and it is not the only model."""
+    if n_battles == 0 or len(in_battles) < 2:
         return None
-    in_battles = np.bincount(a, minlength=n_models) + np.bincount(b, minlength=n_models)
-    every = np.flatnonzero(in_battles == len(a))
+    every = np.flatnonzero(in_battles == n_battles)
     return int(every[0]) if every.size == 1 else None
 
 
@@ -222,7 +221,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
                                                                                 minlength=len(models))
         per_model = {m: {"rate": float(won[j] / max(n[j], 1)), "n": int(n[j])} for j, m in enumerate(models)}
         rank = log_p
-        reference = reference_model(a, b, len(models))
+        reference = reference_model(n, len(a))
         if reference is not None:
             target[:, reference] = np.where(mask[:, reference], 0.5, 0.0)
     tiers = _tiers(rank, models, cfg.tiers)

@@ -93,14 +93,15 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
         table = cluster_accuracy(km.labels_, prep.target[train], prep.mask[train], k)
         for tau in TEMPERATURES:
             for beta in BETAS:
-                q = val_quality(prep, blend(p_val, h_val, centroids, table, beta, tau), val)
+                blended = blend(p_val, h_val, centroids, table, beta, tau)
+                q = val_quality(prep, blended, val)
                 if q > best[0]:
-                    best = (q, (k, tau, beta, centroids, table))
+                    best = (q, (k, tau, beta, centroids, table, blended))
     if best[1] is None:
         console.print(f"cluster prior chosen on validation: [bold]none[/] (no setting beats {base:.4f})")
         return None, record
-    k, tau, beta, centroids, table = best[1]
-    rate = bootstrap_win_rate(prep, blend(p_val, h_val, centroids, table, beta, tau), p_val, val, seed)
+    k, tau, beta, centroids, table, blended = best[1]
+    rate = bootstrap_win_rate(prep, blended, p_val, val, seed)
     record.update(best={"k": k, "temperature": tau, "beta": beta, "quality": round(best[0], 4)},
                   win_rate=rate)
     if rate < MIN_WIN_RATE:

@@ -50,6 +50,13 @@ def _battle_parts(prep, p: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np
     return np.concatenate(right or [np.zeros(0, bool)]), np.concatenate(owner or [np.zeros(0, int)])
 
 
+def _battle_hits(prep, p: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `rows`: the decided battles whose winner `p` predicts, and the decided battles."""
+    right, owner = _battle_parts(prep, p, rows)
+    return (np.bincount(owner, weights=right.astype(float), minlength=len(rows)),
+            np.bincount(owner, minlength=len(rows)).astype(float))
+
+
 def val_quality(prep, p: np.ndarray, rows: np.ndarray, resample: np.ndarray | None = None) -> float:
     """The routing measure of `p` (probabilities for `rows`), optionally on resampled positions of `rows`."""
     from .metrics import apgr
@@ -58,9 +65,7 @@ def val_quality(prep, p: np.ndarray, rows: np.ndarray, resample: np.ndarray | No
 
     i = np.arange(len(rows)) if resample is None else resample
     if prep.battles is not None:
-        right, owner = _battle_parts(prep, p, rows)
-        counts = np.bincount(owner, minlength=len(rows)).astype(float)
-        hits = np.bincount(owner, weights=right.astype(float), minlength=len(rows))
+        hits, counts = _battle_hits(prep, p, rows)
         return float(hits[i].sum() / max(counts[i].sum(), 1.0))
     t, m = prep.target[rows][i], prep.mask[rows][i]
     if len(prep.models) == 2 and prep.pair is not None:
@@ -86,6 +91,11 @@ def paired_win_rate(n: int, beats: Callable[[np.ndarray], bool], resamples: int 
 
 def bootstrap_win_rate(prep, p: np.ndarray, base: np.ndarray, rows: np.ndarray, seed: int = 0) -> float:
     """Share of paired bootstrap resamples of `rows` where `p` routes better than `base`."""
+    if prep.battles is not None:
+        # Per-row hits once (a Python pass over the battles); both share the resample's battle count, so
+        # comparing hit sums is comparing accuracies.
+        hits_p, hits_base = _battle_hits(prep, p, rows)[0], _battle_hits(prep, base, rows)[0]
+        return paired_win_rate(len(rows), lambda i: hits_p[i].sum() > hits_base[i].sum(), seed=seed)
     return paired_win_rate(len(rows), lambda i: val_quality(prep, p, rows, i) > val_quality(prep, base, rows, i),
                            seed=seed)
 
