@@ -112,6 +112,34 @@ def write_shard(shard_dir: Path, ids: list[str], emb: np.ndarray) -> None:
     os.replace(tmp, shard_dir / f"{name}.npz")  # atomic: a killed run never leaves a torn shard
 
 
+class ShardBuffer:
+    """Embeddings on their way to the cache: written as a shard every `shard_size` prompts, and the rest
+    on `flush`."""
+
+    def __init__(self, shard_dir: Path, shard_size: int):
+        self.shard_dir, self.shard_size = shard_dir, shard_size
+        self.ids: list[str] = []
+        self.embs: list[np.ndarray] = []
+
+    def add(self, ids: list[str], emb: np.ndarray) -> None:
+        self.ids += ids
+        self.embs.append(emb)
+        if len(self.ids) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.ids:
+            write_shard(self.shard_dir, self.ids, np.concatenate(self.embs))
+            self.ids, self.embs = [], []
+
+
+def embed_batch(tok, model, texts: list[str], max_tokens: int, device) -> np.ndarray:
+    """L2-normalised mean-pooled teacher embeddings of one batch of texts, as float32 on the host."""
+    enc = tok(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
+    pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+    return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+
+
 def _one_process(devices, num_nodes: int) -> bool:
     """A Lightning layout that is one process whatever the machine (no Trainer needed to know)."""
     return num_nodes == 1 and (devices == 1 or str(devices).strip() == "1")
@@ -166,22 +194,15 @@ def _encode(todo_ids: list[str], todo: list[str], known: dict, shard_dir: Path, 
     tok, model = load_teacher(path)
     model.to(dev)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    ids: list[str] = []
-    embs: list[np.ndarray] = []
+    shards = ShardBuffer(shard_dir, shard_size)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"teacher embeddings ({len(todo)} new prompts, {dev})", total=len(todo))
         for i in range(0, len(todo), batch_size):
-            enc = tok(todo[i:i + batch_size], padding=True, truncation=True,
-                      max_length=max_tokens, return_tensors="pt").to(dev)
-            pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
-            embs.append(torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy())
-            ids += todo_ids[i:i + batch_size]
-            bar.advance(task, len(enc["input_ids"]))
-            if len(ids) >= shard_size or i + batch_size >= len(todo):
-                emb = np.concatenate(embs)
-                write_shard(shard_dir, ids, emb)
-                known.update(zip(ids, emb))
-                ids, embs = [], []
+            ids, emb = todo_ids[i:i + batch_size], embed_batch(tok, model, todo[i:i + batch_size], max_tokens, dev)
+            shards.add(ids, emb)
+            known.update(zip(ids, emb))
+            bar.advance(task, len(ids))
+        shards.flush()
 
 
 @torch.inference_mode()

@@ -61,10 +61,7 @@ class TeacherEmbedder(pl.LightningModule):
 
     def predict_step(self, batch: tuple[list[str], list[str]]) -> tuple[list[str], np.ndarray]:
         ids, texts = batch
-        enc = self.tok(texts, padding=True, truncation=True, max_length=self.max_tokens,
-                       return_tensors="pt").to(self.device)
-        pooled = encoders.mean_pool(self.encoder(**enc).last_hidden_state, enc["attention_mask"])
-        return ids, torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
+        return ids, encoders.embed_batch(self.tok, self.encoder, texts, self.max_tokens, self.device)
 
 
 class ShardWriter(BasePredictionWriter):
@@ -72,26 +69,15 @@ class ShardWriter(BasePredictionWriter):
 
     def __init__(self, shard_dir: Path, shard_size: int):
         super().__init__(write_interval="batch")
-        self.shard_dir, self.shard_size = shard_dir, shard_size
-        self.ids: list[str] = []
-        self.embs: list[np.ndarray] = []
+        self.shards = encoders.ShardBuffer(shard_dir, shard_size)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
                            dataloader_idx) -> None:
-        ids, emb = prediction
-        self.ids += ids
-        self.embs.append(emb)
-        if len(self.ids) >= self.shard_size:
-            self.flush()
+        self.shards.add(*prediction)
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         super().on_predict_epoch_end(trainer, pl_module)
-        self.flush()
-
-    def flush(self) -> None:
-        if self.ids:
-            encoders.write_shard(self.shard_dir, self.ids, np.concatenate(self.embs))
-            self.ids, self.embs = [], []
+        self.shards.flush()
 
 
 def predict_missing(ids: list[str], texts: list[str], shard_dir: Path, path: str | None, max_tokens: int,
