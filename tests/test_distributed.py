@@ -12,7 +12,7 @@ import pytest
 from pipeline.common import versions
 
 from .leftovers import leftovers, visible
-from .tiny import run_two_ranks
+from .tiny import labeled_with_tiny_teacher, run_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["teacher.epochs=3", "teacher.head_hidden=16", "student.dim=16", "student.hidden=16",
@@ -36,25 +36,14 @@ def _best_epoch_apgr(tracking_uri: str, run_id: str) -> float:
 
 @pytest.mark.timeout(300)
 def test_ddp_on_two_cpu_processes_matches_one_process_and_writes_once(tmp_path, monkeypatch, demo_files):
-    import torch
     from mlflow import MlflowClient
 
     from pipeline.common import read_json
     from pipeline.config import load_config
-    from pipeline.ingest import ingest
-    from pipeline.label import label
     from pipeline.train import train
 
-    from .tiny import make_tiny_teacher
-
-    for var, sub in (("PREROUTER_DATA_DIR", "data"), ("PREROUTER_CACHE_DIR", "cache"),
-                     ("PREROUTER_MODELS_DIR", "one/models"), ("PREROUTER_MLRUNS_DIR", "mlruns")):
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    torch.set_num_threads(1)
-    ingest(str(demo_files["wide"]), name="demo")
-    label("demo")
-    teacher = make_tiny_teacher(tmp_path / "teacher")
+    teacher = labeled_with_tiny_teacher(monkeypatch, tmp_path, demo_files["wide"], "demo",
+                                        PREROUTER_MODELS_DIR="one/models")
     overrides = [f"teacher.path={teacher}", *TINY]
 
     # one process, batches of 64
