@@ -325,7 +325,8 @@ class Memory:
         if self.cuda:
             import torch
 
-            torch.cuda.reset_peak_memory_stats()
+            if torch.cuda.is_initialized():  # else nothing to reset, and creating the context here would
+                torch.cuda.reset_peak_memory_stats()  # leave its seconds out of every stage's time
 
     def peaks(self) -> dict:
         s = self._status()
@@ -371,7 +372,6 @@ def child(spec_file: str) -> None:
         os.replace(tmp, result_file)
 
     memory = Memory(cuda)
-    memory.reset()
 
     def stage(key: str, fn):
         memory.reset()
