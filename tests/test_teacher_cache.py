@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .tiny import count_teacher_inputs, finished_shards, make_tiny_teacher, word_prompts
+from .tiny import count_teacher_inputs, finished_shards, make_tiny_teacher, shard_ids, word_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,7 +58,7 @@ def test_a_killed_embedding_job_resumes_without_recomputing_finished_shards(tmp_
     _, err = job.communicate()
     assert job.returncode == -signal.SIGKILL, f"the job ended before it was killed: {err[-2000:]}"
     shards = finished_shards(shard_dir)
-    done = [i for s in shards for i in np.load(s)["ids"].tolist()]
+    done = shard_ids(shards)
     assert shards and len(done) == 24 * len(shards) < len(prompts)  # whole shards only, and work left
     (shard_dir / ".deadbeef.123.tmp.npz").write_bytes(b"PK\x03\x04 torn")  # a write cut short is ignored
 
@@ -66,7 +66,7 @@ def test_a_killed_embedding_job_resumes_without_recomputing_finished_shards(tmp_
     encoded = count_teacher_inputs(monkeypatch)
     resumed = teacher_embeddings(prompts, ids, str(tiny_teacher), 32, 8, "cpu", shard_size=24)
     assert sum(encoded) == len(prompts) - len(done)  # only the prompts of the unfinished shards
-    assert len({i for s in finished_shards(shard_dir) for i in np.load(s)["ids"].tolist()}) == len(prompts)
+    assert len(set(shard_ids(finished_shards(shard_dir)))) == len(prompts)
 
     monkeypatch.setenv("PREROUTER_CACHE_DIR", str(tmp_path / "fresh"))
     fresh = teacher_embeddings(prompts, ids, str(tiny_teacher), 32, 8, "cpu", shard_size=1000)

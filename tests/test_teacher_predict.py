@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .tiny import count_teacher_inputs, finished_shards, make_tiny_teacher, run_two_ranks, word_prompts
+from .tiny import count_teacher_inputs, finished_shards, make_tiny_teacher, run_two_ranks, shard_ids, word_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ JOB = textwrap.dedent("""
     from pipeline.config import TrainConfig
 
     args = json.loads(Path(sys.argv[1]).read_text())
-    from tests.tiny import counting_teacher_loader
+    from tests.tiny import counting_teacher_loader, finished_shards
     encoded = []
     encoders.load_teacher = counting_teacher_loader(encoders.load_teacher, encoded)
     job = TrainConfig(accelerator="cpu", devices=2, strategy="ddp")
@@ -38,13 +38,9 @@ JOB = textwrap.dedent("""
         rank = os.environ["LOCAL_RANK"]  # set in rank 0 too, by the launcher
         np.save(out / f"emb{step}-rank{rank}.npy", emb)
         steps.append({"encoded": sum(encoded),
-                      "shards": sorted(p.name for p in Path(args["shard_dir"]).glob("[!.]*.npz"))})
+                      "shards": sorted(p.name for p in finished_shards(Path(args["shard_dir"])))})
     (out / f"rank{rank}.json").write_text(json.dumps(steps))
 """)
-
-
-def _ids_in(shards: list[Path]) -> list[str]:
-    return [i for s in shards for i in np.load(s)["ids"].tolist()]
 
 
 @pytest.mark.timeout(180)
@@ -73,7 +69,7 @@ def test_ddp_on_two_cpu_processes_embeds_each_prompt_once_as_one_process_does(tm
     assert all(f["encoded"] > 0 for f in first) and sum(f["encoded"] for f in first) == len(prompts)
     assert first[0]["shards"] == first[1]["shards"]  # both read the cache after the barrier
     shards = [shard_dir / name for name in first[0]["shards"]]
-    written = _ids_in(shards)
+    written = shard_ids(shards)
     assert sorted(written) == sorted(ids)  # every prompt once
     assert all(len(np.load(s)["ids"]) <= 24 for s in shards) and len(shards) >= 2 * 100 // 24
 
@@ -83,7 +79,7 @@ def test_ddp_on_two_cpu_processes_embeds_each_prompt_once_as_one_process_does(tm
 
     # one new prompt, fewer than ranks: each rank encodes it itself, into the same shard (named by its ids)
     assert [r[2]["encoded"] for r in ranks] == [1, 1]
-    assert len(finished_shards(shard_dir)) == len(shards) + 1 and sorted(_ids_in(finished_shards(shard_dir))) == sorted(more[1])
+    assert len(finished_shards(shard_dir)) == len(shards) + 1 and sorted(shard_ids(finished_shards(shard_dir))) == sorted(more[1])
 
     # the same numbers as one process, rows in the caller's order, on both ranks
     monkeypatch.setenv("PREROUTER_CACHE_DIR", str(tmp_path / "one"))

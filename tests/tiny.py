@@ -104,6 +104,13 @@ def finished_shards(shard_dir: Path) -> list[Path]:
     return sorted(shard_dir.glob("[!.]*.npz")) if shard_dir.is_dir() else []
 
 
+def shard_ids(shards: list[Path]) -> list[str]:
+    """The prompt ids the teacher cache's shards hold, shard by shard."""
+    import numpy as np
+
+    return [i for s in shards for i in np.load(s)["ids"].tolist()]
+
+
 def count_teacher_inputs(monkeypatch) -> list[int]:
     """Count the prompts the teacher's tokenizer is handed (each encoded prompt passes through it once)."""
     from pipeline import encoders
