@@ -96,13 +96,13 @@ def teacher_device(device: str = "auto") -> str:
     return device
 
 
-def _cached_embeddings(shard_dir: Path) -> dict[str, np.ndarray]:
-    """prompt id -> embedding from every finished shard (temporary files start with a dot and are skipped)."""
-    known: dict[str, np.ndarray] = {}
-    for shard in sorted(shard_dir.glob("[!.]*.npz")):
+def _read_shards(shard_dir: Path, known: dict[str, np.ndarray], read: set[Path]) -> None:
+    """Add prompt id -> embedding from every finished shard not in `read` (temporary files start with a
+    dot and are skipped); shards never change once written, so each is read once."""
+    for shard in sorted(set(shard_dir.glob("[!.]*.npz")) - read):
         with np.load(shard) as z:
             known.update(zip(z["ids"].tolist(), z["emb"]))
-    return known
+        read.add(shard)
 
 
 def write_shard(shard_dir: Path, ids: list[str], emb: np.ndarray) -> None:
@@ -161,7 +161,9 @@ def teacher_embeddings(prompts: list[str], prompt_ids: list[str], path: str | No
     shards; every process of the job must then call this, and each gets the whole matrix.
     """
     shard_dir = cache_dir() / "teacher" / encoder_key(path, max_tokens)
-    known = _cached_embeddings(shard_dir)
+    known: dict[str, np.ndarray] = {}
+    read: set[Path] = set()
+    _read_shards(shard_dir, known, read)
     missing = _missing(prompts, prompt_ids, known)
     if job is not None and not _one_process(job.devices, job.num_nodes):
         from .teacher_predict import predict_missing  # imports Lightning: only for a job of several processes
@@ -169,7 +171,7 @@ def teacher_embeddings(prompts: list[str], prompt_ids: list[str], path: str | No
         ids, texts = missing
         if predict_missing(ids, texts, shard_dir, path, max_tokens, batch_size, shard_size,
                            teacher_device(device), job):
-            known = _cached_embeddings(shard_dir)
+            _read_shards(shard_dir, known, read)  # what the ranks wrote
             missing = _missing(prompts, prompt_ids, known)  # fewer prompts than ranks, or another node's shards
     if missing[0]:
         _encode(*missing, known, shard_dir, path, max_tokens, batch_size, device, shard_size)
