@@ -341,11 +341,12 @@ class Memory:
 
 def _teacher_texts(name: str, cfg) -> tuple[list[str], list[str], dict | None]:
     """The texts and ids `pipeline.data.prepare` hands to `teacher_embeddings` (`data.teacher_inputs`)."""
+    from pipeline.common import arrow_table
     from pipeline.data import teacher_inputs, training_split
     from pipeline.label import load_labels
 
     ds, _ = load_labels(name)
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    table = arrow_table(ds)
     split = training_split(table.column("split").to_pylist(), cfg)
     templates, texts, ids = teacher_inputs(table.column("prompt").to_pylist(), table.column("prompt_id").to_pylist(),
                                            split, cfg)

@@ -320,6 +320,11 @@ def prompt_id(prompt: str) -> str:
     return prompt_hash(prompt)[:16]
 
 
+def arrow_table(ds):
+    """The pyarrow Table under a `datasets.Dataset`: columns read zero-copy, without Python rows."""
+    return ds.data.table
+
+
 def write_json(path: Path, obj: Any) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 

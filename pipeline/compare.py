@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
-from .common import ConfigError, DataError, console, models_root, remove_dir, write_json
+from .common import ConfigError, DataError, arrow_table, console, models_root, remove_dir, write_json
 
 SHARES = (0.2, 0.5, 0.8)
 METRICS = ("auto", "apgr", "routed", "win")
@@ -315,7 +315,7 @@ def _compare(routers: dict, ds, stats: dict, held_out: bool, name: str, data: st
              resamples: int, seed: int) -> dict:
     from .ingest import list_matrix
 
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    table = arrow_table(ds)
     data_models = list(stats["models"])
     c_models, h_models = routers["champion"].models, routers["challenger"].models
     shared = [m for m in c_models if m in h_models and m in data_models]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .common import DataError, console, processed_dir, prompt_id, read_json
+from .common import DataError, arrow_table, console, processed_dir, prompt_id, read_json
 from .config import Config
 from .encoders import teacher_embeddings, tokenizer_file
 from .tokenization import compact_templates, encode, learn_templates, load_tokenizer, make_spec
@@ -81,7 +81,7 @@ def prepare(name: str, cfg: Config) -> Prepared:
 
     src = processed_dir(name).resolve()  # one version of the dataset, whatever an ingest does meanwhile
     ds, stats = load_labels(name, src)
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    table = arrow_table(ds)
     models = list(stats["models"])
     manifest = read_json(src / "manifest.json")
     costs = [manifest.get("costs", {}).get(m) for m in models]

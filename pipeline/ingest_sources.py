@@ -24,7 +24,7 @@ from typing import Iterator, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .common import DataError, data_root
+from .common import DataError, arrow_table, data_root
 
 _TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
 _BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -135,7 +135,7 @@ def load_table(src: Source) -> Iterator[tuple[pa.Table, str]]:
             ds = datasets.load_dataset(src.builder, split=src.split)
         except Exception as e:  # network, unknown id, unknown split: all are "cannot read"
             raise DataError(f"cannot load hub dataset split {src.split!r}: {e}", file=src.text) from None
-        yield ds.data.table, ds._fingerprint
+        yield arrow_table(ds), ds._fingerprint
         return
     duplicated = _duplicated_columns(src)
     if duplicated:
@@ -174,7 +174,7 @@ def load_table(src: Source) -> Iterator[tuple[pa.Table, str]]:
             line = _first_bad_json_line(src.path) if src.builder == "json" else None
             raise DataError(f"cannot read as {src.builder}" + (f" (line {line})" if line else "")
                             + f": {type(cause).__name__}: {cause}", file=src.path) from None
-        table = ds.data.table
+        table = arrow_table(ds)
         if src.builder == "csv":
             table = pa.table({c: table.column(c) if c in _TEXT_COLUMNS else _infer_type(table.column(c))
                               for c in table.column_names})

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from .common import (ConfigError, DataError, atomic_dir, console, labels_dir, processed_dir, prompt_hash,
+from .common import (ConfigError, DataError, arrow_table, atomic_dir, console, labels_dir, processed_dir, prompt_hash,
                      read_json, sha256_json, write_json)
 from .config import LabelConfig
 from .ingest import list_column, list_matrix
@@ -198,7 +198,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     import datasets
 
     datasets.disable_progress_bars()
-    table = datasets.load_from_disk(str(src / "dataset")).data.table
+    table = arrow_table(datasets.load_from_disk(str(src / "dataset")))
     models = manifest["models"]
     outcome = list_matrix(table, "outcome", np.float64)
     mask = list_matrix(table, "mask", bool)
@@ -210,7 +210,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     per_model = {m: {"rate": float(mean_target[j]), "n": int(observed[j])} for j, m in enumerate(models)}
     rank = mean_target
     if manifest["layout"] == "pairwise":
-        bt = datasets.load_from_disk(str(src / "battles")).data.table
+        bt = arrow_table(datasets.load_from_disk(str(src / "battles")))
         a, b = (bt.column(c).to_numpy().astype(np.int64) for c in ("model_a", "model_b"))
         score_a = bt.column("score_a").to_numpy().astype(np.float64)
         log_p = bradley_terry(a, b, score_a, len(models))

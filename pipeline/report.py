@@ -25,7 +25,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .common import DataError, flatten
+from .common import DataError, arrow_table, flatten
 from .model_card import write_model_card  # noqa: F401  (the exporter imports it from here)
 from .multi import BUDGETS
 from .routing import model_costs, pair_score
@@ -69,7 +69,7 @@ class _Columns:
     """The labeled table as arrays, with target and mask columns in the bundle's model order."""
 
     def __init__(self, ds, stats: Mapping, models: Sequence[str]):
-        table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        table = arrow_table(ds)
         missing = [m for m in models if m not in stats["models"]]
         if missing:
             raise DataError(f"the bundle routes between {list(models)} but the data has no outcomes for {missing} "

@@ -11,10 +11,10 @@ import pytest
 def _dataset(name):
     import datasets
 
-    from pipeline.common import processed_dir, read_json
+    from pipeline.common import arrow_table, processed_dir, read_json
     from pipeline.ingest import list_matrix
 
-    table = datasets.load_from_disk(str(processed_dir(name) / "dataset")).data.table
+    table = arrow_table(datasets.load_from_disk(str(processed_dir(name) / "dataset")))
     frame = {"id": table.column("prompt_id").to_pylist()}
     out = {k: list_matrix(table, k, float) for k in ("outcome", "count", "mask")}
     order = np.argsort(frame["id"])
