@@ -141,7 +141,8 @@ def _mean_cost(p: np.ndarray, rel: np.ndarray, lam: float) -> float:
 def calibrate(bundle: str | Path, prompts: Path, out: Path, report: Path | None = None, log: bool = True) -> dict:
     """Refit `bundle`'s thresholds and λs on the unlabeled `prompts`; write the new bundle to `out` and
     calibration.md / calibration.json to `report` (default OUT.calibration beside it). Returns the report."""
-    from .export import CONFORMANCE, check_bundle_dir, seal_bundle, with_conformance
+    from .conformance import CONFORMANCE, seal_bundle, with_conformance
+    from .export import check_bundle_dir
     from .metrics import calibrate_lambdas, calibrate_thresholds, realised_fractions
     from .registry import resolve_bundle
     from .runtime import Router

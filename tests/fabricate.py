@@ -65,7 +65,8 @@ def bag_bundle(out: Path, prompts: list[str], target: np.ndarray, observed: np.n
     """Fit the bag-of-tokens router on (prompts, target, observed) and write a sealed bundle to `out`
     (with `reference`, the quantiles of its scores on those prompts in `decision.reference`)."""
     from pipeline.calibrate import score_reference
-    from pipeline.export import router_config, seal_bundle
+    from pipeline.conformance import seal_bundle
+    from pipeline.export import router_config
     from pipeline.metrics import calibrate_lambdas, calibrate_thresholds
     from pipeline.tokenization import make_spec
     from tokenizers import Tokenizer
