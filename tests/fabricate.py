@@ -124,12 +124,12 @@ def bag_bundle(out: Path, prompts: list[str], target: np.ndarray, observed: np.n
 
 def labeled_arrays(name: str):
     """(prompts, target, mask, split, models, costs, content hash) of a labeled dataset."""
-    from pipeline.common import processed_dir, read_json
+    from pipeline.common import arrow_table, processed_dir, read_json
     from pipeline.ingest import list_matrix
     from pipeline.label import load_labels
 
     ds, stats = load_labels(name)
-    table = ds.data.table if hasattr(ds.data, "table") else ds.data
+    table = arrow_table(ds)
     manifest = read_json(processed_dir(name) / "manifest.json")
     models = list(stats["models"])
     return (table.column("prompt").to_pylist(), list_matrix(table, "target", float), list_matrix(table, "mask", bool),
