@@ -27,6 +27,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from .runtime import Router
@@ -61,9 +62,10 @@ class RouterModel(PythonModel):
         bundle = (getattr(context, "artifacts", None) or {}).get("bundle", self.bundle)
         self.router = Router.load(bundle, verify=True)
 
-    def predict(self, context, model_input, params: dict | None = None):
-        import pandas as pd
-
+    # The DataFrame hint is what MLflow serves (it converts requests to the signature's columns); it
+    # infers no schema from it, so the signature below stays the one contract. Direct calls may pass a
+    # dict, a list or a string too (`prompts_of`).
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         router = self.router
         if router is None:
             raise RuntimeError("RouterModel.predict before load_context")

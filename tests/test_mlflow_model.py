@@ -158,3 +158,16 @@ def test_pull_yields_the_bundle_alone(store, tmp_path):
     assert info["version"] == "2"
     assert sorted(f.name for f in (tmp_path / "pulled").iterdir()) == sorted(f.name for f in store["pair"].iterdir())
     Router.load(tmp_path / "pulled", verify=True)
+
+
+def test_defining_the_pyfunc_class_raises_no_warning():
+    """MLflow checks a PythonModel's `predict` when the class is defined and warns where it has no input
+    type hint; `prerouter export` and every load of the model would print that warning."""
+    code = ("import warnings, mlflow.pyfunc\n"  # MLflow's own imports warn about MLflow's classes
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import pipeline.mlflow_model\n"
+            "assert not seen, [str(w.message) for w in seen]\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
