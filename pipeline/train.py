@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import shutil
 import subprocess
 import tempfile
@@ -34,6 +35,8 @@ from .tokenization import load_tokenizer
 CHECKPOINT = "checkpoint"
 UNREACHABLE_TOLERANCE = 0.05  # a calibrated strong share realised further off than this on validation is reported
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners per fit
+# Lightning builds torch's deprecated LeafSpec on every fit: a FutureWarning no user of prerouter can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 # ----------------------------------------------------------------------------- fitting
