@@ -16,6 +16,7 @@ The store is `pipeline.common.setup_mlflow`'s (MLFLOW_TRACKING_URI, else SQLite 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import tempfile
@@ -113,7 +114,7 @@ def version_of(name: str, bundle: Path) -> str:
     model = registered_name(name)
     seal = read_json(Path(bundle) / "router.json").get("bundle_sha256")
     versions = sorted(client.search_model_versions(f"name='{model}'"), key=lambda v: -int(v.version))
-    with tempfile.TemporaryDirectory(prefix="prerouter-registry-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="prerouter-registry-") as tmp, _no_progress_bar():
         for v in versions:
             try:
                 path = mlflow.artifacts.download_artifacts(artifact_uri=f"{v.source}/router.json",
@@ -124,6 +125,21 @@ def version_of(name: str, bundle: Path) -> str:
                 continue
     raise DataError(f"no version of {model} holds this bundle (bundle_sha256 {seal}); export registers it",
                     file=bundle)
+
+
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """MLflow's download progress bar off: a bar per small router.json is noise in `run`'s output."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # read by MLflow at each download
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def promote(name: str, version: str | int) -> dict:
