@@ -23,6 +23,7 @@ from .common import console
 BOOTSTRAP = 200
 MIN_WIN_RATE = 0.9
 MIN_PER_GROUP = 10  # train prompts per group value, on average
+NO_GROUP = "(none)"  # the no-smoothing candidate in the selection record; never a column candidate
 
 
 def group_candidates(columns: dict[str, list], train: np.ndarray) -> dict[str, list[str]]:
@@ -30,6 +31,8 @@ def group_candidates(columns: dict[str, list], train: np.ndarray) -> dict[str, l
     out = {}
     n_train = int(train.sum())
     for name, values in columns.items():
+        if name == NO_GROUP:
+            continue
         values = ["" if v is None else str(v) for v in values]
         distinct = len({v for v, t in zip(values, train) if t})
         if 2 <= distinct <= n_train / MIN_PER_GROUP:
@@ -119,7 +122,7 @@ def choose_group_by(prep, cfg, workdir: Path):
         fitted[name] = (net, prep.teacher_prob, prep.fit_target, val_quality(prep, prep.teacher_prob[val], val))
     record = {"rule": f"teacher head, validation {_measure(prep)}; a group replaces none when it wins in "
                       f">= {MIN_WIN_RATE:.0%} of {BOOTSTRAP} paired bootstrap resamples",
-              "candidates": {str(k): round(v[3], 4) for k, v in fitted.items()}, "win_rate": {}}
+              "candidates": {NO_GROUP if k is None else k: round(v[3], 4) for k, v in fitted.items()}, "win_rate": {}}
     chosen = None
     for name in prep.group_columns:
         if fitted[name][3] <= fitted[chosen][3]:
@@ -131,9 +134,13 @@ def choose_group_by(prep, cfg, workdir: Path):
     net, prep.teacher_prob, prep.fit_target, _ = fitted[chosen]
     record["group_by"] = chosen
     console.print(f"group smoothing chosen on validation: [bold]{chosen or 'none'}[/] "
-                  f"({', '.join(f'{k}: {v:.4f}' for k, v in record['candidates'].items())})")
+                  f"({', '.join(f'{_shown(k)}: {v:.4f}' for k, v in record['candidates'].items())})")
     resolved = cfg.model_copy(update={"train": replace_group(cfg.train, chosen)})
     return net, resolved, record
+
+
+def _shown(candidate: str) -> str:
+    return "no smoothing" if candidate == NO_GROUP else candidate
 
 
 def replace_group(train_cfg, column: str | None):

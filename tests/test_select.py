@@ -5,7 +5,7 @@ import numpy as np
 
 from pipeline.config import load_config
 from pipeline.data import Prepared
-from pipeline.select import choose_group_by, group_candidates, val_quality
+from pipeline.select import NO_GROUP, choose_group_by, group_candidates, val_quality
 
 
 def _prep(n=5000, seed=0) -> Prepared:
@@ -41,7 +41,7 @@ def test_an_informative_group_is_chosen_and_recorded(tmp_path):
     cfg = load_config(overrides=["teacher.epochs=20", "teacher.head_hidden=256", "teacher.dropout=0", "train.patience=20"])
     _, resolved, record = choose_group_by(prep, cfg, tmp_path)
     assert record["group_by"] == "topic" and resolved.train.group_by == "topic"
-    assert record["candidates"]["topic"] > record["candidates"]["None"]
+    assert record["candidates"]["topic"] > record["candidates"][NO_GROUP]
     assert record.get("win_rate", {}).get("noise", 0.0) < 0.9  # noise never wins the bootstrap
     val = prep.rows("val")
     assert val_quality(prep, prep.teacher_prob[val], val) == record["candidates"]["topic"] or \
