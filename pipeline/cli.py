@@ -125,7 +125,7 @@ def evaluate(
     name: str = typer.Argument(..., help="Dataset name (its trained model under models/NAME is evaluated)."),
     bundle: Optional[Path] = typer.Option(None, help="Evaluate this exported bundle instead of the checkpoint."),
 ):
-    """APGR / CPT of the router beside random, length, TF-IDF+LR and kNN baselines on the test split."""
+    """The router against simple baselines (TF-IDF, kNN, MF, cluster router, ...) on the test split."""
     from .evaluate import evaluate as run_evaluate
 
     run_evaluate(name, bundle=bundle)

@@ -37,6 +37,8 @@ UNREACHABLE_TOLERANCE = 0.05  # a calibrated strong share realised further off t
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners per fit
 # Lightning builds torch's deprecated LeafSpec on every fit: a FutureWarning no user of prerouter can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+# A small train split has fewer batches than the logging interval: steps are still logged every 10, across epochs.
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 
 
 # ----------------------------------------------------------------------------- fitting
