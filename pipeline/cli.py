@@ -351,10 +351,16 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        if isinstance(e, _usage_errors()):  # a missing argument, an unknown option: click's message, exit 2
             e.show()
             sys.exit(e.exit_code)
         raise
+
+
+def _usage_errors() -> tuple[type, ...]:
+    """Click's usage errors: recent Typer raises its own copy of click's (whose base is TyperException),
+    older Typer click's."""
+    import click
+
+    return (click.ClickException, *((typer.TyperException,) if hasattr(typer, "TyperException") else ()))

@@ -499,3 +499,13 @@ def test_setup_mlflow_follows_the_mlruns_dir_it_set_itself_but_keeps_a_team_serv
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team)
     setup_mlflow()
     assert mlflow.get_tracking_uri() == team
+
+
+@pytest.mark.parametrize("args, says", [
+    (("report", "some/bundle"), "Missing option '--data'"),
+    (("train",), "Missing argument"),
+    (("evaluate", "x", "--no-such-option"), "No such option"),
+])
+def test_usage_errors_are_clicks_message_and_exit_2_not_a_traceback(cli, args, says):
+    code, out = cli(*args)
+    assert code == 2 and says in out and "Traceback" not in out
