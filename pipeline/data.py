@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .common import DataError, arrow_table, console, processed_dir, prompt_id, read_json
+from .common import DataError, arrow_table, console, processed_dir, read_json
 from .config import Config
-from .encoders import teacher_embeddings, tokenizer_file
-from .tokenization import compact_templates, encode, learn_templates, load_tokenizer, make_spec
+from .encoders import teacher_embeddings, teacher_inputs, tokenizer_file
+from .tokenization import encode, load_tokenizer, make_spec
 
 
 # ----------------------------------------------------------------------------- prepared rows
@@ -60,18 +60,6 @@ def training_split(split, cfg: Config) -> np.ndarray:
     if cfg.train.limit_train_prompts:
         split[np.flatnonzero(split == "train")[cfg.train.limit_train_prompts:]] = "unused"
     return split
-
-
-def teacher_inputs(prompts: list[str], prompt_ids: list[str], split: np.ndarray,
-                   cfg: Config) -> tuple[dict | None, list[str], list[str]]:
-    """(templates learned on the train split or None, the texts the teacher embeds, their cache ids).
-
-    The teacher reads a prompt as the student will (templates shortened), cached under that text's id."""
-    templates = learn_templates([prompts[i] for i in np.flatnonzero(split == "train")]) if cfg.student.templates else None
-    if not (templates and (templates["prefixes"] or templates["suffixes"])):
-        templates = None
-    texts = [compact_templates(p, {"templates": templates}) for p in prompts]
-    return templates, texts, [pid if t == p else prompt_id(t) for pid, p, t in zip(prompt_ids, prompts, texts)]
 
 
 def prepare(name: str, cfg: Config) -> Prepared:

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import console, data_root
+from .common import console, data_root, prompt_id
+from .tokenization import compact_templates, learn_templates
 
 
 def teacher_path(path: str | None = None) -> str:
@@ -68,6 +69,7 @@ def load_teacher(path: str | None):
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # a bar for loading 90 MB of weights from disk is noise in a stage's output
     src = teacher_path(path)
     # Loading draws random initial weights; keep the caller's random stream, so a student is initialised
     # the same whether its token vectors were cached or computed just now.
@@ -176,6 +178,19 @@ def teacher_embeddings(prompts: list[str], prompt_ids: list[str], path: str | No
     if missing[0]:
         _encode(*missing, known, shard_dir, path, max_tokens, batch_size, device, shard_size)
     return np.stack([known[pid] for pid in prompt_ids]).astype(np.float32)
+
+
+def teacher_inputs(prompts: list[str], prompt_ids: list[str], split: np.ndarray,
+                   cfg) -> tuple[dict | None, list[str], list[str]]:
+    """(templates learned on the train split or None, the texts the teacher embeds, their cache ids).
+
+    The teacher reads a prompt as the student will (templates shortened, where `cfg.student.templates`),
+    cached under that text's id."""
+    templates = learn_templates([prompts[i] for i in np.flatnonzero(split == "train")]) if cfg.student.templates else None
+    if not (templates and (templates["prefixes"] or templates["suffixes"])):
+        templates = None
+    texts = [compact_templates(p, {"templates": templates}) for p in prompts]
+    return templates, texts, [pid if t == p else prompt_id(t) for pid, p, t in zip(prompt_ids, prompts, texts)]
 
 
 def _missing(prompts: list[str], prompt_ids: list[str], known: dict) -> tuple[list[str], list[str]]:

@@ -94,14 +94,17 @@ def _model_costs(router_json: Mapping) -> np.ndarray:
 
 
 def _embeddings(cols: _Columns, training_config: Mapping) -> tuple[np.ndarray, str]:
-    """Teacher embeddings of every prompt (the cache training filled), else TF-IDF + SVD features."""
+    """Teacher embeddings of every prompt, read as training and evaluate read it (shared templates
+    shortened, so the cache training filled has them), else TF-IDF + SVD features."""
     from .config import load_config
 
     try:
-        from .encoders import teacher_embeddings
+        from .encoders import teacher_embeddings, teacher_inputs
 
-        t = load_config(base={"teacher": dict(training_config.get("teacher", {}))}).teacher
-        return teacher_embeddings(cols.prompts, cols.ids, t.path, t.max_tokens, t.batch_size), "teacher embeddings"
+        cfg = load_config(base={k: dict(training_config.get(k, {})) for k in ("teacher", "student")})
+        _, texts, ids = teacher_inputs(cols.prompts, cols.ids, cols.split, cfg)
+        t = cfg.teacher
+        return teacher_embeddings(texts, ids, t.path, t.max_tokens, t.batch_size), "teacher embeddings"
     except ImportError:  # a serving-only install without torch
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer

@@ -225,3 +225,37 @@ def test_report_refuses_mismatched_models_and_foreign_folders(env, tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
     with pytest.raises(DataError, match="neither a data file nor a dataset"):
         report(bundle, "no-such-dataset", out=tmp_path / "r")
+
+
+def test_report_reads_templated_prompts_as_training_did(env, tmp_path, monkeypatch):
+    """The baselines' teacher features are those of the texts training embedded (shared templates
+    shortened), so the report finds every prompt in the teacher cache instead of embedding other texts."""
+    import pandas as pd
+
+    from pipeline.config import load_config
+    from pipeline.data import prepare
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+    from pipeline.report import report
+    from tests.tiny import count_teacher_inputs
+
+    shots = "Answer the question about the numbers below, as in these examples. " * 3
+    close = "\nReply with one word only, and nothing else at all, please.\nAnswer:"
+    rng = np.random.default_rng(0)
+    prompts = [shots + f"Is {i} larger than {i % 17}?" + close for i in range(150)]
+    prompts += [f"Write a short poem about the number {i}." for i in range(150)]
+    data = tmp_path / "templated.csv"
+    pd.DataFrame({"prompt": prompts, "small-7b": rng.random(300) < 0.4, "large-70b": rng.random(300) < 0.7}).to_csv(
+        data, index=False)
+    ingest(str(data), name="templated")
+    label("templated")
+    cfg = load_config(None, [f"teacher.path={env['teacher']}"])
+    prep = prepare("templated", cfg)  # what training embeds, into the teacher cache
+    assert prep.templates and prep.templates["prefixes"]  # the shared start is a learned template
+
+    decision = {"kind": "pair", "weak": "small-7b", "strong": "large-70b", "thresholds": {"0.5": 0.5},
+                "default_strong_fraction": 0.5}
+    bundle = _demo_bundle(tmp_path / "t" / "bundle", ["small-7b", "large-70b"], [None, None], decision, env["teacher"])
+    encoded = count_teacher_inputs(monkeypatch)
+    text = report(bundle, "templated", out=tmp_path / "r").read_text()
+    assert "teacher embeddings" in text and sum(encoded) == 0
