@@ -2,10 +2,13 @@
 
 `train.group_by: auto` (the default): every categorical metadata column (2 or more values, at least
 10 train prompts per value on average) is a candidate for group smoothing (`data.group_smoothed`).
-The teacher head, seconds on cached embeddings, is fitted once without smoothing and once per
-candidate; a candidate replaces "none" only when it routes the validation prompts better in at least
-90% of paired bootstrap resamples, so a noise-level gain never changes the defaults. The choice and
-every candidate's validation quality go into the training run and into router.json (`selection`).
+The teacher head, seconds on cached embeddings, is fitted without smoothing and with each
+candidate's, in 5-fold cross-validation over the train and validation prompts: one validation split
+(10% of the prompts) is too small to see a gain of this size, and out-of-fold predictions judge on
+all of them. A candidate replaces "none" only when it routes better in at least 90% of paired
+bootstrap resamples of those prompts, so a noise-level gain never changes the defaults. The chosen
+smoothing is then fitted on the real split. The choice and every candidate's cross-validated
+quality go into the training run and into router.json (`selection`).
 
 Validation quality (`val_quality`) is the routing measure of the data: APGR for a weak/strong pair of
 two models, the mean outcome of each prompt's argmax model for more, and for pairwise data the share
@@ -13,6 +16,7 @@ of validation battles whose winner sigmoid(logit_a - logit_b) predicts.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +27,7 @@ from .common import console
 BOOTSTRAP = 200
 MIN_WIN_RATE = 0.9
 MIN_PER_GROUP = 10  # train prompts per group value, on average
+FOLDS = 5  # cross-validation folds over train + validation for the group choice
 NO_GROUP = "(none)"  # the no-smoothing candidate in the selection record; never a column candidate
 
 
@@ -104,39 +109,70 @@ def bootstrap_win_rate(prep, p: np.ndarray, base: np.ndarray, rows: np.ndarray, 
 
 
 def choose_group_by(prep, cfg, workdir: Path):
-    """Fit the teacher head without and with each candidate's smoothing; keep the winner.
+    """Judge no smoothing and each candidate column by the teacher head's out-of-fold quality over the
+    train and validation prompts (FOLDS folds); fit the winner on the real split.
 
     Returns (teacher net, config with `train.group_by` resolved, selection record). Leaves the chosen
     targets in `prep.fit_target` and the chosen teacher's probabilities in `prep.teacher_prob`."""
     from .data import group_smoothed
     from .train import fit_teacher
 
-    val = prep.rows("val")
-    train_rows = prep.split == "train"
-    raw = prep.target
-    fitted = {}
-    for name, groups in [(None, None), *prep.group_columns.items()]:
-        prep.fit_target = raw if groups is None else group_smoothed(raw, prep.mask, groups, train_rows,
-                                                                   cfg.train.group_smoothing)
-        net = fit_teacher(prep, cfg, workdir / f"select-{name or 'none'}")
-        fitted[name] = (net, prep.teacher_prob, prep.fit_target, val_quality(prep, prep.teacher_prob[val], val))
-    record = {"rule": f"teacher head, validation {_measure(prep)}; a group replaces none when it wins in "
-                      f">= {MIN_WIN_RATE:.0%} of {BOOTSTRAP} paired bootstrap resamples",
-              "candidates": {NO_GROUP if k is None else k: round(v[3], 4) for k, v in fitted.items()}, "win_rate": {}}
+    candidates = [(None, None), *prep.group_columns.items()]
+    if len(candidates) == 1:  # no categorical column: nothing to choose
+        prep.fit_target = prep.target
+        record = {"rule": "no categorical metadata column to smooth by", "candidates": {}, "group_by": None}
+        resolved = cfg.model_copy(update={"train": replace_group(cfg.train, None)})
+        return fit_teacher(prep, cfg, workdir), resolved, record
+    with tempfile.TemporaryDirectory(prefix="prerouter-select-") as scratch:  # the folds' heads are not kept
+        pool, oof = _out_of_fold(prep, cfg, Path(scratch), candidates)
+    quality = {name: val_quality(prep, p, pool) for name, p in oof.items()}
+    record = {"rule": f"teacher head, {_measure(prep)} of its out-of-fold predictions ({FOLDS} folds over the "
+                      f"train and validation prompts); a group replaces none when it wins in >= {MIN_WIN_RATE:.0%} "
+                      f"of {BOOTSTRAP} paired bootstrap resamples",
+              "candidates": {NO_GROUP if k is None else k: round(v, 4) for k, v in quality.items()}, "win_rate": {}}
     chosen = None
     for name in prep.group_columns:
-        if fitted[name][3] <= fitted[chosen][3]:
+        if quality[name] <= quality[chosen]:
             continue
-        rate = bootstrap_win_rate(prep, fitted[name][1][val], fitted[None][1][val], val)
+        rate = bootstrap_win_rate(prep, oof[name], oof[None], pool)
         record["win_rate"][name] = rate
         if rate >= MIN_WIN_RATE:
             chosen = name
-    net, prep.teacher_prob, prep.fit_target, _ = fitted[chosen]
+    groups = dict(candidates)[chosen]
+    prep.fit_target = prep.target if groups is None else group_smoothed(
+        prep.target, prep.mask, groups, prep.split == "train", cfg.train.group_smoothing)
+    net = fit_teacher(prep, cfg, workdir)
     record["group_by"] = chosen
-    console.print(f"group smoothing chosen on validation: [bold]{chosen or 'none'}[/] "
+    console.print(f"group smoothing chosen by {FOLDS}-fold cross-validation: [bold]{chosen or 'none'}[/] "
                   f"({', '.join(f'{_shown(k)}: {v:.4f}' for k, v in record['candidates'].items())})")
     resolved = cfg.model_copy(update={"train": replace_group(cfg.train, chosen)})
     return net, resolved, record
+
+
+def _out_of_fold(prep, cfg, workdir: Path, candidates) -> tuple[np.ndarray, dict]:
+    """(the train and validation rows, each candidate's teacher probabilities for them), every row
+    predicted by a head that did not train on it. Smoothing uses each fold's own train rows only."""
+    from .data import group_smoothed
+    from .train import fit_teacher
+
+    real = prep.split
+    pool = np.flatnonzero((real == "train") | (real == "val"))
+    fold = np.random.default_rng(cfg.train.seed).permutation(len(pool)) % FOLDS
+    oof = {name: np.zeros((len(pool), len(prep.models)), np.float32) for name, _ in candidates}
+    try:
+        for f in range(FOLDS):
+            split = real.copy()
+            split[pool] = "train"
+            split[pool[fold == f]] = "val"  # early stopping and prediction on the held-out fold
+            prep.split = split
+            for name, groups in candidates:
+                prep.fit_target = prep.target if groups is None else group_smoothed(
+                    prep.target, prep.mask, groups, split == "train", cfg.train.group_smoothing)
+                fit_teacher(prep, cfg, workdir / f"{name or 'none'}-fold{f}")
+                oof[name][fold == f] = prep.teacher_prob[pool[fold == f]]
+    finally:
+        prep.split = real
+    return pool, oof
 
 
 def _shown(candidate: str) -> str:
