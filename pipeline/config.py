@@ -163,7 +163,7 @@ class TrainConfig(_Section):
     # Per-prompt outcomes are single noisy draws; with a metadata column that groups prompts (MMLU's
     # `subject`), training targets move this share of the way to their group's train-split rate.
     # Only training reads the column: serving still sees the prompt alone.
-    group_by: Optional[str] = "auto"  # "auto": chosen on validation among metadata columns (pipeline/select.py)
+    group_by: Optional[str] = "auto"  # "auto": chosen by cross-validation among metadata columns (pipeline/select.py)
     group_smoothing: float = Field(0.6, ge=0.0, le=1.0)
     # k-means rates of the nearest train prompts blended into the student's outputs, inside the graph;
     # true: tried on validation and kept only where it routes better (pipeline/prior.py)

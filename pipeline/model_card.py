@@ -59,13 +59,16 @@ def _label_method(cfg: Mapping) -> str:
 
 
 def _chosen_line(selection: Mapping) -> str:
-    """What the pipeline chose on validation (`router.json` `selection`), in one bullet."""
+    """What the pipeline chose on held-out train data (`router.json` `selection`), in one bullet."""
     prior = (selection.get("cluster_prior") or {}).get("chosen")
-    return ("- chosen on validation: "
-            + (f"group smoothing by `{selection['group_by']}`" if selection.get("group_by") else "no group smoothing")
-            + "; cluster prior " + (f"k = {prior['k']}, τ = {prior['temperature']}, β = {prior['beta']} (nearest "
-                                    "train clusters' model rates blended into the outputs, inside the graph)"
-                                    if prior else "none") + " (`selection` in router.json)")
+    if selection.get("group_by"):
+        group = f"group smoothing by `{selection['group_by']}` (cross-validated)"
+    else:
+        group = "no group smoothing" + (" (cross-validated)" if selection.get("candidates") else "")
+    return ("- chosen by the pipeline: " + group + "; cluster prior (on validation) "
+            + (f"k = {prior['k']}, τ = {prior['temperature']}, β = {prior['beta']} (nearest train clusters' "
+               "model rates blended into the outputs, inside the graph)" if prior else "none")
+            + " (`selection` in router.json)")
 
 
 def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> Path:

@@ -85,11 +85,13 @@ def test_model_card_is_a_pure_function_of_router_json(tmp_path):
     assert report.write_model_card is write_model_card  # where the exporter imports it from
     multi = write_model_card(tmp_path / "b", sample_router_json("multi")).read_text()
     assert "argmax_j" in multi and "| 0.25 | 0.8 |" in multi and "Pair routing" not in multi
-    assert "no group smoothing; cluster prior none" in text  # what validation chose, from `selection`
-    chosen = sample_router_json() | {"selection": {"group_by": "topic", "cluster_prior": {
-        "chosen": {"k": 20, "temperature": 0.05, "beta": 0.5}}}}
-    assert "group smoothing by `topic`; cluster prior k = 20, τ = 0.05, β = 0.5" in \
-        write_model_card(tmp_path / "b", chosen).read_text()
+    assert "no group smoothing; cluster prior (on validation) none" in text  # what the pipeline chose, from `selection`
+    chosen = sample_router_json() | {"selection": {"group_by": "topic", "candidates": {"(none)": 0.6, "topic": 0.7},
+                                                   "cluster_prior": {"chosen": {"k": 20, "temperature": 0.05, "beta": 0.5}}}}
+    assert ("group smoothing by `topic` (cross-validated); cluster prior (on validation) k = 20, τ = 0.05, β = 0.5"
+            in write_model_card(tmp_path / "b", chosen).read_text())
+    kept_none = chosen | {"selection": chosen["selection"] | {"group_by": None}}
+    assert "no group smoothing (cross-validated)" in write_model_card(tmp_path / "b", kept_none).read_text()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Settings chosen on validation: group smoothing by a metadata column, only when it clearly helps."""
+"""Settings chosen on held-out data: group smoothing by a metadata column (cross-validated), only when it clearly helps."""
 from __future__ import annotations
 
 import numpy as np

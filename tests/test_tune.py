@@ -280,7 +280,7 @@ def test_quality_study_prunes_logs_and_retrains_the_best_trial(world, env, tmp_p
     tuned = load_config(Path(env["PREROUTER_MODELS_DIR"]) / "demo" / "tuned.yaml")
     assert tuned == result.config
     meta = load_trained("demo").meta
-    # the checkpoint records the resolved config: group_by "auto" becomes the column chosen on validation
+    # the checkpoint records the resolved config: group_by "auto" becomes the column the pipeline chose
     chosen = meta["selection"]["group_by"] if result.config.train.group_by == "auto" else result.config.train.group_by
     assert meta["config"] == result.config.to_dict() | {"train": result.config.to_dict()["train"] | {"group_by": chosen}}
     assert meta["metrics"]["val"]["apgr"] == pytest.approx(best.value, abs=1e-9)
