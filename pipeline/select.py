@@ -114,7 +114,6 @@ def choose_group_by(prep, cfg, workdir: Path):
 
     Returns (teacher net, config with `train.group_by` resolved, selection record). Leaves the chosen
     targets in `prep.fit_target` and the chosen teacher's probabilities in `prep.teacher_prob`."""
-    from .data import group_smoothed
     from .train import fit_teacher
 
     candidates = [(None, None), *prep.group_columns.items()]
@@ -138,9 +137,7 @@ def choose_group_by(prep, cfg, workdir: Path):
         record["win_rate"][name] = rate
         if rate >= MIN_WIN_RATE:
             chosen = name
-    groups = dict(candidates)[chosen]
-    prep.fit_target = prep.target if groups is None else group_smoothed(
-        prep.target, prep.mask, groups, prep.split == "train", cfg.train.group_smoothing)
+    prep.fit_target = _fit_target(prep, dict(candidates)[chosen], prep.split == "train", cfg)
     net = fit_teacher(prep, cfg, workdir)
     record["group_by"] = chosen
     console.print(f"group smoothing chosen by {FOLDS}-fold cross-validation: [bold]{chosen or 'none'}[/] "
@@ -152,7 +149,6 @@ def choose_group_by(prep, cfg, workdir: Path):
 def _out_of_fold(prep, cfg, workdir: Path, candidates) -> tuple[np.ndarray, dict]:
     """(the train and validation rows, each candidate's teacher probabilities for them), every row
     predicted by a head that did not train on it. Smoothing uses each fold's own train rows only."""
-    from .data import group_smoothed
     from .train import fit_teacher
 
     real = prep.split
@@ -166,13 +162,20 @@ def _out_of_fold(prep, cfg, workdir: Path, candidates) -> tuple[np.ndarray, dict
             split[pool[fold == f]] = "val"  # early stopping and prediction on the held-out fold
             prep.split = split
             for name, groups in candidates:
-                prep.fit_target = prep.target if groups is None else group_smoothed(
-                    prep.target, prep.mask, groups, split == "train", cfg.train.group_smoothing)
+                prep.fit_target = _fit_target(prep, groups, split == "train", cfg)
                 fit_teacher(prep, cfg, workdir / f"{name or 'none'}-fold{f}")
                 oof[name][fold == f] = prep.teacher_prob[pool[fold == f]]
     finally:
         prep.split = real
     return pool, oof
+
+
+def _fit_target(prep, groups: list[str] | None, train: np.ndarray, cfg) -> np.ndarray:
+    """What the nets fit: the raw targets, or with `groups`, the `train` rows smoothed toward their group's rate."""
+    from .data import group_smoothed
+
+    return prep.target if groups is None else group_smoothed(prep.target, prep.mask, groups, train,
+                                                             cfg.train.group_smoothing)
 
 
 def _shown(candidate: str) -> str:
