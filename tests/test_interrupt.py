@@ -76,6 +76,13 @@ WRITER = textwrap.dedent("""
 """).format(n=N_FILES)
 
 
+def write_version(final: Path, version: str) -> None:
+    """One whole version through atomic_dir: N_FILES files, each `version` repeated 1000 times."""
+    with atomic_dir(final) as tmp:
+        for i in range(N_FILES):
+            (tmp / f"part{i:02d}").write_text(version * 1000)
+
+
 def written_version(final: Path) -> str | None:
     """The version a complete directory holds; None when absent; fails when it is partial or mixed.
     Resolves the name once, as a reader of several files of one version must."""
@@ -96,9 +103,7 @@ def test_atomic_dir_on_an_exception_keeps_the_old_version_and_no_temporary(tmp_p
             (tmp / "part00").write_text("half")
             raise RuntimeError("crash while writing")
     assert not final.exists() and hidden(tmp_path) == []
-    with atomic_dir(final) as tmp:
-        for i in range(N_FILES):
-            (tmp / f"part{i:02d}").write_text("a" * 1000)
+    write_version(final, "a")
     with pytest.raises(KeyboardInterrupt):
         with atomic_dir(final) as tmp:
             (tmp / "part00").write_text("b" * 1000)
@@ -202,9 +207,7 @@ def test_atomic_dir_takes_over_a_plain_folder_and_keeps_two_versions(tmp_path):
     for i in range(N_FILES):
         (final / f"part{i:02d}").write_text("a" * 1000)
     for version in "bcd":
-        with atomic_dir(final) as tmp:
-            for i in range(N_FILES):
-                (tmp / f"part{i:02d}").write_text(version * 1000)
+        write_version(final, version)
         kept = versions(final)
         assert final.is_symlink() and len(kept) == 2 and kept[-1] == final.resolve()
         if version == "b":
@@ -218,29 +221,21 @@ def test_atomic_dir_takes_over_a_plain_folder_and_keeps_two_versions(tmp_path):
 def test_a_reader_that_resolved_the_name_reads_one_whole_version_across_a_swap(tmp_path):
     final = tmp_path / "artifact"
     for version in "ab":
-        with atomic_dir(final) as tmp:
-            for i in range(N_FILES):
-                (tmp / f"part{i:02d}").write_text(version * 1000)
+        write_version(final, version)
     pinned = final.resolve()
-    with atomic_dir(final) as tmp:
-        for i in range(N_FILES):
-            (tmp / f"part{i:02d}").write_text("c" * 1000)
+    write_version(final, "c")
     assert written_version(pinned) == "b" and written_version(final) == "c"
 
 
 def test_a_version_a_killed_writer_never_swapped_in_does_not_push_out_the_one_readers_resolved(tmp_path):
     final = tmp_path / "artifact"
     for version in "ab":
-        with atomic_dir(final) as tmp:
-            for i in range(N_FILES):
-                (tmp / f"part{i:02d}").write_text(version * 1000)
+        write_version(final, version)
     pinned = final.resolve()
     orphan = tmp_path / f".artifact.v-{time.time_ns()}-999999"  # finished, killed before its swap
     orphan.mkdir()
     (orphan / "part00").write_text("x" * 1000)
-    with atomic_dir(final) as tmp:
-        for i in range(N_FILES):
-            (tmp / f"part{i:02d}").write_text("d" * 1000)
+    write_version(final, "d")
     assert written_version(pinned) == "b" and written_version(final) == "d"
     assert versions(final) == [pinned, final.resolve()] and hidden(tmp_path) == []
 
