@@ -157,9 +157,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         _remove(link)
         os.symlink(version.name, link, target_is_directory=True)
         os.replace(link, final)  # the swap: one rename, `final` never missing
-        for old in versions(final):  # e.g. a version a killed writer finished but never swapped in
-            if old not in (version, previous):
-                _remove(old)
+        # The new version and the one readers may have resolved; not e.g. a version a killed writer
+        # finished but never swapped in, which `kept_versions` would take for the newest other.
+        _prune_versions(final, keep=[version, previous])
 
 
 def versions(final: Path) -> list[Path]:
@@ -212,8 +212,9 @@ def _recover(final: Path) -> None:
     _prune_versions(final)
 
 
-def _prune_versions(final: Path) -> None:
-    kept = kept_versions(final)
+def _prune_versions(final: Path, keep: list[Path | None] | None = None) -> None:
+    """Remove the versions of `final` other than `keep` (default: `kept_versions`)."""
+    kept = kept_versions(final) if keep is None else keep
     for version in versions(final):
         if version not in kept:
             _remove(version)
