@@ -155,9 +155,9 @@ def save(bundle: str | Path, folder: str | Path) -> Path:
         sys.path.insert(0, stage)  # save_model runs the loader once, which imports the shipped package
         try:
             with warnings.catch_warnings():
-                # MLflow advises type hints and an input example: the signature above already states the
-                # types, and an example would make it run the model on the staging folder while saving.
-                warnings.filterwarnings("ignore", message=".*(type hints|input example).*", category=UserWarning)
+                # MLflow advises an input example: the signature above already states the types, and an
+                # example would make it run the model on the staging folder while saving.
+                warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
                 mlflow.pyfunc.save_model(
                     path=str(folder), python_model=str(loader), code_paths=[str(package)], signature=signature(config),
                     pip_requirements=requirements(),
