@@ -119,7 +119,7 @@ def _battles(dataset_dir: Path, prompt_ids: list[str]) -> list[np.ndarray] | Non
         return None
     from datasets import load_from_disk
 
-    table = load_from_disk(str(path)).data
+    table = arrow_table(load_from_disk(str(path)))
     row_of = {pid: j for j, pid in enumerate(prompt_ids)}
     rows = np.array([row_of.get(pid, -1) for pid in table.column("prompt_id").to_pylist()])
     abs_ = np.stack([table.column(c).to_numpy().astype(np.float32) for c in ("model_a", "model_b", "score_a")], 1)
