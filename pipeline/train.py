@@ -293,8 +293,8 @@ def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, fo
         torch.save(teacher.state_dict(), tmp / "teacher_head.pt")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(tmp / "meta.json", meta)
-        for sub in ("teacher", "student"):  # Lightning's own best checkpoints, kept for resuming/inspection
-            shutil.rmtree(tmp / sub / "lightning_logs", ignore_errors=True)
+        for sub in ("teacher", "student"):  # Lightning's best checkpoints: the same weights as the .pt files
+            shutil.rmtree(tmp / sub, ignore_errors=True)
         mlflow.log_artifacts(str(tmp), artifact_path="checkpoint")
         _print_metrics(metrics)
     return final

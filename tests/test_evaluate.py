@@ -120,6 +120,11 @@ def test_evaluate_on_the_three_model_demo_writes_and_logs_the_multi_section(tmp_
     assert logged["eval_multi_cluster_quality"] == pytest.approx(multi["quality"]["cluster"])
     assert logged["eval_multi_router_aiq"] == pytest.approx(multi["cost_quality"]["router (student)"]["aiq"])
     assert "eval_cluster_apgr" in logged
+    # the weights once: student.pt / teacher_head.pt, not Lightning's own copies beside them
+    kept = ["config.yaml", "meta.json", "student.pt", "teacher_head.pt"]
+    assert sorted(p.name for p in (model_dir("demo") / "checkpoint").iterdir()) == kept
+    logged_files = mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoint")
+    assert sorted(a.path for a in logged_files) == [f"checkpoint/{k}" for k in kept]
 
 
 def _tiny_pipeline(tmp_path, monkeypatch, data_file, name):
