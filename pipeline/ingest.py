@@ -9,7 +9,9 @@ Layouts, detected from the columns (`layout=` overrides):
 
 - pairwise: `prompt, model_a, model_b` and either `winner` (model_a | model_b | tie | tie (bothbad))
   or the Chatbot-Arena-55k 0/1 columns `winner_model_a, winner_model_b, winner_tie` (there the
-  prompt is a JSON list of turns, joined with blank lines). Optional per-side `cost_a`, `cost_b`.
+  prompt is a JSON list of turns, joined with blank lines). Without a `prompt` column, the user turns
+  of `conversation_a` are the prompt (MT-Bench human judgments, Arena conversations; chat messages
+  as in `ingest_columns`, answers left out). Optional per-side `cost_a`, `cost_b`.
   A model's outcome on a prompt is its mean battle score (win 1, tie 0.5, loss 0).
 - long: `prompt, model, score`, optional `cost`; an input `prompt_id` is kept as `source_prompt_id`.
 - wide: `prompt` plus one outcome column per model. `<model>|total_cost` columns (RouterBench) are

@@ -17,7 +17,8 @@ import pyarrow.compute as pc
 
 from .common import ConfigError, DataError, console, prompt_id
 from .ingest_columns import as_text, category_codes
-from .ingest_layouts import Drops, Observations, detect_layout, is_arena, read_observations, require_columns
+from .ingest_layouts import (CONVERSATION, Drops, Observations, detect_layout, is_arena, read_observations,
+                             require_columns)
 
 SPLITS = ("train", "val", "test")
 # Output columns of ingest and label that an input column may not shadow (it is kept as source_<name>).
@@ -50,10 +51,13 @@ def build_dataset(table: pa.Table, layout: Optional[str], models: Optional[list[
     n = table.num_rows
     if n == 0:
         raise DataError("the file has no rows", file=where)
-    require_columns(table, ["prompt"], layout, where)
+    conversation = layout == "pairwise" and "prompt" not in table.column_names and CONVERSATION in table.column_names
+    if not conversation:
+        require_columns(table, ["prompt"], layout, where)
     drops = Drops(n)
     arena = layout == "pairwise" and is_arena(table)
-    prompt_col, non_text = as_text(table.column("prompt"), turns_json=arena)
+    prompt_col, non_text = as_text(table.column(CONVERSATION if conversation else "prompt"),
+                                   turns_json=arena or conversation)
     drops.add(non_text, "non-text prompt")
     # Prompts are numbered once (C++ hash table), so emptiness and hashing are per unique prompt.
     uniq = pc.unique(prompt_col)

@@ -19,7 +19,10 @@ from .ingest_columns import as_float, category_codes
 LAYOUTS = ("pairwise", "wide", "long")
 WINNERS = {"model_a": (1.0, False), "model_b": (0.0, False), "tie": (0.5, False), "tie (bothbad)": (0.5, True)}
 ARENA_FLAGS = ("winner_model_a", "winner_model_b", "winner_tie")
-IGNORED_PAIRWISE = ("response_a", "response_b")  # per-side answers are not prompt metadata
+# Per-side answers are not prompt metadata. Without a `prompt` column, the user turns of `conversation_a`
+# are the prompt (MT-Bench human judgments, Chatbot Arena conversations).
+IGNORED_PAIRWISE = ("response_a", "response_b", "conversation_a", "conversation_b")
+CONVERSATION = "conversation_a"
 WIDE_SUFFIXES = ("|total_cost", "|model_response")  # the only '|' columns of the wide layout (RouterBench)
 # A model with at least OUTLIER_MIN_REST outcomes in [0, 1] and at most OUTLIER_SHARE of them outside is a 0-1
 # model with bad cells (an error); otherwise the values are a scale of their own, which label normalises.
@@ -91,7 +94,8 @@ def read_observations(table: pa.Table, layout: str, drops: Drops, where, models:
 
 def _pairwise(table: pa.Table, drops: Drops, where) -> Observations:
     arena = is_arena(table)
-    require_columns(table, ["prompt", "model_a", "model_b"] + ([] if arena else ["winner"]), "pairwise", where)
+    # (the prompt, or the conversation that stands for it, is checked by ingest_canonical.build_dataset)
+    require_columns(table, ["model_a", "model_b"] + ([] if arena else ["winner"]), "pairwise", where)
     a, names_a = category_codes(table.column("model_a"))
     b, names_b = category_codes(table.column("model_b"))
     models = sorted(set(names_a) | set(names_b))

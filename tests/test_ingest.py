@@ -140,6 +140,52 @@ def test_arena_55k_variant(data_dir, tmp_path):
     assert load(out, "battles").score_a.tolist() == [1.0, 0.0, 0.5, 0.5]
 
 
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_pairwise_conversations_stand_for_the_prompt_without_their_answers(data_dir, tmp_path, suffix):
+    # MT-Bench human judgments / Chatbot Arena conversations: no prompt column; each side's conversation
+    # holds the user's turns and that side's answers. The router may see only what the user sent.
+    def conversation(question, answer, follow_up=None):
+        turns = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return turns + ([{"role": "user", "content": follow_up}, {"role": "assistant", "content": answer}]
+                        if follow_up else [])
+
+    judgments = pd.DataFrame({
+        "question_id": [81, 81, 82],
+        "model_a": ["gpt-4", "gpt-4", "vicuna"], "model_b": ["vicuna", "vicuna", "claude"],
+        "winner": ["model_a", "tie", "model_b"], "turn": [1, 2, 1],
+        "conversation_a": [conversation("Write a haiku", "GPT-4 SAYS"),
+                           conversation("Write a haiku", "GPT-4 SAYS", "Now in French"),
+                           conversation("Sum 2+2", "VICUNA SAYS")],
+        "conversation_b": [conversation("Write a haiku", "VICUNA SAYS"),
+                           conversation("Write a haiku", "VICUNA SAYS", "Now in French"),
+                           conversation("Sum 2+2", "CLAUDE SAYS")],
+    })
+    out = ingest(str(write(judgments, tmp_path / f"judgments{suffix}")))
+    m = read_json(out / "manifest.json")
+    assert m["layout"] == "pairwise" and m["models"] == ["claude", "gpt-4", "vicuna"]
+    ds = load(out)
+    assert ds.prompt.tolist() == ["Write a haiku", "Write a haiku\n\nNow in French", "Sum 2+2"]
+    assert m["metadata_columns"] == ["question_id", "turn"]  # the conversations are not metadata
+    np.testing.assert_allclose(ds.outcome[2], [1, 0, 0])  # claude beat vicuna on the second question
+
+
+@pytest.mark.parametrize("turns, text", [
+    ([{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}],
+     "Be brief.\n\nHi"),  # ShareGPT
+    ([{"role": "user", "content": [{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": "u"}]}],
+     "Describe"),  # OpenAI content parts: the text ones
+    ([{"role": "user", "content": "Hi"}, {"role": "user", "content": 3}], None),  # not text: dropped
+    (["Hi", {"role": "user"}], None),
+])
+def test_chat_message_turns(turns, text):
+    import pyarrow as pa
+
+    from pipeline.ingest_columns import as_text
+
+    col, non_text = as_text(pa.chunked_array([pa.array([json.dumps(turns)])]), turns_json=True)
+    assert col.to_pylist() == [text] and non_text.tolist() == [text is None]
+
+
 def test_routerbench_cost_and_response_columns(data_dir, tmp_path):
     rb = pd.DataFrame({
         "sample_id": ["mmlu.1", "mmlu.2", "gsm.3"],
