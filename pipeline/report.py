@@ -250,6 +250,8 @@ def _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, str
         lambdas = lambda_grid(p, costs, n=60)
         curve = {float(lam): choose(p, costs, lam) for lam in lambdas}
         router_choices, knob = choices, "λ"
+    if not cols.mask[test][:, use].all(1).any():
+        return None, None  # e.g. arena battles: two models observed per prompt, never all of them
     res = simulate(cols.target[test][:, use], cols.mask[test][:, use], [sim_costs[j] for j in use], profile,
                    models=[models[j] for j in use], router_choices=router_choices, router_curve=curve, knob=knob,
                    decision_ms=decision_ms)
@@ -394,27 +396,35 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
             cost_note = " Models with unknown cost and no profile entry get the middle default profile."
         res, econ_md = _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, strong, decision_ms,
                                   profile, tmp, f"{label}: router vs cascade vs ensemble (simulated)")
-        numbers["economics"] = {"n": res["n"], "ladder": res["ladder"], "judge": res["judge"],
-                                "profile": res["profile"],
-                                "rows": [{k: v for k, v in r.items()} for r in economics_rows(res)]}
-        md += [f"Per prompt: the router's decision ({decision_ms:.3f} ms, {latency_note}) plus one generation; a "
-               f"cascade over {' → '.join(f'`{m}`' for m in res['ladder'])} that asks an LLM judge (accuracy "
-               f"{res['judge']['accuracy']:.2f}, {res['judge']['latency_ms']:g} ms, ${res['judge']['cost']:g} per call) "
-               "whether to escalate; an ensemble that asks every model of that ladder in parallel and lets the "
-               "judge pick. Output lengths are drawn per prompt (same draws for every strategy); time to first "
-               "token, speed and price come from the model profile (table below). Matched rows are the router's "
-               f"operating points ({res['knob']}) whose quality or cost matches the cascade's or ensemble's. "
-               f"{res['n']} test prompts with every simulated model observed.{cost_note}", "",
-               econ_md, "", "![economics](economics.png)", "", "Model profile:", "",
-               "| model | time to first token (s) | tokens / s | typical output tokens | USD / 1k output tokens |",
-               "|---|---:|---:|---:|---:|"]
-        # The models the strategies use: the ladder and the router's default picks.
-        shown = set(res["ladder"]) | {models[c] for c in np.unique(choices)}
-        md += [f"| {m} | {v['ttft_s']:.2f} | {v['tokens_per_s']:.0f} | {v['output_tokens']:.0f} | {v['price_per_1k']:.4g} |"
-               for m, v in res["profile"].items() if m in shown]
-        if len(res["profile"]) > len(shown):
-            md += ["", f"{len(res['profile']) - len(shown)} other models (on the router's λ sweep only) are in "
-                   "`report.json`."]
+        if res is None:
+            why = (f"no test prompt has an outcome for all {len(models) if kind != 'pair' else 2} models the "
+                   "strategies would call (a cascade or an ensemble needs each model's answer to the same prompt)")
+            numbers["economics"] = {"skipped": why}
+            md += [f"Skipped: {why}.", ""]
+            console.print(f"[yellow]report: router vs cascade vs ensemble skipped: {why}[/]")
+        else:
+            numbers["economics"] = {"n": res["n"], "ladder": res["ladder"], "judge": res["judge"],
+                                    "profile": res["profile"],
+                                    "rows": [{k: v for k, v in r.items()} for r in economics_rows(res)]}
+            md += [f"Per prompt: the router's decision ({decision_ms:.3f} ms, {latency_note}) plus one generation; a "
+                   f"cascade over {' → '.join(f'`{m}`' for m in res['ladder'])} that asks an LLM judge (accuracy "
+                   f"{res['judge']['accuracy']:.2f}, {res['judge']['latency_ms']:g} ms, "
+                   f"${res['judge']['cost']:g} per call) "
+                   "whether to escalate; an ensemble that asks every model of that ladder in parallel and lets the "
+                   "judge pick. Output lengths are drawn per prompt (same draws for every strategy); time to first "
+                   "token, speed and price come from the model profile (table below). Matched rows are the router's "
+                   f"operating points ({res['knob']}) whose quality or cost matches the cascade's or ensemble's. "
+                   f"{res['n']} test prompts with every simulated model observed.{cost_note}", "",
+                   econ_md, "", "![economics](economics.png)", "", "Model profile:", "",
+                   "| model | time to first token (s) | tokens / s | typical output tokens | USD / 1k output tokens |",
+                   "|---|---:|---:|---:|---:|"]
+            # The models the strategies use: the ladder and the router's default picks.
+            shown = set(res["ladder"]) | {models[c] for c in np.unique(choices)}
+            md += [f"| {m} | {v['ttft_s']:.2f} | {v['tokens_per_s']:.0f} | {v['output_tokens']:.0f} "
+                   f"| {v['price_per_1k']:.4g} |" for m, v in res["profile"].items() if m in shown]
+            if len(res["profile"]) > len(shown):
+                md += ["", f"{len(res['profile']) - len(shown)} other models (on the router's λ sweep only) are in "
+                       "`report.json`."]
         (tmp / "report.md").write_text("\n".join(md) + "\n")
         write_json(tmp / "report.json", numbers)
     _log_mlflow(out, name, bundle, numbers)

@@ -130,7 +130,8 @@ def env(tmp_path_factory, demo_files):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         ingest(str(demo_files["wide"]), name="demo")
         label("demo")
-        yield {"root": root, "teacher": make_tiny_teacher(root / "teacher"), "wide": demo_files["wide"]}
+        yield {"root": root, "teacher": make_tiny_teacher(root / "teacher"), "wide": demo_files["wide"],
+               "pairwise": demo_files["pairwise"]}
 
 
 def _test_split(name, models):
@@ -261,3 +262,25 @@ def test_report_reads_templated_prompts_as_training_did(env, tmp_path, monkeypat
     encoded = count_teacher_inputs(monkeypatch)
     text = report(bundle, "templated", out=tmp_path / "r").read_text()
     assert "teacher embeddings" in text and sum(encoded) == 0
+
+
+def test_report_on_arena_battles_skips_the_simulation_and_says_why(env, tmp_path):
+    """Arena-style battles observe two models per prompt: a cascade or an ensemble over all three cannot be
+    simulated on any prompt, so that section says so and the rest of the report is written."""
+    import json
+
+    import pandas as pd
+
+    from pipeline.report import report
+
+    battles = pd.read_parquet(env["pairwise"]).drop_duplicates("prompt")  # one battle per prompt
+    data = tmp_path / "arena.csv"
+    battles.to_csv(data, index=False)
+    decision = {"kind": "multi", "weak": "small-7b", "strong": "large-70b", "thresholds": {"0.5": 0.5},
+                "default_strong_fraction": 0.5, "cost_lambdas": {"0.5": 0.2}}
+    bundle = _demo_bundle(tmp_path / "a" / "bundle", DEMO_MODELS, [0.2, 0.8, 2.5], decision, env["teacher"])
+    md = report(bundle, str(data), out=tmp_path / "r")
+    text = md.read_text()
+    assert "## 3 models: cost vs quality" in text
+    assert "Skipped: no test prompt has an outcome for all 3 models" in text and "economics.png" not in text
+    assert "skipped" in json.loads((md.parent / "report.json").read_text())["economics"]
