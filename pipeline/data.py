@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .common import DataError, arrow_table, console, processed_dir, read_json
+from .common import ConfigError, DataError, arrow_table, console, processed_dir, read_json
 from .config import Config
 from .encoders import teacher_embeddings, teacher_inputs, tokenizer_file
 from .tokenization import encode, load_tokenizer, make_spec
@@ -80,10 +80,14 @@ def prepare(name: str, cfg: Config) -> Prepared:
     prompt_ids = table.column("prompt_id").to_pylist()
     split = training_split(table.column("split").to_pylist(), cfg)
     groups, group_columns = None, {}
+    pairwise = (src / "battles").is_dir()  # fitted on the battles: smoothing outcome targets changes nothing
+    if pairwise and cfg.train.group_by not in ("auto", None):
+        raise ConfigError(f"train.group_by={cfg.train.group_by!r}: group smoothing applies to outcome targets, and "
+                          f"{name!r} is pairwise data, fitted on its battles; leave train.group_by at auto or null")
     if cfg.train.group_by == "auto":  # candidates for select.choose_group_by
         from .select import group_candidates
 
-        known = [c for c in manifest.get("metadata_columns", []) if c in table.column_names]
+        known = [c for c in manifest.get("metadata_columns", []) if c in table.column_names and not pairwise]
         group_columns = group_candidates({c: table.column(c).to_pylist() for c in known}, split == "train")
     elif cfg.train.group_by:  # checked before the (slow) teacher embeddings
         if cfg.train.group_by not in table.column_names:

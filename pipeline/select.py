@@ -1,7 +1,8 @@
 """Settings that depend on the data, chosen by the pipeline on the validation split.
 
 `train.group_by: auto` (the default): every categorical metadata column (2 or more values, at least
-10 train prompts per value on average) is a candidate for group smoothing (`data.group_smoothed`).
+10 train prompts per value on average) is a candidate for group smoothing (`data.group_smoothed`);
+pairwise data has none, since its nets fit the battles, not the smoothed targets.
 The teacher head, seconds on cached embeddings, is fitted without smoothing and with each
 candidate's, in 5-fold cross-validation over the train and validation prompts: one validation split
 (10% of the prompts) is too small to see a gain of this size, and out-of-fold predictions judge on
@@ -117,9 +118,11 @@ def choose_group_by(prep, cfg, workdir: Path):
     from .train import fit_teacher
 
     candidates = [(None, None), *prep.group_columns.items()]
-    if len(candidates) == 1:  # no categorical column: nothing to choose
+    if prep.battles is not None or len(candidates) == 1:  # nothing to choose
         prep.fit_target = prep.target
-        record = {"rule": "no categorical metadata column to smooth by", "candidates": {}, "group_by": None}
+        why = ("pairwise data: the nets fit the battles, which smoothing outcome targets does not change"
+               if prep.battles is not None else "no categorical metadata column to smooth by")
+        record = {"rule": why, "candidates": {}, "group_by": None}
         resolved = cfg.model_copy(update={"train": replace_group(cfg.train, None)})
         return fit_teacher(prep, cfg, workdir), resolved, record
     with tempfile.TemporaryDirectory(prefix="prerouter-select-") as scratch:  # the folds' heads are not kept

@@ -138,6 +138,27 @@ def test_prepare_smooths_by_a_metadata_column_and_names_the_columns_when_it_is_m
         prepare("demo", load_config(overrides=base + ["train.group_by=subject"]))
 
 
+def test_pairwise_data_has_no_group_smoothing_to_choose(tiny_teacher, data_dir, cache, demo_files, tmp_path):
+    # Its nets fit the battles, which smoothed outcome targets never reach: no candidates, no folds, and a
+    # forced column is a config error instead of a setting that silently does nothing.
+    from pipeline.common import ConfigError
+    from pipeline.data import prepare
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+    from pipeline.select import choose_group_by
+
+    ingest(str(demo_files["pairwise"]), name="battles")
+    label("battles")
+    base = [f"teacher.path={tiny_teacher}", "teacher.epochs=2"]
+    prep = prepare("battles", load_config(overrides=base))
+    assert prep.battles is not None and prep.group_columns == {}
+    _, resolved, record = choose_group_by(prep, load_config(overrides=base), tmp_path / "work")
+    assert record["rule"].startswith("pairwise data") and record["group_by"] is None
+    assert resolved.train.group_by is None and [p.name for p in (tmp_path / "work").iterdir()] == ["teacher"]
+    with pytest.raises(ConfigError, match=r"train.group_by='family'.*pairwise data"):
+        prepare("battles", load_config(overrides=base + ["train.group_by=family"]))
+
+
 def test_contrast_loss_is_lowest_at_the_true_differences():
     import torch
 
