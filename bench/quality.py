@@ -197,7 +197,8 @@ def _win_lines(results: list[dict]) -> list[str]:
     if not rows:
         return []
     lines = ["", "## Pairwise: per-battle win prediction on test prompts (ties excluded)", "",
-             "Baselines' win probabilities come from their per-model win rates, read like the student's. Goal: best "
+             "Baselines' win probabilities come from their per-model win rates, read like the student's; the global "
+             "Bradley–Terry ranking is fitted on the train battles. Goal: best "
              f"of global Bradley–Terry, TF-IDF + ridge, kNN, cluster + {MARGIN}, on the mean over seeds.", "",
              "| dataset | student | config | battles | student | over seeds: mean [min, max] (n) | teacher | "
              "global Bradley–Terry | TF-IDF + ridge | kNN | cluster | student right / wrong where BT is not | "

@@ -43,12 +43,13 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
     per-prompt Bradley-Terry models) s is the logit itself, exactly as `Router.win_probability` serves
     it; for the others (per-model win rates against whoever each model met) s are per-prompt strengths
     fitted given who each model met in the train battles (`opponent_adjusted_strengths`), against the global
-    Bradley-Terry ranking (the same winner for every prompt). `vs_bradley_terry` counts the battles a
-    router gets right and Bradley-Terry wrong, and the reverse: the difference is what beats the ranking."""
+    Bradley-Terry ranking of the train battles (the same winner for every prompt; like every baseline, it
+    never sees a test battle). `vs_bradley_terry` counts the battles a router gets right and Bradley-Terry
+    wrong, and the reverse: the difference is what beats the ranking."""
+    from .label import bradley_terry
     from .metrics import opponent_adjusted_strengths, win_accuracy
 
-    strengths = prep.stats.get("strengths")
-    if prep.battles is None or not strengths:
+    if prep.battles is None:
         return None
     # The battles `prepare` read with the labels, flattened; each keeps its prompt's row.
     battle_row = np.repeat(np.arange(len(prep.battles)), [len(x) for x in prep.battles])
@@ -63,8 +64,8 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
     position[rows] = np.arange(len(rows))
     at = position[battle_row]
     keep = at >= 0
+    strength = bradley_terry(a[train], b[train], score_a[train], m)
     a, b, score_a, at = a[keep], b[keep], score_a[keep], at[keep]
-    strength = np.array([strengths[name] for name in prep.models])
     bt = sigmoid(strength[a] - strength[b])
     out = {"n_battles": int(keep.sum()), "bradley_terry": win_accuracy(bt, score_a), "vs_bradley_terry": {}}
     decided = score_a != 0.5

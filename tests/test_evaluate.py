@@ -13,22 +13,24 @@ def test_win_prediction_puts_win_rates_against_different_opponents_on_one_scale(
     from pipeline.evaluate import battle_accuracy
 
     n = 10
-    split = np.array(["train"] * 6 + ["test"] * 4)
+    split = np.array(["train"] * 4 + ["test"] * 6)
     ids = [f"p{i}" for i in range(n)]
-    # per prompt (model a, model b, a's score): model 1 beats the reference, model 2 loses to it
-    battles = [np.array([[1, 0, 1.0], [2, 0, 0.0]], np.float32) for _ in ids]
+    # per prompt (model a, model b, a's score): model 2 loses to the reference everywhere; model 1 loses to
+    # it on the train prompts and beats it on the test prompts
+    battles = [np.array([[1, 0, float(s == "test")], [2, 0, 0.0]], np.float32) for s in split]
     prep = Prepared(name="star", models=["ref", "one", "two"], costs=[None] * 3, pair=None, prompts=[""] * n,
                     prompt_ids=ids, target=np.zeros((n, 3), np.float32), mask=np.ones((n, 3), bool),
-                    split=split, teacher_emb=np.zeros((n, 4), np.float32), data_hash="x",
-                    stats={"strengths": {"ref": 1.0, "one": 0.5, "two": 0.0}},  # BT is wrong about "one"
+                    split=split, teacher_emb=np.zeros((n, 4), np.float32), data_hash="x", stats={},
                     battles=battles)
     test = prep.rows("test")
     probs = {"router": np.tile([0.7, 0.6, 0.1], (len(test), 1))}
     out = battle_accuracy(prep, test, probs)
-    assert out["n_battles"] == 8  # test prompts only
+    assert out["n_battles"] == 12  # test prompts only
+    # Bradley-Terry of the train battles only: wrong about "one" (fitted on every battle it would rank
+    # "one" first, 6 wins to 4, and score 1.0)
     assert out["bradley_terry"] == pytest.approx(0.5)
     assert out["router"] == pytest.approx(1.0)  # comparing 0.7 with 0.6 directly would score 0.5
-    assert out["vs_bradley_terry"]["router"] == [4, 0]
+    assert out["vs_bradley_terry"]["router"] == [6, 0]
 
 
 def _three_models(n=400, seed=0):
