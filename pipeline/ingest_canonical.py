@@ -53,7 +53,8 @@ def build_dataset(table: pa.Table, layout: Optional[str], models: Optional[list[
         raise DataError("the file has no rows", file=where)
     conversation = layout == "pairwise" and "prompt" not in table.column_names and CONVERSATION in table.column_names
     if not conversation:
-        require_columns(table, ["prompt"], layout, where)
+        require_columns(table, ["prompt"], layout, where,
+                        or_else=f" (or {CONVERSATION}, whose user turns stand for it)" if layout == "pairwise" else "")
     drops = Drops(n)
     arena = layout == "pairwise" and is_arena(table)
     prompt_col, non_text = as_text(table.column(CONVERSATION if conversation else "prompt"),

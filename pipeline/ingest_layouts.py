@@ -61,10 +61,11 @@ class Drops:
         return self.code < 0
 
 
-def require_columns(table: pa.Table, columns, layout: str, path) -> None:
+def require_columns(table: pa.Table, columns, layout: str, path, or_else: str = "") -> None:
+    """A DataError naming the first of `columns` the table lacks (`or_else`: what may stand in for it)."""
     missing = [c for c in columns if c not in table.column_names]
     if missing:
-        raise DataError(f"missing required column {missing[0]!r} for the {layout} layout "
+        raise DataError(f"missing required column {missing[0]!r}{or_else} for the {layout} layout "
                         f"(columns: {', '.join(table.column_names)})", file=path)
 
 

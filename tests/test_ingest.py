@@ -167,6 +167,8 @@ def test_pairwise_conversations_stand_for_the_prompt_without_their_answers(data_
     assert ds.prompt.tolist() == ["Write a haiku", "Write a haiku\n\nNow in French", "Sum 2+2"]
     assert m["metadata_columns"] == ["question_id", "turn"]  # the conversations are not metadata
     np.testing.assert_allclose(ds.outcome[2], [1, 0, 0])  # claude beat vicuna on the second question
+    with pytest.raises(DataError, match=r"missing required column 'prompt' \(or conversation_a, whose user turns"):
+        ingest(str(write(judgments.drop(columns="conversation_a"), tmp_path / f"neither{suffix}")))
 
 
 @pytest.mark.parametrize("turns, text", [
