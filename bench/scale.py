@@ -342,9 +342,8 @@ class Memory:
 def _teacher_texts(name: str, cfg) -> tuple[list[str], list[str], dict | None]:
     """The texts and ids `pipeline.data.prepare` hands to `teacher_embeddings` (`encoders.teacher_inputs`)."""
     from pipeline.common import arrow_table
-    from pipeline.data import training_split
     from pipeline.encoders import teacher_inputs
-    from pipeline.label import load_labels
+    from pipeline.label import load_labels, training_split
 
     ds, _ = load_labels(name)
     table = arrow_table(ds)

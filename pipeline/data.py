@@ -54,18 +54,10 @@ class Prepared:
         return np.flatnonzero(self.split == split)
 
 
-def training_split(split, cfg: Config) -> np.ndarray:
-    """Each prompt's split, with train prompts beyond `train.limit_train_prompts` marked "unused"."""
-    split = np.asarray(split)
-    if cfg.train.limit_train_prompts:
-        split[np.flatnonzero(split == "train")[cfg.train.limit_train_prompts:]] = "unused"
-    return split
-
-
 def prepare(name: str, cfg: Config) -> Prepared:
     """Load the labels and the (cached) teacher embeddings; with `train.group_by`, the smoothed fit targets."""
     from .ingest import list_matrix
-    from .label import load_labels
+    from .label import load_labels, training_split
 
     src = processed_dir(name).resolve()  # one version of the dataset, whatever an ingest does meanwhile
     ds, stats = load_labels(name, src)

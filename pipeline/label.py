@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from .common import (ConfigError, DataError, arrow_table, atomic_dir, console, labels_dir, processed_dir, prompt_hash,
                      read_json, sha256_json, write_json)
-from .config import LabelConfig
+from .config import Config, LabelConfig
 from .ingest import list_column, list_matrix
 
 LABEL_VERSION = 2  # bump when labels for the same dataset and options change
@@ -68,6 +68,15 @@ SPLIT_RULES = {"hash": "prompt hash", "column": "column {split_column!r}", "test
 def split_by(manifest: dict) -> str:
     """How the dataset is split, in words (`hash` for datasets ingested before user splits existed)."""
     return SPLIT_RULES[manifest.get("split_rule") or "hash"].format(**manifest)
+
+
+def training_split(split, cfg: Config) -> np.ndarray:
+    """Each prompt's split as training reads it: train prompts beyond `train.limit_train_prompts` are
+    "unused" (training, evaluate and report all fit on the same train prompts)."""
+    split = np.array(split)
+    if cfg.train.limit_train_prompts:
+        split[np.flatnonzero(split == "train")[cfg.train.limit_train_prompts:]] = "unused"
+    return split
 
 
 def require_test_split(name: str) -> dict:

@@ -93,15 +93,12 @@ def _model_costs(router_json: Mapping) -> np.ndarray:
     return model_costs(router_json["models"])
 
 
-def _embeddings(cols: _Columns, training_config: Mapping) -> tuple[np.ndarray, str]:
+def _embeddings(cols: _Columns, cfg) -> tuple[np.ndarray, str]:
     """Teacher embeddings of every prompt, read as training and evaluate read it (shared templates
     shortened, so the cache training filled has them), else TF-IDF + SVD features."""
-    from .config import load_config
-
     try:
         from .encoders import teacher_embeddings, teacher_inputs
 
-        cfg = load_config(base={k: dict(training_config.get(k, {})) for k in ("teacher", "student")})
         _, texts, ids = teacher_inputs(cols.prompts, cols.ids, cols.split, cfg)
         t = cfg.teacher
         return teacher_embeddings(texts, ids, t.path, t.max_tokens, t.batch_size), "teacher embeddings"
@@ -287,6 +284,8 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
     `out` defaults to BUNDLE/../report. `profile`: the model profile of the economics simulation.
     """
     from .common import ConfigError, atomic_dir, console, write_json
+    from .config import load_config
+    from .label import training_split
     from .metrics import choose, realised_fractions
     from .runtime import Router
     from .simulate import economics_rows
@@ -300,6 +299,9 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
     training_config = rj.get("training_config") or {}
     name, ds, stats = _load_data(str(data), training_config)
     cols = _Columns(ds, stats, router.models)
+    # The train prompts the router was trained on: its baselines and learned templates use the same ones.
+    cfg = load_config(base={k: dict(training_config.get(k, {})) for k in ("teacher", "student", "train")})
+    cols.split = training_split(cols.split, cfg)
     test, train = np.flatnonzero(cols.split == "test"), np.flatnonzero(cols.split == "train")
     if len(test) == 0:
         raise DataError(f"dataset {name!r} has no test prompts")
@@ -321,7 +323,7 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
         lam = router.default_cost_weight()
         choices = choose(p, costs, lam)
         default_note = f"λ = {lam:.4g}"
-    emb, emb_note = _embeddings(cols, training_config) if len(train) else (None, "")
+    emb, emb_note = _embeddings(cols, cfg) if len(train) else (None, "")
     decision_ms, latency_note = _decision_ms(router, rj, [cols.prompts[r] for r in test])
     label = f"{name} test split"
     numbers: dict = {"dataset": name, "bundle": str(bundle), "n_test": int(len(test)), "n_train": int(len(train)),

@@ -101,7 +101,7 @@ def test_model_card_is_a_pure_function_of_router_json(tmp_path):
 DEMO_MODELS = ["small-7b", "medium-34b", "large-70b"]
 
 
-def _demo_bundle(out, models, costs, decision, teacher):
+def _demo_bundle(out, models, costs, decision, teacher, train=None):
     from pipeline.export import quantize, write_bundle
     from tests.test_runtime import make_meta, mean_pool_graph
 
@@ -111,7 +111,8 @@ def _demo_bundle(out, models, costs, decision, teacher):
     quantize(stage / "model.onnx", stage / "model.int8.onnx")
     meta = make_meta(len(models), decision)
     meta["models"] = [{"name": n, "cost": c, "index": i} for i, (n, c) in enumerate(zip(models, costs))]
-    meta["config"] = {"teacher": {"path": str(teacher)}, "student": {"family": "static", "dim": 8}}
+    meta["config"] = {"teacher": {"path": str(teacher)}, "student": {"family": "static", "dim": 8}} | (
+        {"train": train} if train else {})
     return write_bundle(out, stage / "model.onnx", stage / "model.int8.onnx", meta)
 
 
@@ -284,3 +285,21 @@ def test_report_on_arena_battles_skips_the_simulation_and_says_why(env, tmp_path
     assert "## 3 models: cost vs quality" in text
     assert "Skipped: no test prompt has an outcome for all 3 models" in text and "economics.png" not in text
     assert "skipped" in json.loads((md.parent / "report.json").read_text())["economics"]
+
+
+def test_report_fits_its_baselines_on_the_train_prompts_the_router_had(env, tmp_path):
+    """Trained with `train.limit_train_prompts`, the router saw only the first N train prompts: the report's
+    baselines (and the templates it learns) use the same ones, as evaluate does."""
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.data import prepare
+    from pipeline.report import report
+
+    decision = {"kind": "pair", "weak": "small-7b", "strong": "large-70b", "thresholds": {"0.5": 0.5},
+                "default_strong_fraction": 0.5}
+    bundle = _demo_bundle(tmp_path / "l" / "bundle", ["small-7b", "large-70b"], [None, None], decision, env["teacher"],
+                          train={"limit_train_prompts": 50})
+    numbers = json.loads((report(bundle, "demo", out=tmp_path / "r").parent / "report.json").read_text())
+    prep = prepare("demo", load_config(overrides=[f"teacher.path={env['teacher']}", "train.limit_train_prompts=50"]))
+    assert numbers["n_train"] == len(prep.rows("train")) == 50
