@@ -72,14 +72,14 @@ def prepare(name: str, cfg: Config) -> Prepared:
     prompt_ids = table.column("prompt_id").to_pylist()
     split = training_split(table.column("split").to_pylist(), cfg)
     groups, group_columns = None, {}
-    pairwise = (src / "battles").is_dir()  # fitted on the battles: smoothing outcome targets changes nothing
-    if pairwise and cfg.train.group_by not in ("auto", None):
+    battles = _battles(src, prompt_ids)  # pairwise data: fitted on these, which smoothed targets never reach
+    if battles is not None and cfg.train.group_by not in ("auto", None):
         raise ConfigError(f"train.group_by={cfg.train.group_by!r}: group smoothing applies to outcome targets, and "
                           f"{name!r} is pairwise data, fitted on its battles; leave train.group_by at auto or null")
-    if cfg.train.group_by == "auto":  # candidates for select.choose_group_by
+    if cfg.train.group_by == "auto":  # candidates for select.choose_group_by (none for pairwise data)
         from .select import group_candidates
 
-        known = [c for c in manifest.get("metadata_columns", []) if c in table.column_names and not pairwise]
+        known = [c for c in manifest.get("metadata_columns", []) if c in table.column_names] if battles is None else []
         group_columns = group_candidates({c: table.column(c).to_pylist() for c in known}, split == "train")
     elif cfg.train.group_by:  # checked before the (slow) teacher embeddings
         if cfg.train.group_by not in table.column_names:
@@ -100,7 +100,7 @@ def prepare(name: str, cfg: Config) -> Prepared:
         split=split, teacher_emb=teacher_embeddings(texts, text_ids, cfg.teacher.path, cfg.teacher.max_tokens,
                                                     cfg.teacher.batch_size, cfg.teacher.device, job=cfg.train),
         data_hash=stats.get("content_hash", manifest.get("content_hash", "")), stats=stats,
-        templates=templates, battles=_battles(src, prompt_ids), group_columns=group_columns,
+        templates=templates, battles=battles, group_columns=group_columns,
     )
     if groups is not None:
         prep.fit_target = group_smoothed(prep.target, prep.mask, groups, split == "train",
