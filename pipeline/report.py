@@ -226,8 +226,9 @@ def _decision_ms(router, router_json: Mapping, prompts: Sequence[str]) -> tuple[
 
 def _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, strong, decision_ms, profile, figdir,
                title):
-    """Simulate router, cascade and ensemble; `sim_costs` (None = unknown) only rank models missing from
-    the profile, while `costs` are the ones the routing decision uses."""
+    """Simulate router, cascade and ensemble: (result, its Markdown table), or (None, why) when no test
+    prompt has every model observed. `sim_costs` (None = unknown) only rank models missing from the
+    profile, while `costs` are the ones the routing decision uses."""
     from .metrics import choose
     from .multi import lambda_grid
     from .simulate import economics_table, plot_economics, simulate
@@ -247,8 +248,9 @@ def _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, str
         lambdas = lambda_grid(p, costs, n=60)
         curve = {float(lam): choose(p, costs, lam) for lam in lambdas}
         router_choices, knob = choices, "λ"
-    if not cols.mask[test][:, use].all(1).any():
-        return None, None  # e.g. arena battles: two models observed per prompt, never all of them
+    if not cols.mask[test][:, use].all(1).any():  # e.g. arena battles: two models observed per prompt
+        return None, (f"no test prompt has an outcome for all {len(use)} models the strategies would call (a "
+                      "cascade or an ensemble needs each model's answer to the same prompt)")
     res = simulate(cols.target[test][:, use], cols.mask[test][:, use], [sim_costs[j] for j in use], profile,
                    models=[models[j] for j in use], router_choices=router_choices, router_curve=curve, knob=knob,
                    decision_ms=decision_ms)
@@ -399,8 +401,7 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
         res, econ_md = _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, strong, decision_ms,
                                   profile, tmp, f"{label}: router vs cascade vs ensemble (simulated)")
         if res is None:
-            why = (f"no test prompt has an outcome for all {len(models) if kind != 'pair' else 2} models the "
-                   "strategies would call (a cascade or an ensemble needs each model's answer to the same prompt)")
+            why = econ_md  # the reason, instead of the table
             numbers["economics"] = {"skipped": why}
             md += [f"Skipped: {why}.", ""]
             console.print(f"[yellow]report: router vs cascade vs ensemble skipped: {why}[/]")
