@@ -99,6 +99,9 @@ def test_model_card_is_a_pure_function_of_router_json(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 DEMO_MODELS = ["small-7b", "medium-34b", "large-70b"]
+# A pair bundle over the demo's cheapest and priciest models, calibrated at one strong share.
+PAIR_DECISION = {"kind": "pair", "weak": "small-7b", "strong": "large-70b", "thresholds": {"0.5": 0.5},
+                 "default_strong_fraction": 0.5}
 
 
 def _demo_bundle(out, models, costs, decision, teacher, train=None):
@@ -203,9 +206,7 @@ def test_report_on_a_three_model_bundle(env):
 def test_report_from_a_data_file_on_a_pair_bundle(env, tmp_path):
     from pipeline.report import report
 
-    decision = {"kind": "pair", "weak": "small-7b", "strong": "large-70b", "thresholds": {"0.5": 0.5},
-                "default_strong_fraction": 0.5}
-    bundle = _demo_bundle(tmp_path / "pair" / "bundle", ["small-7b", "large-70b"], [None, None], decision,
+    bundle = _demo_bundle(tmp_path / "pair" / "bundle", ["small-7b", "large-70b"], [None, None], PAIR_DECISION,
                           env["teacher"])
     md = report(bundle, str(env["wide"]), out=tmp_path / "r")  # ingested and labeled under its file stem
     text = md.read_text()
@@ -257,9 +258,8 @@ def test_report_reads_templated_prompts_as_training_did(env, tmp_path, monkeypat
     prep = prepare("templated", cfg)  # what training embeds, into the teacher cache
     assert prep.templates and prep.templates["prefixes"]  # the shared start is a learned template
 
-    decision = {"kind": "pair", "weak": "small-7b", "strong": "large-70b", "thresholds": {"0.5": 0.5},
-                "default_strong_fraction": 0.5}
-    bundle = _demo_bundle(tmp_path / "t" / "bundle", ["small-7b", "large-70b"], [None, None], decision, env["teacher"])
+    bundle = _demo_bundle(tmp_path / "t" / "bundle", ["small-7b", "large-70b"], [None, None], PAIR_DECISION,
+                          env["teacher"])
     encoded = count_teacher_inputs(monkeypatch)
     text = report(bundle, "templated", out=tmp_path / "r").read_text()
     assert "teacher embeddings" in text and sum(encoded) == 0
@@ -296,9 +296,8 @@ def test_report_fits_its_baselines_on_the_train_prompts_the_router_had(env, tmp_
     from pipeline.data import prepare
     from pipeline.report import report
 
-    decision = {"kind": "pair", "weak": "small-7b", "strong": "large-70b", "thresholds": {"0.5": 0.5},
-                "default_strong_fraction": 0.5}
-    bundle = _demo_bundle(tmp_path / "l" / "bundle", ["small-7b", "large-70b"], [None, None], decision, env["teacher"],
+    bundle = _demo_bundle(tmp_path / "l" / "bundle", ["small-7b", "large-70b"], [None, None], PAIR_DECISION,
+                          env["teacher"],
                           train={"limit_train_prompts": 50})
     numbers = json.loads((report(bundle, "demo", out=tmp_path / "r").parent / "report.json").read_text())
     prep = prepare("demo", load_config(overrides=[f"teacher.path={env['teacher']}", "train.limit_train_prompts=50"]))
