@@ -143,6 +143,8 @@ class StudentConfig(_Section):
     head_fraction: float = Field(0.75, gt=0.0, le=1.0)  # share of max_tokens kept from the start
     hidden: int = Field(256, ge=8)  # MLP head width
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # Students trained with different seeds whose logits are averaged inside one graph (encoders.Ensemble)
+    members: int = Field(3, ge=1, le=8)
 
     @model_validator(mode="after")
     def _heads_divide_dim(self):

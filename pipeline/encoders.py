@@ -10,6 +10,8 @@ Students (what ships; forward(input_ids, attention_mask) -> logits [batch, n_mod
   Latency is dominated by tokenization.
 - `TransformerRouter`: a narrow, shallow BERT (e.g. 2 layers, hidden 128-256) whose word embeddings
   start from a PCA of the teacher's, mean pooling and the same head.
+- `Ensemble`: `student.members` such students, trained with different seeds, their logits averaged
+  inside the one graph (the decision stays one ONNX call).
 """
 from __future__ import annotations
 
@@ -351,6 +353,28 @@ class TransformerRouter(nn.Module):
         return with_prior(self, self.features(input_ids, attention_mask))
 
 
+class Ensemble(nn.Module):
+    """Students of one family trained with different seeds; logits averaged (for pairwise data the logits
+    are Bradley-Terry strengths, so their mean is one too). Its features are the members' side by side,
+    which is what a cluster prior of the ensemble clusters."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.widths = [m.feature_dim for m in members]
+        self.feature_dim = sum(self.widths)
+        self.register_module("prior", None)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.features(input_ids, attention_mask) for m in self.members], dim=-1)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m.head(x) for m, x in zip(self.members, h.split(self.widths, dim=-1))]).mean(0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return with_prior(self, self.features(input_ids, attention_mask))
+
+
 def with_prior(student: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """The head's logits for pooled features `h`, through the student's cluster prior when it has one."""
     logits = student.head(h)
@@ -359,7 +383,12 @@ def with_prior(student: nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 def build_student(cfg, vocab_size: int, n_models: int, teacher: str | None = None,
                   pretrained_init: bool = True) -> nn.Module:
-    """The student named by `cfg` (a StudentConfig); `pretrained_init` distils token vectors from the teacher."""
+    """The student named by `cfg` (a StudentConfig): one network, or an `Ensemble` of `cfg.members`;
+    `pretrained_init` distils token vectors from the teacher."""
+    if cfg.members > 1:
+        one = cfg.model_copy(update={"members": 1})
+        return Ensemble([build_student(one, vocab_size, n_models, teacher, pretrained_init)
+                         for _ in range(cfg.members)])
     if cfg.family == "static":
         init = static_vectors(teacher, cfg.dim) if pretrained_init else None
         return StaticRouter(vocab_size, cfg.dim, cfg.hidden, n_models, cfg.dropout, init)

@@ -28,7 +28,7 @@ from .common import (DataError, atomic_dir, console, flatten, labels_dir, model_
                      write_json)
 from .config import Config, load_config
 from .data import Prepared, RouterData, collate, prepare, token_spec, tokenize
-from .encoders import EmbeddingRouter, build_student, with_prior, teacher_path, tokenizer_file
+from .encoders import EmbeddingRouter, Ensemble, build_student, with_prior, teacher_path, tokenizer_file
 from .module import RouterModule, pair_score
 from .tokenization import load_tokenizer
 
@@ -105,14 +105,42 @@ def fit_teacher(prep: Prepared, cfg: Config, workdir: Path) -> EmbeddingRouter:
 
 def fit_student(prep: Prepared, cfg: Config, workdir: Path, callbacks=(), logger=False,
                 monitor: str = "val_loss") -> tuple[nn.Module, ModelCheckpoint]:
-    """Distil the configured student from the teacher. Returns the best (lowest val loss) net."""
+    """Distil the configured student from the teacher: `student.members` nets, member k seeded with
+    train.seed + 1000·k, each its own Lightning run with early stopping. Returns the net (an `Ensemble`
+    of the members' best weights when there are several) and member 0's checkpoint callback.
+
+    `callbacks` (e.g. Optuna's pruning) watch member 0 only; the other members log to `logger`'s run
+    under the prefix memberK."""
+    members, first = [], None
+    one = cfg.model_copy(update={"student": cfg.student.model_copy(update={"members": 1})})
+    for k in range(cfg.student.members):
+        seeded = one.model_copy(update={"train": cfg.train.model_copy(update={"seed": cfg.train.seed + 1000 * k})})
+        net, ckpt = _fit_member(prep, seeded, workdir / ("student" if k == 0 else f"student{k}"),
+                                callbacks if k == 0 else (), _member_logger(logger, k), monitor)
+        members.append(net)
+        first = first or ckpt
+    return (members[0] if len(members) == 1 else Ensemble(members).eval()), first
+
+
+def _member_logger(logger, k: int):
+    """Member k's logger: `logger` itself for member 0, else the same MLflow run under prefix memberK."""
+    if not logger or k == 0:
+        return logger
+    import mlflow
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(run_id=logger.run_id, tracking_uri=mlflow.get_tracking_uri(), prefix=f"member{k}")
+
+
+def _fit_member(prep: Prepared, cfg: Config, workdir: Path, callbacks, logger,
+                monitor: str) -> tuple[nn.Module, ModelCheckpoint]:
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     net = build_student(cfg.student, vocab_size=load_tokenizer(tokenizer_file(cfg.teacher.path)).get_vocab_size(),
                         n_models=len(prep.models), teacher=cfg.teacher.path)
     t = cfg.train
     module = RouterModule(net, t.lr, t.weight_decay, t.distill_weight, t.repr_weight,
                           prep.teacher_emb.shape[1], prep.pair, contrast_weight=t.contrast_weight)
-    trainer, ckpt = make_trainer(cfg, workdir / "student", callbacks, logger, monitor)
+    trainer, ckpt = make_trainer(cfg, workdir, callbacks, logger, monitor)
     trainer.fit(module, datamodule=RouterData(prep, t.batch_size, tokenize(prep, cfg), t.num_workers))
     module.load_state_dict(_best_state(trainer, ckpt))
     return net.float().eval(), ckpt  # float32 whatever train.precision trained it in: export stays fp32/int8
@@ -267,7 +295,8 @@ def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, fo
             teacher = fit_teacher(prep, cfg, tmp)
         logger = MLFlowLogger(run_id=run.info.run_id, tracking_uri=mlflow.get_tracking_uri()) if zero else False
         if zero:
-            console.print(f"[bold]student[/] {cfg.student.family} dim={cfg.student.dim}")
+            members = f", {cfg.student.members} members (seeds {cfg.train.seed} + 1000·k)" if cfg.student.members > 1 else ""
+            console.print(f"[bold]student[/] {cfg.student.family} dim={cfg.student.dim}{members}")
         student, _ = fit_student(prep, cfg, tmp, logger=logger)
         if not zero:
             return final
@@ -293,8 +322,8 @@ def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, fo
         torch.save(teacher.state_dict(), tmp / "teacher_head.pt")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(tmp / "meta.json", meta)
-        for sub in ("teacher", "student"):  # Lightning's best checkpoints: the same weights as the .pt files
-            shutil.rmtree(tmp / sub, ignore_errors=True)
+        for sub in ("teacher", "student", *(f"student{k}" for k in range(1, cfg.student.members))):
+            shutil.rmtree(tmp / sub, ignore_errors=True)  # Lightning's best checkpoints: the .pt files' weights
         mlflow.log_artifacts(str(tmp), artifact_path="checkpoint")
         _print_metrics(metrics)
     return final

@@ -30,9 +30,9 @@ def prompts(n: int, seed: int = 0, longest: int = 60) -> list[str]:
     return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, longest)))) for _ in range(n)]
 
 
-def student(family: str) -> nn.Module:
+def student(family: str, members: int = 1) -> nn.Module:
     torch.manual_seed(0)
-    cfg = StudentConfig(family=family, dim=16, layers=1, heads=2, max_tokens=32, hidden=16)
+    cfg = StudentConfig(family=family, dim=16, layers=1, heads=2, max_tokens=32, hidden=16, members=members)
     return build_student(cfg, VOCAB, 2, pretrained_init=False).eval()
 
 
@@ -71,9 +71,9 @@ def calibrated_meta(net: nn.Module, held: list[str]) -> dict:
     return meta
 
 
-@pytest.mark.parametrize("family", ["static", "transformer"])
-def test_export_module_writes_a_faithful_bundle(tmp_path, family):
-    net, held = student(family), prompts(120)
+@pytest.mark.parametrize("family,members", [("static", 1), ("transformer", 1), ("static", 3)])
+def test_export_module_writes_a_faithful_bundle(tmp_path, family, members):
+    net, held = student(family, members), prompts(120)
     bundle = export_module(net, calibrated_meta(net, held), tmp_path / "bundle", held, config=FAST)
     config = json.loads((bundle / "router.json").read_text())
     parity = config["metrics"]["parity"]

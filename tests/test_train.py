@@ -7,7 +7,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.metrics import apgr
-from pipeline.encoders import StaticRouter, TransformerRouter, build_student
+from pipeline.encoders import Ensemble, StaticRouter, TransformerRouter, build_student
 from pipeline.data import Prepared, group_smoothed
 from pipeline.module import masked_bce, pair_score
 from pipeline.train import fit_student, fit_teacher, predict, split_metrics
@@ -58,13 +58,18 @@ def test_pair_score_orders_by_expected_gain():
     assert s.argmax() == 1 and s[2] == pytest.approx(0.5) and ((0 <= s) & (s <= 1)).all()
 
 
-@pytest.mark.parametrize("family", ["static", "transformer"])
-def test_students_map_tokens_to_one_logit_per_model(family, tiny_teacher, cache):
+@pytest.mark.parametrize("family,members", [("static", 1), ("transformer", 1), ("static", 3)])
+def test_students_map_tokens_to_one_logit_per_model(family, members, tiny_teacher, cache):
     cfg = load_config(overrides=[f"student.family={family}", "student.dim=32", "student.heads=2",
                                  "student.layers=1", "student.hidden=16", "student.max_tokens=16",
-                                 f"teacher.path={tiny_teacher}"])
+                                 f"student.members={members}", f"teacher.path={tiny_teacher}"])
     net = build_student(cfg.student, 30522, 3, str(tiny_teacher))
-    assert isinstance(net, StaticRouter if family == "static" else TransformerRouter)
+    one = StaticRouter if family == "static" else TransformerRouter
+    if members == 1:
+        assert isinstance(net, one)
+    else:
+        assert isinstance(net, Ensemble) and [type(m) for m in net.members] == [one] * members
+        assert net.feature_dim == 3 * 32
     ids = torch.tensor([[101, 2054, 2003, 102, 0], [101, 7592, 102, 0, 0]])
     mask = (ids > 0).long()
     out = net.eval()(ids, mask)
@@ -72,6 +77,28 @@ def test_students_map_tokens_to_one_logit_per_model(family, tiny_teacher, cache)
     # padding must not change the decision: same prompt, more padding, same logits
     padded = torch.nn.functional.pad(ids[:1], (0, 4))
     assert torch.allclose(net(padded, (padded > 0).long()), out[:1], atol=1e-5)
+
+
+def test_an_ensemble_serves_the_mean_of_its_members_logits_and_its_prior_sees_every_members_features():
+    from pipeline.prior import ClusterPrior
+
+    torch.manual_seed(0)
+    members = [StaticRouter(2000, 16, 8, 3).eval() for _ in range(3)]
+    net = Ensemble(members).eval()
+    ids = torch.randint(5, 2000, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    with torch.no_grad():
+        mean = torch.stack([m(ids, mask) for m in members]).mean(0)
+        assert torch.allclose(net(ids, mask), mean, atol=1e-6)
+        assert not torch.allclose(members[0](ids, mask), mean, atol=1e-3)  # the members differ
+        h = net.features(ids, mask)
+        assert h.shape == (4, 48) and torch.allclose(h[:, 16:32], members[1].features(ids, mask))
+        # a cluster prior on the ensemble blends on its concatenated features; beta 1 serves the table alone
+        table = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.5]], np.float32)
+        net.prior = ClusterPrior((h[:2] / h[:2].norm(dim=-1, keepdim=True)).numpy(), table, beta=1.0, temperature=0.01)
+        p = torch.sigmoid(net(ids, mask)).numpy()
+    assert np.allclose(p[:2], table, atol=1e-3)
 
 
 def test_teacher_then_student_learn_a_planted_signal(tiny_teacher, cache):
