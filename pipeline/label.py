@@ -14,6 +14,8 @@ Per prompt and model, `target` in [0, 1]:
 Per dataset: Bradley-Terry strengths for pairwise data (ties count half a win each way), tiers
 (models ranked by strength, or by mean target without battles, cut into `tiers` equal groups:
 weak, mid1..., strong), and the routing pair (`weak`/`strong`, or the lowest and highest ranked).
+The ranking reads the train split only (all prompts when it is empty): which models make the pair is
+part of what every router is scored on, and must not come from test outcomes.
 Per prompt: `difficulty` = 1 - mean target over observed models, and the Hybrid-LLM soft label
 P[q(weak) >= q(strong) - t], which with one (averaged) observation per model is the indicator
 target_weak >= target_strong - t. Splits follow the hash rule of docs/contracts.md, unless ingest
@@ -32,7 +34,7 @@ from .common import (ConfigError, DataError, arrow_table, atomic_dir, console, l
 from .config import Config, LabelConfig
 from .ingest import list_column, list_matrix
 
-LABEL_VERSION = 2  # bump when labels for the same dataset and options change
+LABEL_VERSION = 3  # bump when labels for the same dataset and options change
 JUDGE_SCALE = (1.0, 10.0)
 
 
@@ -213,16 +215,20 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     mask = list_matrix(table, "mask", bool)
     target, scale = _normalise(outcome, mask, manifest, cfg, where / "dataset")
 
+    split = _dataset_splits(table, cfg)
+    ranked = split == "train" if (split == "train").any() else np.ones(len(split), bool)
     observed = mask.sum(axis=0)
     mean_target = target.sum(axis=0) / np.maximum(observed, 1)
     strengths = reference = None
     per_model = {m: {"rate": float(mean_target[j]), "n": int(observed[j])} for j, m in enumerate(models)}
-    rank = mean_target
+    rank = (target * ranked[:, None]).sum(axis=0) / np.maximum((mask & ranked[:, None]).sum(axis=0), 1)
     if manifest["layout"] == "pairwise":
         bt = arrow_table(datasets.load_from_disk(str(src / "battles")))
         a, b = (bt.column(c).to_numpy().astype(np.int64) for c in ("model_a", "model_b"))
         score_a = bt.column("score_a").to_numpy().astype(np.float64)
-        log_p = bradley_terry(a, b, score_a, len(models))
+        row = {pid: i for i, pid in enumerate(table.column("prompt_id").to_pylist())}
+        in_ranked = ranked[[row[p] for p in bt.column("prompt_id").to_pylist()]]
+        log_p = bradley_terry(a[in_ranked], b[in_ranked], score_a[in_ranked], len(models))
         strengths = {m: float(log_p[j]) for j, m in enumerate(models)}
         # Pairwise rate: the share of its battles a model won, ties counting half.
         n = np.bincount(a, minlength=len(models)) + np.bincount(b, minlength=len(models))
@@ -250,7 +256,6 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
                    "n": int(both.sum()), "soft_label_mean": float(np.nanmean(soft))}
 
     ids = table.column("prompt_id").to_pylist()
-    split = _dataset_splits(table, cfg)
     columns = {"prompt_id": table.column("prompt_id"), "prompt": table.column("prompt"),
                "target": list_column(target, pa.float32()), "mask": table.column("mask"),
                "split": pa.array(split, pa.string()), "difficulty": pa.array(difficulty.astype(np.float32)),

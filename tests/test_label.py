@@ -229,6 +229,21 @@ def test_default_pair_and_pair_errors(data_dir, tmp_path):
         label(name, LabelConfig(weak="y", strong="y"))
 
 
+def test_the_pair_is_ranked_on_train_prompts_only(data_dir, tmp_path):
+    # x wins on the 10 train prompts, y on 40 test prompts: over all prompts y would rank higher.
+    train = [p for p in (f"p{i}" for i in range(400)) if split_of(p) == "train"][:10]
+    test = [p for p in (f"p{i}" for i in range(400)) if split_of(p) == "test"][:40]
+    rows = [(p, "x", 1) for p in train] + [(p, "y", 0) for p in train]
+    rows += [(p, "x", 0) for p in test] + [(p, "y", 1) for p in test]
+    assert label(long_dataset(tmp_path, rows))["pair"] == {"weak": "y", "strong": "x"}
+    battles = pd.DataFrame({"prompt": train + test, "model_a": "x", "model_b": "y",
+                            "winner": ["model_a"] * len(train) + ["model_b"] * len(test)})
+    battles.to_parquet(tmp_path / "votes.parquet")
+    ingest(str(tmp_path / "votes.parquet"))
+    stats = label("votes")
+    assert stats["pair"] == {"weak": "y", "strong": "x"} and stats["strengths"]["x"] > stats["strengths"]["y"]
+
+
 # --- artifact, skip, CLI ------------------------------------------------------------------------
 
 
