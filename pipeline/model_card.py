@@ -159,7 +159,9 @@ def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> P
     onnx = router.get("onnx", {})
     lines += ["", "## Student and files", "",
               f"- student: {student.get('family', '?')} encoder, width {student.get('dim', '?')}"
-              + (f", {student.get('layers')} layers" if student.get("family") == "transformer" else ""),
+              + (f", {student.get('layers')} layers" if student.get("family") == "transformer" else "")
+              + (f"; {student['members']} of them (seeds apart), logits averaged in the graph"
+                 if student.get("members", 1) > 1 else ""),
               f"- tokenizer: `{tok.get('file', 'tokenizer.json')}`, at most {tok.get('max_tokens', '?')} tokens "
               f"({tok.get('truncation', '?')}: {tok.get('head_tokens', '?')} from the start, "
               f"{tok.get('tail_tokens', '?')} from the end). Before tokenizing, "

@@ -165,3 +165,7 @@ def test_model_card_names_the_decision_kind_and_its_settings(tmp_path):
     decision = text.split("## Decision rule")[1]
     assert decision.index("**Decision kind: `multi`**") < decision.index("For evaluation and reports only")
     assert "`strong_fraction` and `threshold` do not apply" in text
+    assert "logits averaged" not in text
+    multi["training_config"]["student"] = {"family": "static", "dim": 256, "members": 3}
+    assert "static encoder, width 256; 3 of them (seeds apart), logits averaged in the graph" in (
+        write_model_card(tmp_path, multi).read_text())
