@@ -337,6 +337,8 @@ def load_trained(name_or_dir: str | Path) -> Trained:
     if not (path / "meta.json").is_file():
         raise DataError(f"no trained model at {path}: run `prerouter train {name_or_dir}` first")
     meta = read_json(path / "meta.json")
+    # Checkpoints from before `student.members` hold one student, whatever the default is now.
+    meta["config"].setdefault("student", {}).setdefault("members", 1)
     cfg = load_config(base=meta["config"])
     vocab = load_tokenizer(meta["tokenizer"]["source"]).get_vocab_size()
     student = build_student(cfg.student, vocab, len(meta["models"]), cfg.teacher.path, pretrained_init=False)

@@ -127,6 +127,32 @@ def test_evaluate_on_the_three_model_demo_writes_and_logs_the_multi_section(tmp_
     assert sorted(p.name for p in (model_dir("demo") / "checkpoint").iterdir()) == kept
     logged_files = mlflow.MlflowClient().list_artifacts(run.info.run_id, "checkpoint")
     assert sorted(a.path for a in logged_files) == [f"checkpoint/{k}" for k in kept]
+    assert "member2-val_loss" in logged and "val_loss" in logged  # every member's curve, in the one run
+
+    # The default student: three members; a checkpoint written before `student.members` existed (no such
+    # key in its config) holds one student and loads as one.
+    import shutil
+
+    import torch
+
+    from pipeline.common import read_json, write_json
+    from pipeline.encoders import Ensemble, StaticRouter
+    from pipeline.train import load_trained
+
+    ensemble = load_trained("demo").student
+    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 3
+    old = shutil.copytree(model_dir("demo") / "checkpoint", tmp_path / "old_checkpoint")
+    meta = read_json(old / "meta.json")
+    del meta["config"]["student"]["members"]
+    write_json(old / "meta.json", meta)
+    state = torch.load(old / "student.pt", weights_only=True)
+    torch.save({k.removeprefix("members.0."): v for k, v in state.items() if k.startswith("members.0.")},
+               old / "student.pt")
+    single = load_trained(old).student
+    assert isinstance(single, StaticRouter)
+    ids = torch.randint(1000, 5000, (3, 12))
+    with torch.no_grad():
+        assert torch.allclose(single(ids, torch.ones_like(ids)), ensemble.members[0](ids, torch.ones_like(ids)))
 
 
 def _tiny_pipeline(tmp_path, monkeypatch, data_file, name):
