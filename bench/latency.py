@@ -59,10 +59,13 @@ def routers() -> list[tuple[str, nn.Module, dict]]:
     out = [("teacher: all-MiniLM-L6-v2 (6 layers, 384 wide) + head",
             TeacherRouter(teacher_path(cfg.teacher.path), cfg.teacher.head_hidden),
             make_spec(cfg.teacher.max_tokens, "head"))]
+    members = StudentConfig().members
     students = [
-        ("student: static 30522×256, attention pooling, MLP head", StudentConfig(family="static")),
-        ("student: transformer 2 layers × 128", StudentConfig(family="transformer", dim=128, layers=2, heads=4)),
-        ("student: transformer 2 layers × 256 (default size)", StudentConfig(family="transformer")),
+        (f"student: static 30522×256, attention pooling, MLP head, {members} members averaged (default)",
+         StudentConfig(family="static")),
+        ("student: static 30522×256, attention pooling, MLP head, one member", StudentConfig(family="static", members=1)),
+        ("student: transformer 2 layers × 128", StudentConfig(family="transformer", dim=128, layers=2, heads=4, members=1)),
+        ("student: transformer 2 layers × 256", StudentConfig(family="transformer", members=1)),
     ]
     for label, s in students:
         out.append((label, build_student(s, vocab, 2, pretrained_init=False).eval(),
