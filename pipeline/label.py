@@ -28,6 +28,7 @@ from typing import Optional
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .common import (ConfigError, DataError, arrow_table, atomic_dir, console, labels_dir, processed_dir, prompt_hash,
                      read_json, sha256_json, write_json)
@@ -226,8 +227,8 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
         bt = arrow_table(datasets.load_from_disk(str(src / "battles")))
         a, b = (bt.column(c).to_numpy().astype(np.int64) for c in ("model_a", "model_b"))
         score_a = bt.column("score_a").to_numpy().astype(np.float64)
-        row = {pid: i for i, pid in enumerate(table.column("prompt_id").to_pylist())}
-        in_ranked = ranked[[row[p] for p in bt.column("prompt_id").to_pylist()]]
+        row = pc.index_in(bt.column("prompt_id"), value_set=table.column("prompt_id")).to_numpy()
+        in_ranked = ranked[row]
         log_p = bradley_terry(a[in_ranked], b[in_ranked], score_a[in_ranked], len(models))
         strengths = {m: float(log_p[j]) for j, m in enumerate(models)}
         # Pairwise rate: the share of its battles a model won, ties counting half.
