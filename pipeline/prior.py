@@ -9,7 +9,12 @@ cluster (shrunk toward its overall rate), and at serving time
 
     p = (1 - beta) * sigmoid(logits) + beta * softmax(cos(features, centroids) / tau) @ table
 
-returned as logits again, so the runtime, calibration and every decision rule stay as they are. k,
+returned as logits again, so the runtime, calibration and every decision rule stay as they are. For
+pairwise data the student's logits are per-prompt Bradley-Terry strengths, defined up to a constant per
+prompt, and a rate against whoever a model met is on no scale of theirs; there the table holds each
+cluster's Bradley-Terry strengths (fitted on its train battles, shrunk toward all train battles') and
+the blend is in strength space, `(1 - beta) * logits + beta * weights @ table`, so that P(a beats b)
+stays a function of strength differences only. k,
 tau and beta are chosen on the validation split (`select.val_quality`); beta = 0 (no prior) stays
 unless the best setting routes validation better in at least 90% of paired bootstrap resamples, as
 for group smoothing. The choice goes into the run and `router.json` (`selection.cluster_prior`).
@@ -31,14 +36,18 @@ EPS = 1e-6
 
 
 class ClusterPrior(nn.Module):
-    """features, logits -> logits of the blend of sigmoid(logits) with the nearest clusters' rates."""
+    """features, logits -> logits of the blend of sigmoid(logits) with the nearest clusters' rates, or
+    (`strengths`, pairwise data) of the logits with the nearest clusters' Bradley-Terry strengths."""
 
-    def __init__(self, centroids: np.ndarray, table: np.ndarray, beta: float, temperature: float):
+    def __init__(self, centroids: np.ndarray, table: np.ndarray, beta: float, temperature: float,
+                 strengths: bool = False):
         super().__init__()
         self.register_buffer("centroids", torch.as_tensor(np.asarray(centroids, np.float32)))
         self.register_buffer("table", torch.as_tensor(np.asarray(table, np.float32)))
         self.register_buffer("beta", torch.tensor(float(beta)))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
+        # A 0/1 weight rather than a Python branch: one traced graph, and the kind loads with the state dict.
+        self.register_buffer("strengths", torch.tensor(float(strengths)))
 
     @classmethod
     def empty(cls, k: int, dim: int, n_models: int) -> "ClusterPrior":
@@ -47,10 +56,11 @@ class ClusterPrior(nn.Module):
 
     def forward(self, h: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         unit = h / (h.norm(dim=-1, keepdim=True) + EPS)
-        weights = torch.softmax(unit @ self.centroids.T / self.temperature, dim=-1)
-        p = (1 - self.beta) * torch.sigmoid(logits) + self.beta * (weights @ self.table)
-        p = p.clamp(EPS, 1 - EPS)
-        return torch.log(p) - torch.log1p(-p)
+        nearest = torch.softmax(unit @ self.centroids.T / self.temperature, dim=-1) @ self.table
+        p = ((1 - self.beta) * torch.sigmoid(logits) + self.beta * nearest).clamp(EPS, 1 - EPS)
+        rates = torch.log(p) - torch.log1p(-p)
+        strengths = (1 - self.beta) * logits + self.beta * nearest
+        return self.strengths * strengths + (1 - self.strengths) * rates
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -58,12 +68,37 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def blend(p: np.ndarray, h: np.ndarray, centroids: np.ndarray, table: np.ndarray, beta: float,
-          temperature: float) -> np.ndarray:
-    """`ClusterPrior` in numpy, on probabilities: what the grid search scores."""
+          temperature: float, strengths: bool = False) -> np.ndarray:
+    """`ClusterPrior` in numpy, on probabilities (the sigmoid of its logits): what the grid search scores."""
     sim = _unit(h) @ centroids.T / temperature
     w = np.exp(sim - sim.max(axis=1, keepdims=True))
     w /= w.sum(axis=1, keepdims=True)
+    if strengths:
+        q = np.clip(p, EPS, 1 - EPS)
+        return 1 / (1 + np.exp(-((1 - beta) * (np.log(q) - np.log1p(-q)) + beta * (w @ table))))
     return np.clip((1 - beta) * p + beta * (w @ table), EPS, 1 - EPS)
+
+
+def cluster_strengths(labels: np.ndarray, battles: list[np.ndarray], k: int, n_models: int,
+                      prior_games: int = 5) -> np.ndarray:
+    """[k, m] Bradley-Terry strengths of each cluster's battles (`battles[i]`: prompt i's rows of model a,
+    model b, a's score; `labels[i]`: its cluster). Each cluster also gets `prior_games` pseudo-battles per
+    pair of models met anywhere, scored at the strengths of all battles: a cluster with few battles of a
+    pair keeps that pair near the overall picture, as `baselines.cluster_accuracy` shrinks rates."""
+    from .label import bradley_terry
+
+    flat = np.concatenate(battles) if battles else np.zeros((0, 3))
+    cluster = np.repeat(np.asarray(labels), [len(b) for b in battles])
+    a, b, score = flat[:, 0].astype(np.int64), flat[:, 1].astype(np.int64), flat[:, 2].astype(np.float64)
+    overall = bradley_terry(a, b, score, n_models)
+    pairs = np.unique(np.stack([a, b], axis=1), axis=0).repeat(prior_games, axis=0)
+    expected = 1 / (1 + np.exp(-(overall[pairs[:, 0]] - overall[pairs[:, 1]])))
+    table = np.zeros((k, n_models))
+    for c in range(k):
+        mine = cluster == c
+        table[c] = bradley_terry(np.concatenate([a[mine], pairs[:, 0]]), np.concatenate([b[mine], pairs[:, 1]]),
+                                 np.concatenate([score[mine], expected]), n_models)
+    return table
 
 
 def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.ndarray,
@@ -77,9 +112,12 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
     from .select import BOOTSTRAP, MIN_WIN_RATE, bootstrap_win_rate, val_quality
 
     train, val = prep.rows("train"), prep.rows("val")
+    pairwise = prep.battles is not None
     base = val_quality(prep, p_val, val)
     record = {"rule": f"cluster prior on the student's features, validation quality; kept when it beats "
                       f"none in >= {MIN_WIN_RATE:.0%} of {BOOTSTRAP} paired bootstrap resamples",
+              "table": "Bradley-Terry strengths per cluster, blended with the logits" if pairwise
+              else "success rate per cluster, blended with the probabilities",
               "none": round(base, 4), "chosen": None}
     ks = [k for k in KS if len(train) / k >= MIN_PER_CLUSTER]
     if not ks or len(val) < 2:
@@ -90,10 +128,13 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
     for k in ks:
         km = KMeans(n_clusters=k, n_init=3, random_state=seed).fit(unit_train)
         centroids = _unit(km.cluster_centers_)
-        table = cluster_accuracy(km.labels_, prep.target[train], prep.mask[train], k)
+        if pairwise:
+            table = cluster_strengths(km.labels_, [prep.battles[r] for r in train], k, len(prep.models))
+        else:
+            table = cluster_accuracy(km.labels_, prep.target[train], prep.mask[train], k)
         for tau in TEMPERATURES:
             for beta in BETAS:
-                blended = blend(p_val, h_val, centroids, table, beta, tau)
+                blended = blend(p_val, h_val, centroids, table, beta, tau, pairwise)
                 q = val_quality(prep, blended, val)
                 if q > best[0]:
                     best = (q, (k, tau, beta, centroids, table, blended))
@@ -111,4 +152,4 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
     record["chosen"] = {"k": k, "temperature": tau, "beta": beta}
     console.print(f"cluster prior chosen on validation: [bold]k={k} tau={tau} beta={beta}[/] "
                   f"({best[0]:.4f} vs {base:.4f} without)")
-    return ClusterPrior(centroids, table, beta, tau), record
+    return ClusterPrior(centroids, table, beta, tau, strengths=pairwise), record

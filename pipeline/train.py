@@ -348,6 +348,7 @@ def load_trained(name_or_dir: str | Path) -> Trained:
 
         k, dim = state["prior.centroids"].shape
         student.prior = ClusterPrior.empty(k, dim, len(meta["models"]))
+        state.setdefault("prior.strengths", torch.tensor(0.0))  # priors saved before strength tables: rates
     student.load_state_dict(state)
     return Trained(student.eval(), meta, path)
 

@@ -101,3 +101,59 @@ def test_a_student_with_a_prior_exports_and_reloads_to_the_same_logits(tmp_path)
     reloaded.prior = ClusterPrior.empty(*state["prior.centroids"].shape, 3)
     reloaded.load_state_dict(state)
     assert torch.allclose(reloaded.eval()(ids, mask), after, atol=1e-6)
+
+
+def _pairwise_prep(n: int = 2000, seed: int = 0) -> tuple[Prepared, np.ndarray]:
+    """Arena-style votes over three models: on each of 6 topics (visible in the features) a different
+    model is strongest; each prompt has four battles between random pairs."""
+    rng = np.random.default_rng(seed)
+    topic = rng.integers(0, 6, n)
+    strength = np.zeros((n, 3))
+    strength[np.arange(n), topic % 3] = 1.5
+    battles = []
+    for i in range(n):
+        a = rng.integers(0, 3, 4)
+        b = (a + rng.integers(1, 3, 4)) % 3
+        win = rng.random(4) < 1 / (1 + np.exp(-(strength[i, a] - strength[i, b])))
+        battles.append(np.stack([a, b, win.astype(float)], axis=1).astype(np.float32))
+    h = rng.normal(size=(n, 16)).astype(np.float32)
+    h[np.arange(n), topic] += 4.0
+    split = np.where(np.arange(n) % 10 < 6, "train", np.where(np.arange(n) % 10 < 8, "val", "test"))
+    prep = Prepared(name="v", models=["a", "b", "c"], costs=[None] * 3, pair=None, prompts=[""] * n,
+                    prompt_ids=[str(i) for i in range(n)], target=np.full((n, 3), 0.5, np.float32),
+                    mask=np.ones((n, 3), bool), split=split, teacher_emb=h, data_hash="x", stats={},
+                    battles=battles)
+    return prep, h
+
+
+def test_a_pairwise_prior_blends_strengths_so_win_probabilities_ignore_each_prompts_offset():
+    rng = np.random.default_rng(2)
+    centroids = rng.normal(size=(4, 8))
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    table, h, logits = rng.normal(size=(4, 3)), rng.normal(size=(5, 8)), rng.normal(size=(5, 3))
+    shifted = logits + rng.normal(size=(5, 1)) * 3  # the same strengths: Bradley-Terry has no zero
+    t = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    prior = ClusterPrior(centroids, table, beta=0.5, temperature=0.1, strengths=True)
+    out, out_shifted = prior(t(h), t(logits)).numpy(), prior(t(h), t(shifted)).numpy()
+    diff = lambda x: x[:, :, None] - x[:, None, :]  # noqa: E731
+    assert np.allclose(diff(out), diff(out_shifted), atol=1e-4)
+    assert np.allclose(1 / (1 + np.exp(-out)), blend(1 / (1 + np.exp(-logits)), h, centroids, table, 0.5, 0.1, True),
+                       atol=1e-5)
+    # Blending rates into sigmoid(logits) instead reads the arbitrary offset as evidence.
+    rates = ClusterPrior(centroids, rng.random((4, 3)), beta=0.5, temperature=0.1)
+    assert not np.allclose(diff(rates(t(h), t(logits)).numpy()), diff(rates(t(h), t(shifted)).numpy()), atol=1e-2)
+
+
+def test_a_pairwise_prior_is_fitted_on_each_clusters_battles():
+    prep, h = _pairwise_prep()
+    train, val = prep.rows("train"), prep.rows("val")
+    p_val = np.full((len(val), 3), 0.5)  # a student that knows nothing: every battle a coin flip
+    prior, record = fit_cluster_prior(prep, h[train], h[val], p_val)
+    assert prior is not None and float(prior.strengths) == 1.0 and "Bradley-Terry" in record["table"]
+    # each cluster's table ranks its topic's strong model first
+    topic = h[:, :6].argmax(1)
+    nearest = (h[train] / np.linalg.norm(h[train], axis=1, keepdims=True)) @ prior.centroids.numpy().T
+    cluster = nearest.argmax(1)
+    for c in np.unique(cluster):
+        assert prior.table.numpy()[c].argmax() == np.bincount(topic[train][cluster == c] % 3).argmax()
+    assert record["best"]["quality"] > record["none"] + 0.1
