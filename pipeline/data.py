@@ -126,6 +126,14 @@ def _battles(dataset_dir: Path, prompt_ids: list[str]) -> list[np.ndarray] | Non
     return [abs_[order[bounds[i]:bounds[i + 1]]] for i in range(len(prompt_ids))]
 
 
+def flat_battles(battles: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-prompt battles (as in `Prepared.battles`) as flat arrays: each battle's position in `battles`
+    (its prompt), model a, model b and a's score."""
+    row = np.repeat(np.arange(len(battles)), [len(x) for x in battles])
+    flat = np.concatenate(battles) if len(row) else np.zeros((0, 3), np.float32)
+    return row, flat[:, 0].astype(np.int64), flat[:, 1].astype(np.int64), flat[:, 2].astype(np.float64)
+
+
 def group_smoothed(target: np.ndarray, mask: np.ndarray, groups: list[str], train: np.ndarray,
                    weight: float, prior_count: float = 10.0) -> np.ndarray:
     """Train targets moved `weight` of the way to their group's train rate (other rows unchanged).

@@ -16,7 +16,7 @@ import torch
 
 from .common import console, model_dir, write_json
 from .config import load_config
-from .data import Prepared, prepare
+from .data import Prepared, flat_battles, prepare
 from .module import pair_score
 from .routing import sigmoid
 from .train import load_trained, predict
@@ -52,9 +52,7 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
     if prep.battles is None:
         return None
     # The battles `prepare` read with the labels, flattened; each keeps its prompt's row.
-    battle_row = np.repeat(np.arange(len(prep.battles)), [len(x) for x in prep.battles])
-    flat = np.concatenate(prep.battles) if len(battle_row) else np.zeros((0, 3), np.float32)
-    a, b, score_a = flat[:, 0].astype(np.int64), flat[:, 1].astype(np.int64), flat[:, 2]
+    battle_row, a, b, score_a = flat_battles(prep.battles)
     m = len(prep.models)
     counts = np.zeros((m, m))
     train = prep.split[battle_row] == "train"

@@ -85,11 +85,11 @@ def cluster_strengths(labels: np.ndarray, battles: list[np.ndarray], k: int, n_m
     model b, a's score; `labels[i]`: its cluster). Each cluster also gets `prior_games` pseudo-battles per
     pair of models met anywhere, scored at the strengths of all battles: a cluster with few battles of a
     pair keeps that pair near the overall picture, as `baselines.cluster_accuracy` shrinks rates."""
+    from .data import flat_battles
     from .label import bradley_terry
 
-    flat = np.concatenate(battles) if battles else np.zeros((0, 3))
-    cluster = np.repeat(np.asarray(labels), [len(b) for b in battles])
-    a, b, score = flat[:, 0].astype(np.int64), flat[:, 1].astype(np.int64), flat[:, 2].astype(np.float64)
+    row, a, b, score = flat_battles(battles)
+    cluster = np.asarray(labels)[row]
     overall = bradley_terry(a, b, score, n_models)
     pairs = np.unique(np.stack([a, b], axis=1), axis=0).repeat(prior_games, axis=0)
     expected = 1 / (1 + np.exp(-(overall[pairs[:, 0]] - overall[pairs[:, 1]])))
