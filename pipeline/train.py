@@ -111,15 +111,19 @@ def fit_student(prep: Prepared, cfg: Config, workdir: Path, callbacks=(), logger
 
     `callbacks` (e.g. Optuna's pruning) watch member 0 only; the other members log to `logger`'s run
     under the prefix memberK."""
-    members, first = [], None
     one = cfg.model_copy(update={"student": cfg.student.model_copy(update={"members": 1})})
+    fits = []
     for k in range(cfg.student.members):
         seeded = one.model_copy(update={"train": cfg.train.model_copy(update={"seed": cfg.train.seed + 1000 * k})})
-        net, ckpt = _fit_member(prep, seeded, workdir / ("student" if k == 0 else f"student{k}"),
-                                callbacks if k == 0 else (), _member_logger(logger, k), monitor)
-        members.append(net)
-        first = first or ckpt
-    return (members[0] if len(members) == 1 else Ensemble(members).eval()), first
+        fits.append(_fit_member(prep, seeded, workdir / member_dir(k), callbacks if k == 0 else (),
+                                _member_logger(logger, k), monitor))
+    nets = [net for net, _ in fits]
+    return (nets[0] if len(nets) == 1 else Ensemble(nets).eval()), fits[0][1]
+
+
+def member_dir(k: int) -> str:
+    """Member k's Lightning folder under the training work dir (member 0's is the one-student name)."""
+    return "student" if k == 0 else f"student{k}"
 
 
 def _member_logger(logger, k: int):
@@ -322,7 +326,7 @@ def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, fo
         torch.save(teacher.state_dict(), tmp / "teacher_head.pt")
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(tmp / "meta.json", meta)
-        for sub in ("teacher", "student", *(f"student{k}" for k in range(1, cfg.student.members))):
+        for sub in ("teacher", *map(member_dir, range(cfg.student.members))):
             shutil.rmtree(tmp / sub, ignore_errors=True)  # Lightning's best checkpoints: the .pt files' weights
         mlflow.log_artifacts(str(tmp), artifact_path="checkpoint")
         _print_metrics(metrics)
