@@ -347,9 +347,9 @@ def _teacher_texts(name: str, cfg) -> tuple[list[str], list[str], dict | None]:
 
     ds, _ = load_labels(name)
     table = arrow_table(ds)
-    split = training_split(table.column("split").to_pylist(), cfg)
-    templates, texts, ids = teacher_inputs(table.column("prompt").to_pylist(), table.column("prompt_id").to_pylist(),
-                                           split, cfg)
+    prompt_ids = table.column("prompt_id").to_pylist()
+    split = training_split(table.column("split").to_pylist(), prompt_ids, cfg)
+    templates, texts, ids = teacher_inputs(table.column("prompt").to_pylist(), prompt_ids, split, cfg)
     return texts, ids, templates
 
 

@@ -176,7 +176,7 @@ class TrainConfig(_Section):
     num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
     num_workers: int = Field(0, ge=0)
-    limit_train_prompts: Optional[int] = Field(None, ge=1)  # for smoke runs
+    limit_train_prompts: Optional[int] = Field(None, ge=1)  # smoke runs, learning curves: a random N (label.training_split)
     # Lightning's precision: 32-true; on GPU bf16-mixed or 16-mixed (weights stay float32, the
     # exported ONNX is float32/int8 whatever was chosen); on CPU 32-true or bf16-mixed.
     precision: str = "32-true"

@@ -70,7 +70,7 @@ def prepare(name: str, cfg: Config) -> Prepared:
         pair = (models.index(stats["pair"]["weak"]), models.index(stats["pair"]["strong"]))
     prompts = table.column("prompt").to_pylist()
     prompt_ids = table.column("prompt_id").to_pylist()
-    split = training_split(table.column("split").to_pylist(), cfg)
+    split = training_split(table.column("split").to_pylist(), prompt_ids, cfg)
     groups, group_columns = None, {}
     battles = _battles(src, prompt_ids)  # pairwise data: fitted on these, which smoothed targets never reach
     if battles is not None and cfg.train.group_by not in ("auto", None):

@@ -73,12 +73,16 @@ def split_by(manifest: dict) -> str:
     return SPLIT_RULES[manifest.get("split_rule") or "hash"].format(**manifest)
 
 
-def training_split(split, cfg: Config) -> np.ndarray:
-    """Each prompt's split as training reads it: train prompts beyond `train.limit_train_prompts` are
-    "unused" (training, evaluate and report all fit on the same train prompts)."""
+def training_split(split, prompt_ids, cfg: Config) -> np.ndarray:
+    """Each prompt's split as training reads it: with `train.limit_train_prompts` = N, the N train prompts
+    with the smallest prompt ids are kept and the others are "unused" (training, evaluate and report all
+    fit on the same train prompts). Ids are content hashes, so the kept ones are a random sample whatever
+    the file's order (a file sorted by task keeps every task), and a smaller N keeps a subset of a larger one."""
     split = np.array(split)
     if cfg.train.limit_train_prompts:
-        split[np.flatnonzero(split == "train")[cfg.train.limit_train_prompts:]] = "unused"
+        train = np.flatnonzero(split == "train")
+        by_id = train[np.argsort(np.asarray(prompt_ids, dtype=object)[train], kind="stable")]
+        split[by_id[cfg.train.limit_train_prompts:]] = "unused"
     return split
 
 

@@ -303,7 +303,7 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
     cols = _Columns(ds, stats, router.models)
     # The train prompts the router was trained on: its baselines and learned templates use the same ones.
     cfg = load_config(base={k: dict(training_config.get(k, {})) for k in ("teacher", "student", "train")})
-    cols.split = training_split(cols.split, cfg)
+    cols.split = training_split(cols.split, cols.ids, cfg)
     test, train = np.flatnonzero(cols.split == "test"), np.flatnonzero(cols.split == "train")
     if len(test) == 0:
         raise DataError(f"dataset {name!r} has no test prompts")

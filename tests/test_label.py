@@ -291,3 +291,28 @@ def test_demo_end_to_end_from_the_cli(data_dir, tmp_path, cli):
         stats = read_json(labels_dir(file.split(".")[0]) / "label_stats.json")
         assert stats["pair"] == {"weak": "small-7b", "strong": "large-70b"}
         assert stats["costs"]["small-7b"] < stats["costs"]["medium-34b"] < stats["costs"]["large-70b"]
+
+
+def test_limit_train_prompts_keeps_a_random_nested_sample_whatever_the_file_order():
+    """A file sorted by task must not lose whole tasks to the limit: the kept prompts are chosen by id
+    (a content hash), the same ones in any row order, and a smaller limit keeps a subset of a larger one."""
+    from pipeline.common import prompt_id
+    from pipeline.config import load_config
+    from pipeline.label import training_split
+
+    tasks = np.repeat(["a", "b", "c", "d"], 250)  # sorted by task, as many exports are
+    ids = [prompt_id(f"{t} question {i}") for i, t in enumerate(tasks)]
+    split = np.where(np.arange(1000) % 10 == 0, "test", "train")
+
+    def kept(limit, order=np.arange(1000)):
+        cfg = load_config(overrides=[f"train.limit_train_prompts={limit}"])
+        s = training_split(split[order], [ids[i] for i in order], cfg)
+        assert (s == "test").sum() == 100 and (s == "train").sum() == limit
+        return {ids[i] for i, v in zip(order, s) if v == "train"}
+
+    small, large = kept(100), kept(400)
+    assert small < large
+    assert kept(400, np.random.default_rng(0).permutation(1000)) == large
+    per_task = {t: sum(ids[i] in large for i in np.flatnonzero(tasks == t)) for t in "abcd"}
+    assert all(70 <= n <= 130 for n in per_task.values()), per_task  # first-400 would be all a's and b's
+    assert (training_split(split, ids, load_config()) == split).all()  # no limit: untouched

@@ -288,7 +288,7 @@ def test_report_on_arena_battles_skips_the_simulation_and_says_why(env, tmp_path
 
 
 def test_report_fits_its_baselines_on_the_train_prompts_the_router_had(env, tmp_path):
-    """Trained with `train.limit_train_prompts`, the router saw only the first N train prompts: the report's
+    """Trained with `train.limit_train_prompts`, the router saw only N of the train prompts: the report's
     baselines (and the templates it learns) use the same ones, as evaluate does."""
     import json
 
