@@ -32,7 +32,6 @@ from .routing import model_costs, pair_score
 from .report_figures import (breakdown_rows, breakdown_table, drift_table, multi_table, pair_table, plot_cost_quality,
                              plot_pair_curves)
 
-METADATA_COLUMNS = ("subject", "category", "eval_name", "family", "dataset")
 PAIR_FRACTIONS = np.linspace(0.0, 1.0, 51)  # operating points of the pair router in the simulation
 RANDOM_SEEDS = 10  # the random router is averaged over this many seeds
 
@@ -68,7 +67,7 @@ def _load_data(data: str, training_config: Mapping):
 class _Columns:
     """The labeled table as arrays, with target and mask columns in the bundle's model order."""
 
-    def __init__(self, ds, stats: Mapping, models: Sequence[str]):
+    def __init__(self, ds, stats: Mapping, models: Sequence[str], metadata: Sequence[str] = ()):
         table = arrow_table(ds)
         missing = [m for m in models if m not in stats["models"]]
         if missing:
@@ -85,7 +84,7 @@ class _Columns:
         self.target = matrix("target", np.float64)
         self.mask = matrix("mask", bool)
         self.split = np.asarray(table.column("split").to_pylist())
-        self.meta = {c: table.column(c).to_pylist() for c in METADATA_COLUMNS if c in table.column_names}
+        self.meta = {c: table.column(c).to_pylist() for c in metadata if c in table.column_names}
 
 
 def _model_costs(router_json: Mapping) -> np.ndarray:
@@ -285,9 +284,10 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
     `data`: a labeled dataset name, or a data file (ingested and labeled with the bundle's label options).
     `out` defaults to BUNDLE/../report. `profile`: the model profile of the economics simulation.
     """
-    from .common import ConfigError, atomic_dir, console, write_json
+    from .common import ConfigError, atomic_dir, console, processed_dir, read_json, write_json
     from .config import load_config
     from .label import training_split
+    from .select import group_candidates
     from .metrics import choose, realised_fractions
     from .runtime import Router
     from .simulate import economics_rows
@@ -300,13 +300,18 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
         raise ConfigError(f"{out} exists and is not a report folder; choose another --out")
     training_config = rj.get("training_config") or {}
     name, ds, stats = _load_data(str(data), training_config)
-    cols = _Columns(ds, stats, router.models)
+    # the ingested file's metadata columns (task, subject, ...): the breakdown's groups
+    manifest = processed_dir(name) / "manifest.json"
+    metadata = read_json(manifest).get("metadata_columns", []) if manifest.is_file() else []
+    cols = _Columns(ds, stats, router.models, metadata)
     # The train prompts the router was trained on: its baselines and learned templates use the same ones.
     cfg = load_config(base={k: dict(training_config.get(k, {})) for k in ("teacher", "student", "train")})
     cols.split = training_split(cols.split, cols.ids, cfg)
     test, train = np.flatnonzero(cols.split == "test"), np.flatnonzero(cols.split == "train")
     if len(test) == 0:
         raise DataError(f"dataset {name!r} has no test prompts")
+    categorical = group_candidates(cols.meta, cols.split == "test")  # not ids or free text
+    cols.meta = {c: v for c, v in cols.meta.items() if c in categorical}
     models, costs, decision = router.models, _model_costs(rj), rj["decision"]
     kind = decision["kind"]
     pair_names = (decision.get("weak"), decision.get("strong")) if decision.get("weak") else \

@@ -287,6 +287,33 @@ def test_report_on_arena_battles_skips_the_simulation_and_says_why(env, tmp_path
     assert "skipped" in json.loads((md.parent / "report.json").read_text())["economics"]
 
 
+def test_breakdown_groups_by_the_files_own_categorical_columns(env, tmp_path):
+    """Whatever a file calls its groups (`task` here) the breakdown uses them, from the ingest's metadata
+    columns; a column with a value per prompt (free text, ids) is no grouping and gets no table."""
+    import json
+
+    import pandas as pd
+
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+    from pipeline.report import report
+
+    df = pd.read_csv(env["wide"])
+    df["task"] = [f"task-{i % 3}" for i in range(len(df))]
+    df["note"] = [f"written by annotator {i}" for i in range(len(df))]
+    data = tmp_path / "tasked.csv"
+    df.to_csv(data, index=False)
+    ingest(str(data), name="tasked")
+    label("tasked")
+    bundle = _demo_bundle(tmp_path / "b" / "bundle", ["small-7b", "large-70b"], [None, None], PAIR_DECISION,
+                          env["teacher"])
+    md = report(bundle, "tasked", out=tmp_path / "r")
+    breakdown = json.loads((md.parent / "report.json").read_text())["breakdown"]
+    assert "task" in breakdown and "note" not in breakdown
+    assert {r["group"] for r in breakdown["task"]} == {"task-0", "task-1", "task-2"}
+    assert "### by `task`" in md.read_text() and "### by `note`" not in md.read_text()
+
+
 def test_report_fits_its_baselines_on_the_train_prompts_the_router_had(env, tmp_path):
     """Trained with `train.limit_train_prompts`, the router saw only N of the train prompts: the report's
     baselines (and the templates it learns) use the same ones, as evaluate does."""
