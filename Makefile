@@ -13,7 +13,7 @@ CONFIG ?=
 CFG := $(if $(CONFIG),--config $(CONFIG))
 
 .PHONY: setup all demo-data ingest label train evaluate export latency tune report test \
-        bench-quality bench-templates bench-latency bench-tune bench-scale bench-scale-gpu mlflow-ui clean bench-serve serve node-conformance retrain
+        bench-quality bench-curve bench-templates bench-latency bench-tune bench-scale bench-scale-gpu mlflow-ui clean bench-serve serve node-conformance retrain
 
 setup: $(VENV)/.installed  ## create .venv and install the project with every extra (train, serve, dev)
 $(VENV)/.installed: pyproject.toml
@@ -53,6 +53,8 @@ test: setup  ## the unit suite (no real data needed; real-data tests skip withou
 bench-quality: setup  ## train on each real file (static: 5 seeds), write bench/results/quality.md
 	$(VENV)/bin/python bench/quality.py --shared $(SHARED) --students static --seeds 5
 	$(VENV)/bin/python bench/quality.py --shared $(SHARED) --students transformer
+bench-curve: setup  ## learning curves on MMLU and RouterDC (nested shares of train), RouterDC by task, into bench/results/curve.md
+	$(VENV)/bin/python bench/curve.py --shared $(SHARED)
 bench-templates: setup  ## few-shot prompts built from MMLU, with and without learned templates
 	$(VENV)/bin/python bench/templates.py --shared $(SHARED)
 bench-latency: setup  ## teacher and students, fp32 and int8, into bench/results/latency.md
