@@ -210,6 +210,26 @@ def _multi_section(cols, p, test, train, emb, costs, known_costs: bool, models, 
     return md, {"n": int(len(rows_te)), "methods": table, "singles": singles, "oracle": oracle}
 
 
+def group_best_outcomes(values: Sequence, train: np.ndarray, rows: np.ndarray, target: np.ndarray,
+                        mask: np.ndarray) -> np.ndarray:
+    """Per prompt of `rows`: the outcome of the model with the best mean observed outcome on the train
+    prompts of the prompt's group (`values`, one per prompt of the table); NaN where that model is not
+    observed or the group has no train prompt."""
+    from .baselines import observed_rates
+
+    groups = np.array(["(missing)" if v is None else str(v) for v in values], dtype=object)
+    out = np.full(len(rows), np.nan)
+    for g in set(groups[rows]):
+        fit = train[groups[train] == g]
+        if len(fit) == 0:
+            continue
+        seen = mask[fit]
+        best = int(np.argmax(np.where(seen.any(0), observed_rates(target[fit], seen), -np.inf)))
+        at = groups[rows] == g
+        out[at] = np.where(mask[rows[at], best], target[rows[at], best], np.nan)
+    return out
+
+
 def _decision_ms(router, router_json: Mapping, prompts: Sequence[str]) -> tuple[float, str]:
     """The bundle's p50 decision latency in ms: from router.json, else timed here."""
     lat = router_json.get("latency") or {}
@@ -386,11 +406,16 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
         used = [*refs.values(), share_of]
         usable = cols.mask[test][:, used].all(1) & cols.mask[test, choices]
         if cols.meta and usable.any():
+            if kind != "pair":
+                intro += ("; group best: each prompt sent to the model with the best mean outcome on its "
+                          "group's train prompts (routing by the column alone, which a service does not know)")
             md += ["## Breakdown", "", f"At the default operating point ({default_note}); {intro}; "
                    f"{int(usable.sum())} test prompts with the models involved observed.", ""]
             for column, values in cols.meta.items():
+                strategies = None if kind == "pair" else {
+                    "group best": group_best_outcomes(values, train, test[usable], cols.target, cols.mask)}
                 rows = breakdown_rows([values[r] for r in test[usable]], choices[usable], cols.target[test[usable]],
-                                      refs, share_of, rel_cost)
+                                      refs, share_of, rel_cost, strategies=strategies)
                 numbers["breakdown"][column] = rows
                 md += [f"### by `{column}`", "", breakdown_table(column, rows, share_label), ""]
 

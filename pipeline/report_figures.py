@@ -138,9 +138,11 @@ def drift_table(rows: Sequence[Mapping], target_name: str, setting_name: str, bu
 
 
 def breakdown_rows(values: Sequence, choices: np.ndarray, outcomes: np.ndarray, references: Mapping[str, int],
-                   share_of: int, rel_cost: np.ndarray | None = None, max_groups: int = 40) -> list[dict]:
+                   share_of: int, rel_cost: np.ndarray | None = None, max_groups: int = 40,
+                   strategies: Mapping[str, np.ndarray] | None = None) -> list[dict]:
     """Per metadata value: n, the share routed to model `share_of`, the mean relative cost of the picks
-    (when `rel_cost` is given), and the quality of the router and of always calling each reference model.
+    (when `rel_cost` is given), and the quality of the router, of always calling each reference model
+    and of each of `strategies` (per-prompt outcomes, NaN where unknown).
 
     outcomes: [n, n_models] with every used model observed. The largest `max_groups` groups are kept;
     the rest are merged into one "other" row.
@@ -159,6 +161,9 @@ def breakdown_rows(values: Sequence, choices: np.ndarray, outcomes: np.ndarray, 
             row["cost"] = float(rel_cost[choices[sel]].mean())
         row["router"] = float(chosen[sel].mean())
         row.update({name: float(outcomes[sel, j].mean()) for name, j in references.items()})
+        for name, got in (strategies or {}).items():
+            known = got[sel][np.isfinite(got[sel])]
+            row[name] = float(known.mean()) if len(known) else float("nan")
         out.append(row)
     return out
 
@@ -174,6 +179,6 @@ def breakdown_table(column: str, rows: Sequence[Mapping], share_label: str = "st
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         cells = [r["group"], str(r["n"]), f"{100 * r['share']:.0f}%"] + ([f"{100 * r['cost']:.0f}%"] if has_cost else [])
-        cells += [f"{r['router']:.3f}"] + [f"{r[k]:.3f}" for k in refs]
+        cells += [f"{r['router']:.3f}"] + [f"{r[k]:.3f}" if np.isfinite(r[k]) else "-" for k in refs]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

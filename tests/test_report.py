@@ -48,6 +48,19 @@ def test_drift_table_shows_the_gap():
     assert t.splitlines()[2] == "| 50% | 0.4321 | 62.0% | +12.0 |"
 
 
+def test_group_best_outcomes_route_each_group_to_its_best_model_on_train():
+    from pipeline.report import group_best_outcomes
+
+    values = ["a", "a", "b", "b", None, "a", "b", None, "c"]
+    target = np.array([[1, 0], [1, 0], [0, 1], [0, 0], [0, 1],   # train: a -> model 0, b -> model 1, None -> 1
+                       [0, 1], [1, 0], [0, 1], [1, 1]], float)  # test rows 5..8
+    mask = np.ones_like(target, bool)
+    mask[3, 1] = False  # unobserved outcomes do not count toward a model's rate
+    mask[6, 1] = False  # the group's best model is unobserved on this test prompt: unknown
+    got = group_best_outcomes(values, np.arange(5), np.arange(5, 9), target, mask)
+    assert got[0] == 0 and np.isnan(got[1]) and got[2] == 1 and np.isnan(got[3])  # "c" has no train prompt
+
+
 def test_breakdown_per_group():
     values = ["math", "math", "art", "math", None]
     outcomes = np.array([[0, 1], [1, 1], [1, 0], [0, 0], [1, 1]], float)
@@ -66,6 +79,11 @@ def test_breakdown_per_group():
     table = breakdown_table("subject", costed, "best-model share")
     assert "| subject | n | best-model share | mean cost | router quality | cheap quality |" in table
     assert "| math | 3 | 67% | 70% | 0.667 | 0.333 |" in table
+    other = np.array([1.0, np.nan, 0.0, 0.0, np.nan])  # another strategy's per-prompt outcomes, NaN: unknown
+    rows = breakdown_rows(values, choices, outcomes, {"weak": 0}, 1, strategies={"group best": other})
+    by = {r["group"]: r for r in rows}
+    assert by["math"]["group best"] == pytest.approx(0.5) and np.isnan(by["(missing)"]["group best"])
+    assert "| (missing) | 1 | 100% | 1.000 | 1.000 | - |" in breakdown_table("subject", rows)
 
 
 def test_model_card_is_a_pure_function_of_router_json(tmp_path):
@@ -188,6 +206,7 @@ def test_report_on_a_three_model_bundle(env):
     assert numbers["drift"]["cost_lambdas"][0]["realised"] == pytest.approx(c[choose(p, c, 0.5)].mean())
     families = numbers["breakdown"]["family"]
     assert sum(r["n"] for r in families) == len(test) and {r["group"] for r in families} <= set(test["family"])
+    assert all(0 <= r["group best"] <= 1 for r in families) and "group best quality" in text
     strategies = {r["strategy"]: r for r in numbers["economics"]["rows"]}
     assert {"router", "cascade (judge acc 0.85)", "ensemble (judge pick)"} <= set(strategies)
     assert strategies["ensemble (judge pick)"]["p50_s"] >= strategies["always large-70b"]["p50_s"]
