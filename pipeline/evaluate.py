@@ -46,7 +46,7 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
     Bradley-Terry ranking of the train battles (the same winner for every prompt; like every baseline, it
     never sees a test battle). `vs_bradley_terry` counts the battles a router gets right and Bradley-Terry
     wrong, and the reverse: the difference is what beats the ranking."""
-    from .label import bradley_terry
+    from .label import battle_counts, bradley_terry
     from .metrics import opponent_adjusted_strengths, win_accuracy
 
     if prep.battles is None:
@@ -54,10 +54,8 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
     # The battles `prepare` read with the labels, flattened; each keeps its prompt's row.
     battle_row, a, b, score_a = flat_battles(prep.battles)
     m = len(prep.models)
-    counts = np.zeros((m, m))
     train = prep.split[battle_row] == "train"
-    np.add.at(counts, (a[train], b[train]), 1.0)
-    np.add.at(counts, (b[train], a[train]), 1.0)
+    counts = battle_counts(a[train], b[train], m)
     position = np.full(len(prep.prompt_ids), -1)
     position[rows] = np.arange(len(rows))
     at = position[battle_row]

@@ -95,6 +95,13 @@ def require_test_split(name: str) -> dict:
     return stats
 
 
+def battle_counts(a: np.ndarray, b: np.ndarray, n_models: int) -> np.ndarray:
+    """[n_models, n_models] float: how many battles each pair of models fought (symmetric, either side)."""
+    a, b, m = np.asarray(a, np.int64), np.asarray(b, np.int64), n_models
+    games = np.bincount(a * m + b, minlength=m * m).reshape(m, m).astype(np.float64)
+    return games + games.T
+
+
 def bradley_terry(a: np.ndarray, b: np.ndarray, score_a: np.ndarray, n_models: int,
                   max_iter: int = 1000, tol: float = 1e-9) -> np.ndarray:
     """Log Bradley-Terry strengths (mean 0) from battles a vs b with a's score 1 / 0.5 / 0.
@@ -108,8 +115,7 @@ def bradley_terry(a: np.ndarray, b: np.ndarray, score_a: np.ndarray, n_models: i
     score_a = np.asarray(score_a, np.float64)
     m = n_models
     wins = np.bincount(a, weights=score_a, minlength=m) + np.bincount(b, weights=1 - score_a, minlength=m) + 0.5
-    games = np.bincount(a * m + b, minlength=m * m).reshape(m, m).astype(np.float64)
-    games += games.T
+    games = battle_counts(a, b, m)
     p = np.ones(m)
     for _ in range(max_iter):
         new = wins / ((games / (p[:, None] + p[None, :])).sum(axis=1) + 1.0 / (p + 1.0))
