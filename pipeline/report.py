@@ -215,19 +215,16 @@ def group_best_outcomes(values: Sequence, train: np.ndarray, rows: np.ndarray, t
     """Per prompt of `rows`: the outcome of the model with the best mean observed outcome on the train
     prompts of the prompt's group (`values`, one per prompt of the table); NaN where that model is not
     observed or the group has no train prompt."""
-    from .baselines import observed_rates
+    from .baselines import cluster_accuracy
 
-    groups = np.array(["(missing)" if v is None else str(v) for v in values], dtype=object)
-    out = np.full(len(rows), np.nan)
-    for g in set(groups[rows]):
-        fit = train[groups[train] == g]
-        if len(fit) == 0:
-            continue
-        seen = mask[fit]
-        best = int(np.argmax(np.where(seen.any(0), observed_rates(target[fit], seen), -np.inf)))
-        at = groups[rows] == g
-        out[at] = np.where(mask[rows[at], best], target[rows[at], best], np.nan)
-    return out
+    _, group = np.unique(["(missing)" if v is None else str(v) for v in values], return_inverse=True)
+    k = group.max() + 1
+    with np.errstate(invalid="ignore"):  # 0 / 0: a model never observed on a group's train prompts
+        rates = cluster_accuracy(group[train], target[train], mask[train], k, prior=0.0)  # unshrunk
+    known = np.isfinite(rates)
+    best = np.where(known, rates, -np.inf).argmax(1)[group[rows]]
+    fitted = known.any(1)[group[rows]]
+    return np.where(fitted & mask[rows, best], target[rows, best], np.nan)
 
 
 def _decision_ms(router, router_json: Mapping, prompts: Sequence[str]) -> tuple[float, str]:
