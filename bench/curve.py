@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.baselines import best_single_scores
 from pipeline.config import load_config
 from pipeline.data import prepare
 from pipeline.evaluate import evaluate
 from pipeline.ingest import ingest
 from pipeline.label import label
 from pipeline.multi import routed
+from pipeline.report import group_best_outcomes
 from pipeline.train import load_trained, predict, train
 from quality import FILES, STUDENTS
 
@@ -53,25 +55,21 @@ def by_task(name: str, cfg, column: str = "task") -> list[dict] | None:
     ds, _ = load_labels(name)
     if column not in ds.column_names:
         return None
-    groups = np.asarray([str(v) for v in arrow_table(ds).column(column).to_pylist()])
+    values = arrow_table(ds).column(column).to_pylist()
+    groups = np.asarray([str(v) for v in values])
     prep = prepare(name, cfg)
     train, test = prep.rows("train"), prep.rows("test")
     p = predict(load_trained(name).student, prep, cfg, test)
     y, seen = prep.target[test], prep.mask[test]
-
-    def rates(rows):
-        m = prep.mask[rows]
-        return (prep.target[rows] * m).sum(0) / np.maximum(m.sum(0), 1)
-
-    overall = rates(train)
+    task_best = group_best_outcomes(values, train, test, prep.target, prep.mask)
+    overall = best_single_scores(prep.target[train], prep.mask[train], len(test))
     rows = []
     for g in sorted(set(groups[test])):
         i = groups[test] == g
-        task_best = np.tile(rates(train[groups[train] == g]), (i.sum(), 1))
         rows.append({"task": g, "n": int(i.sum()),
                      "router": routed(p[i], y[i], seen[i])[1],
-                     "task_best": routed(task_best, y[i], seen[i])[1],
-                     "best_single": routed(np.tile(overall, (i.sum(), 1)), y[i], seen[i])[1],
+                     "task_best": float(np.nanmean(task_best[i])),
+                     "best_single": routed(overall[i], y[i], seen[i])[1],
                      "oracle": routed(y[i], y[i], seen[i])[1]})
     return rows
 
