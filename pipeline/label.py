@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from .common import (ConfigError, DataError, arrow_table, atomic_dir, console, labels_dir, processed_dir, prompt_hash,
                      read_json, sha256_json, write_json)
+from .baselines import observed_rates
 from .config import Config, LabelConfig
 from .ingest import list_column, list_matrix
 
@@ -232,7 +233,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     mean_target = target.sum(axis=0) / np.maximum(observed, 1)
     strengths = reference = None
     per_model = {m: {"rate": float(mean_target[j]), "n": int(observed[j])} for j, m in enumerate(models)}
-    rank = (target * ranked[:, None]).sum(axis=0) / np.maximum((mask & ranked[:, None]).sum(axis=0), 1)
+    rank = observed_rates(target[ranked], mask[ranked])
     if manifest["layout"] == "pairwise":
         bt = arrow_table(datasets.load_from_disk(str(src / "battles")))
         a, b = (bt.column(c).to_numpy().astype(np.int64) for c in ("model_a", "model_b"))
