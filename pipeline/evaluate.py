@@ -18,7 +18,7 @@ from .common import console, model_dir, write_json
 from .config import load_config
 from .data import Prepared, flat_battles, prepare
 from .module import pair_score
-from .routing import sigmoid
+from .routing import logit, sigmoid
 from .train import load_trained, predict
 
 
@@ -29,11 +29,6 @@ def _teacher_probs(checkpoint_dir: Path, prep: Prepared, cfg) -> np.ndarray:
     net.load_state_dict(torch.load(checkpoint_dir / "teacher_head.pt", weights_only=True))
     with torch.no_grad():
         return torch.sigmoid(net.eval()(torch.from_numpy(prep.teacher_emb))).numpy()
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
 
 
 def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarray],
@@ -67,7 +62,7 @@ def battle_accuracy(prep: Prepared, rows: np.ndarray, probs: dict[str, np.ndarra
     decided = score_a != 0.5
     bt_right = (bt > 0.5) == (score_a > 0.5)
     for label, p in probs.items():
-        s = _logit(p) if label in strengths_in else opponent_adjusted_strengths(_logit(p), counts)
+        s = logit(p) if label in strengths_in else opponent_adjusted_strengths(logit(p), counts)
         p_a = sigmoid(s[at, a] - s[at, b])
         out[label] = win_accuracy(p_a, score_a)
         right = (p_a > 0.5) == (score_a > 0.5)

@@ -27,6 +27,7 @@ from torch import nn
 
 from .baselines import cluster_accuracy
 from .common import console
+from .routing import logit, sigmoid
 
 KS = (10, 20, 40)
 TEMPERATURES = (0.02, 0.05, 0.1)
@@ -74,8 +75,7 @@ def blend(p: np.ndarray, h: np.ndarray, centroids: np.ndarray, table: np.ndarray
     w = np.exp(sim - sim.max(axis=1, keepdims=True))
     w /= w.sum(axis=1, keepdims=True)
     if strengths:
-        q = np.clip(p, EPS, 1 - EPS)
-        return 1 / (1 + np.exp(-((1 - beta) * (np.log(q) - np.log1p(-q)) + beta * (w @ table))))
+        return sigmoid((1 - beta) * logit(p, EPS) + beta * (w @ table))
     return np.clip((1 - beta) * p + beta * (w @ table), EPS, 1 - EPS)
 
 

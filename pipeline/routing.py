@@ -18,6 +18,13 @@ def sigmoid(x) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
+def logit(p, eps: float = 1e-6) -> np.ndarray:
+    """log(p / (1 − p)) in float64, p clipped to [eps, 1 − eps]: logits (Bradley–Terry strengths on pairwise
+    data) read back from probabilities."""
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
 def pair_score(p, weak: int, strong: int) -> np.ndarray:
     """Pair routing score (1 + p_strong − p_weak) / 2 over the last axis of probabilities `p`, in [0, 1]:
     the expected quality gain of the strong model mapped to [0, 1]; higher means strong is needed."""

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from .common import console
+from .routing import logit
 
 BOOTSTRAP = 200
 MIN_WIN_RATE = 0.9
@@ -48,13 +49,13 @@ def group_candidates(columns: dict[str, list], train: np.ndarray) -> dict[str, l
 
 def _battle_parts(prep, p: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per battle of `rows` (ties left out): whether the logit difference predicts the winner, and its row."""
-    logit = np.log(np.clip(p, 1e-6, 1 - 1e-6)) - np.log(np.clip(1 - p, 1e-6, 1))
+    strength = logit(p)
     right, owner = [], []
     for j, r in enumerate(rows):
         b = prep.battles[r]
         decided = b[:, 2] != 0.5
         a, o, s = b[decided, 0].astype(int), b[decided, 1].astype(int), b[decided, 2]
-        right.append((logit[j, a] > logit[j, o]) == (s > 0.5))
+        right.append((strength[j, a] > strength[j, o]) == (s > 0.5))
         owner.append(np.full(len(a), j))
     return np.concatenate(right or [np.zeros(0, bool)]), np.concatenate(owner or [np.zeros(0, int)])
 

@@ -183,3 +183,13 @@ def test_opponent_adjusted_strengths_against_one_reference_recover_bradley_terry
     # exact for the one-opponent models; the reference's own rate is only first-order, which shifts them all a little
     np.testing.assert_allclose(s[1:] - s[0], true[1:] - true[0], atol=0.2)
     assert logits[0, 0] > logits[0, 1]  # raw win rates (89% vs the field, 57% vs the reference) say otherwise
+
+
+def test_logit_inverts_sigmoid_and_clips_the_ends():
+    from pipeline.routing import logit, sigmoid
+
+    x = np.array([-5.0, -0.5, 0.0, 0.5, 5.0])
+    np.testing.assert_allclose(logit(sigmoid(x)), x, atol=1e-9)
+    ends = logit(np.array([0.0, 1.0], dtype=np.float32))
+    np.testing.assert_allclose(ends, [-math.log(1e6 - 1), math.log(1e6 - 1)], rtol=1e-9)
+    assert ends.dtype == np.float64
