@@ -4,7 +4,8 @@ in order of first appearance, with list columns `outcome`, `mask`, `count` (and 
 `build_dataset` drops the rows that cannot be used (counting each reason), averages the outcomes and
 costs of a prompt's duplicate rows, takes the split from the user's split column when one is named,
 and keeps the other input columns as per-prompt metadata (from the prompt's first row; a name the
-pipeline writes itself becomes `source_<name>`). `list_column` and `list_matrix` convert between the
+pipeline writes itself becomes `source_<name>`), except a column that names this table's models (an
+oracle or winner column, `names_models`). `list_column` and `list_matrix` convert between the
 list columns and [prompts, models] arrays.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .ingest_layouts import (CONVERSATION, Drops, Observations, detect_layout, i
 
 SPLITS = ("train", "val", "test")
 # Output columns of ingest and label that an input column may not shadow (it is kept as source_<name>).
+MODEL_NAMED_SHARE = 0.5  # a metadata column naming a model on this share of prompts is an outcome (`names_models`)
 RESERVED = ("prompt_id", "outcome", "mask", "count", "cost", "target", "split", "difficulty", "soft_label")
 
 
@@ -40,6 +42,19 @@ def list_matrix(table: pa.Table, column: str, dtype) -> np.ndarray:
     """A fixed-length list column as an [n, m] array (the inverse of `list_column`)."""
     col = table.column(column).combine_chunks()
     return col.flatten().to_numpy(zero_copy_only=False).astype(dtype).reshape(len(col), -1)
+
+
+def names_models(column: pa.ChunkedArray, models: list[str]) -> float:
+    """Share of the prompts whose value in `column` is one of `models`, when at least MODEL_NAMED_SHARE of
+    them and two different models are named; else 0. Such a column (RouterBench's `oracle_model_to_route_to`,
+    a `winner_model`) is derived from the outcomes: as a group for smoothing or a report breakdown it would
+    be the answer, not a property of the prompt."""
+    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        return 0.0
+    hits = pc.is_in(column, value_set=pa.array(models, column.type))
+    share = pc.mean(hits.cast(pa.int8())).as_py() or 0.0
+    named = pc.count_distinct(pc.filter(column, hits)).as_py()
+    return share if share >= MODEL_NAMED_SHARE and named >= 2 else 0.0
 
 
 def build_dataset(table: pa.Table, layout: Optional[str], models: Optional[list[str]], where,
@@ -131,6 +146,11 @@ def build_dataset(table: pa.Table, layout: Optional[str], models: Optional[list[
     take = pa.array(first_row)
     meta_names = []
     for col in obs.metadata:
+        named = names_models(table.column(col).take(take), obs.models)
+        if named:
+            console.print(f"[yellow]note:[/] column {col!r} names a model of this table on {named:.0%} of the "
+                          "prompts (an oracle or winner column: it comes from the outcomes); left out of the metadata")
+            continue
         out_name = f"source_{col}" if col in RESERVED or col in ("prompt",) else col
         if out_name != col:
             hint = "; pass --split-column split to split by it" if col == "split" else ""

@@ -41,6 +41,19 @@ LONG = pd.DataFrame({
 # --- layouts -------------------------------------------------------------------------------------
 
 
+def test_a_column_naming_models_is_an_outcome_not_metadata():
+    import pyarrow as pa
+
+    from pipeline.ingest_canonical import names_models
+
+    models = ["gpt-4", "mistral", "llama"]
+    assert names_models(pa.chunked_array([["gpt-4", "mistral", "none", "gpt-4"]]), models) == 0.75
+    assert names_models(pa.chunked_array([["gpt-4", "gpt-4", "none", "gpt-4"]]), models) == 0  # one model: a reference
+    assert names_models(pa.chunked_array([["gpt-4", "mistral", "x", "y", "z"]]), models) == 0  # under half
+    assert names_models(pa.chunked_array([["mmlu", "gsm8k", None, "mmlu"]]), models) == 0
+    assert names_models(pa.chunked_array([[1, 2, 3]]), models) == 0
+
+
 def test_wide_demo_models_costs_metadata_and_merge(data_dir, demo_files):
     out = ingest(str(demo_files["wide"]))
     m = read_json(out / "manifest.json")
@@ -201,8 +214,10 @@ def test_routerbench_cost_and_response_columns(data_dir, tmp_path):
     m = read_json(out / "manifest.json")
     assert m["models"] == ["gpt-4", "mistral"]
     assert m["costs"] == pytest.approx({"gpt-4": 0.02, "mistral": 0.002})
-    assert m["metadata_columns"] == ["sample_id", "eval_name", "oracle_model_to_route_to"]
+    # the oracle column names the best model per prompt: an outcome, not a property of the prompt
+    assert m["metadata_columns"] == ["sample_id", "eval_name"]
     ds = load(out)
+    assert "oracle_model_to_route_to" not in ds.columns
     np.testing.assert_allclose(np.stack(ds.cost.to_list()), [[0.01, 0.001], [0.03, 0.001], [0.02, 0.004]], rtol=1e-6)
 
 
