@@ -26,11 +26,12 @@ import datetime as dt
 import json
 import shutil
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .common import ConfigError, DataError, atomic_dir, console, sha256_file, write_json
+from .common import DataError, atomic_dir, console, sha256_file, write_json
+from .routing import model_costs, pair_score, relative_costs
 
 LEVELS = 101  # quantiles 0, 1, ..., 100 %
 PAIR_SCORE = "pair_score"
@@ -51,7 +52,7 @@ def score_reference(p: np.ndarray, models: Sequence[str], pair: tuple[int, int] 
     p = np.asarray(p, np.float64)
     outputs = {m: _quantiles(p[:, j]) for j, m in enumerate(models)}
     if pair is not None:
-        outputs[PAIR_SCORE] = _quantiles((1.0 + p[:, pair[1]] - p[:, pair[0]]) / 2.0)
+        outputs[PAIR_SCORE] = _quantiles(pair_score(p, *pair))
     return {"source": source, "n": int(p.shape[0]), "levels": LEVELS, "quantiles": outputs}
 
 
@@ -126,12 +127,6 @@ def read_prompts(path: Path) -> list[str]:
 # Entry point
 
 
-def _rel_costs(config: Mapping) -> np.ndarray:
-    ordered = sorted(config["models"], key=lambda m: m["index"])
-    costs = np.array([m["cost"] if m.get("cost") is not None else i + 1.0 for i, m in enumerate(ordered)], np.float64)
-    return costs / costs.max() if costs.max() > 0 else costs
-
-
 def _mean_cost(p: np.ndarray, rel: np.ndarray, lam: float) -> float:
     from .metrics import choose
 
@@ -143,7 +138,7 @@ def calibrate(bundle: str | Path, prompts: Path, out: Path, report: Path | None 
     calibration.md / calibration.json to `report` (default OUT.calibration beside it). Returns the report."""
     from .conformance import CONFORMANCE, seal_bundle, with_conformance
     from .export import check_bundle_dir
-    from .metrics import calibrate_lambdas, calibrate_thresholds, realised_fractions
+    from .metrics import calibrate_lambdas, calibrate_thresholds, realised_fractions, unreachable_fractions
     from .registry import resolve_bundle
     from .runtime import Router
 
@@ -161,7 +156,7 @@ def calibrate(bundle: str | Path, prompts: Path, out: Path, report: Path | None 
             raise DataError("the bundle's decision has no thresholds or cost λs to calibrate", file=src)
         console.print(f"scoring {len(texts):,} prompts of {prompts}")
         p = router.scores(texts)
-        score = (1.0 + p[:, pair[1]] - p[:, pair[0]]) / 2.0 if pair is not None else None
+        score = pair_score(p, *pair) if pair is not None else None
 
         result: dict = {"bundle": str(bundle), "out": str(out), "source": str(prompts), "n_prompts": len(texts),
                         "sha256": sha256_file(prompts)}
@@ -193,12 +188,12 @@ def calibrate(bundle: str | Path, prompts: Path, out: Path, report: Path | None 
             result["thresholds"] = {k: {"target": float(k), "old_threshold": old[k], "old_realised": before[k],
                                         "new_threshold": refit[k], "new_realised": after[k]} for k in refit}
             new["thresholds"] = refit
-            missed = {k: round(v, 4) for k, v in after.items() if abs(v - float(k)) > 0.05}
+            missed = unreachable_fractions(after)
             new.pop("unreachable_fractions", None)
             if missed:
                 new["unreachable_fractions"] = missed
         if decision.get("cost_lambdas"):
-            rel = _rel_costs(config)
+            rel = relative_costs(model_costs(config["models"]))
             old = decision["cost_lambdas"]
             refit = calibrate_lambdas(p, rel, sorted(float(k) for k in old))
             result["cost_lambdas"] = {k: {"budget": float(k), "old_lambda": old[k], "old_cost": _mean_cost(p, rel, old[k]),
@@ -220,7 +215,7 @@ def calibrate(bundle: str | Path, prompts: Path, out: Path, report: Path | None 
             # thresholds and λs: written again from the new bundle, as export writes them.
             config = with_conformance(tmp, config)
             try:
-                from .report import write_model_card
+                from .model_card import write_model_card
 
                 write_model_card(tmp, config)
             except Exception as e:  # the card is documentation; the decision rules are what matter

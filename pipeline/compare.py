@@ -32,6 +32,8 @@ from typing import Callable, Iterator, Mapping
 import numpy as np
 
 from .common import ConfigError, DataError, arrow_table, console, models_root, remove_dir, write_json
+from .metrics import apgr, quality_at, routing_metrics, sent_to_strong
+from .routing import model_costs, pair_score, relative_costs, threshold_curve, threshold_for
 
 SHARES = (0.2, 0.5, 0.8)
 METRICS = ("auto", "apgr", "routed", "win")
@@ -70,37 +72,6 @@ def paired_bootstrap(champion: Callable[[np.ndarray], float], challenger: Callab
 
 # ---------------------------------------------------------------------------------------------
 # Metrics on index arrays (so the bootstrap can resample them)
-
-
-def _quality_at(score: np.ndarray, weak: np.ndarray, strong: np.ndarray, share: float) -> float:
-    """Mean outcome when the top `share` of prompts by score go to strong (round half up, as metrics does)."""
-    n = score.size
-    k = int(np.floor(share * n + 0.5))
-    order = np.argsort(-score, kind="stable")
-    return float((weak.sum() + (strong - weak)[order[:k]].sum()) / n)
-
-
-def _top(score: np.ndarray, share: float) -> np.ndarray:
-    """Boolean: the prompt is among the top `share` by score (sent to strong)."""
-    k = int(np.floor(share * score.size + 0.5))
-    out = np.zeros(score.size, bool)
-    out[np.argsort(-score, kind="stable")[:k]] = True
-    return out
-
-
-def calibrated_threshold(thresholds: Mapping[str, float], share: float) -> float:
-    """router.json's threshold for a strong share: linear between calibrated keys, anchored at (0, 1) and
-    (1, 0) (docs/contracts.md, pair routing); for a `multi` decision that also records a pair."""
-    points = [(0.0, 1.0), *sorted((float(k), float(v)) for k, v in thresholds.items() if 0.0 < float(k) < 1.0),
-              (1.0, 0.0)]
-    xs, ys = zip(*points)
-    return float(np.interp(share, xs, ys))
-
-
-def _apgr(score, weak, strong) -> float:
-    from .metrics import apgr
-
-    return apgr(score, weak, strong)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,12 +133,6 @@ def _pair_of(champion, challenger, stats: dict, shared: list[str], target, mask)
     return None, "no pair of models both bundles and the data share"
 
 
-def _model_costs(router, names: list[str]) -> np.ndarray:
-    ordered = sorted(router.config["models"], key=lambda m: m["index"])
-    by_name = {m["name"]: (m["cost"] if m.get("cost") is not None else i + 1.0) for i, m in enumerate(ordered)}
-    return np.array([by_name[n] for n in names], dtype=np.float64)
-
-
 # ---------------------------------------------------------------------------------------------
 # Sections
 
@@ -179,9 +144,7 @@ def _pair_section(routers: dict, probs: dict, names: list[str], pair: tuple[str,
     if rows.size < 2:
         return None
     yw, ys = target[rows, weak], target[rows, strong]
-    score = {k: (1.0 + p[rows, strong] - p[rows, weak]) / 2.0 for k, p in probs.items()}
-    from .metrics import routing_metrics
-
+    score = {k: pair_score(p[rows], weak, strong) for k, p in probs.items()}
     out: dict = {"weak": pair[0], "strong": pair[1], "n": int(rows.size),
                  "per_bundle": {k: routing_metrics(s, yw, ys) for k, s in score.items()}}
     c, h = score["champion"], score["challenger"]
@@ -190,22 +153,22 @@ def _pair_section(routers: dict, probs: dict, names: list[str], pair: tuple[str,
         return paired_bootstrap(lambda i: fn(c[i], yw[i], ys[i]), lambda i: fn(h[i], yw[i], ys[i]), rows.size,
                                 resamples, seed)
 
-    out["diff"] = {"apgr": boot(_apgr)}
-    costs = _model_costs(routers["champion"], names)
-    rel = costs / costs.max() if costs.max() > 0 else costs
+    out["diff"] = {"apgr": boot(apgr)}
+    champion = routers["champion"]
+    rel = relative_costs(model_costs(champion.config["models"])[[champion.models.index(n) for n in names]])
     out["shares"] = {}
     for f in SHARES:
         key = f"{f:g}"
         entry = {"cost": float((1 - f) * rel[weak] + f * rel[strong]),
-                 "quality": {k: _quality_at(s, yw, ys, f) for k, s in score.items()},
-                 "agreement": float(np.mean(_top(c, f) == _top(h, f)))}
-        entry["diff"] = boot(lambda s, w, st, f=f: _quality_at(s, w, st, f))
+                 "quality": {k: quality_at(s, yw, ys, f) for k, s in score.items()},
+                 "agreement": float(np.mean(sent_to_strong(c, f) == sent_to_strong(h, f)))}
+        entry["diff"] = boot(lambda s, w, st, f=f: quality_at(s, w, st, f))
         # each bundle's own calibrated threshold for this share, on these prompts
         entry["calibrated"] = {}
         for k, router in routers.items():
             d = router.decision
             if (d.get("weak"), d.get("strong")) == pair and d.get("thresholds"):
-                sent = score[k] >= calibrated_threshold(d["thresholds"], f)
+                sent = score[k] >= threshold_for(threshold_curve(d["thresholds"]), f)
                 r = float(sent.mean())
                 entry["calibrated"][k] = {"realised_share": r, "quality": float(np.where(sent, ys, yw).mean()),
                                           "cost": float((1 - r) * rel[weak] + r * rel[strong])}

@@ -315,7 +315,7 @@ def write_bundle(out: str | Path, fp32: Path, int8: Path, meta: dict, *, opset: 
     (for the model card and MLflow; the latency gate itself is `prerouter check-latency`).
     """
     from .latency import check_latency
-    from .report import write_model_card
+    from .model_card import write_model_card
 
     out = Path(out)
     router = router_config(meta, opset=opset, parity=parity)

@@ -95,6 +95,25 @@ def cpt(scores, weak, strong, x: float) -> float:
     return float(reached[0] / n) if reached.size else float("nan")
 
 
+def strong_count(n: int, share: float) -> int:
+    """Prompts sent to strong when a `share` of `n` goes there: round(share·n), halves up."""
+    return int(np.floor(share * n + 0.5))
+
+
+def sent_to_strong(scores, share: float) -> np.ndarray:
+    """Boolean per prompt: among the top `share` by score (equal scores in input order)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    out = np.zeros(scores.size, bool)
+    out[np.argsort(-scores, kind="stable")[:strong_count(scores.size, share)]] = True
+    return out
+
+
+def quality_at(scores, weak, strong, share: float) -> float:
+    """Mean outcome when the top `share` of prompts by score go to strong (one point of `quality_curve`)."""
+    scores, weak, strong = _pair_arrays(scores, weak, strong)
+    return float((weak.sum() + _gains(scores, weak, strong)[strong_count(scores.size, share)]) / scores.size)
+
+
 def routing_metrics(scores, weak, strong) -> dict:
     """APGR, CPT(50%), CPT(80%) and the weak / strong / oracle (best of the two per prompt) quality."""
     scores, weak, strong = _pair_arrays(scores, weak, strong)
@@ -131,6 +150,16 @@ def realised_fractions(scores, thresholds: Mapping[str, float]) -> dict[str, flo
     """Fraction of `scores` actually sent to strong by each calibrated threshold (calibration drift)."""
     scores = np.asarray(scores, dtype=np.float64).ravel()
     return {k: float(np.mean(scores >= t)) for k, t in thresholds.items()}
+
+
+UNREACHABLE_TOLERANCE = 0.05  # a calibrated strong share realised further off than this is reported
+
+
+def unreachable_fractions(realised: Mapping[str, float]) -> dict[str, float]:
+    """router.json's `decision.unreachable_fractions`: the strong-share targets whose threshold realised a
+    share further than UNREACHABLE_TOLERANCE from the target (tied scores send all or none of a tie), with
+    what it realised."""
+    return {k: round(v, 4) for k, v in realised.items() if abs(v - float(k)) > UNREACHABLE_TOLERANCE}
 
 
 # ---- N models: argmax_j p_j − λ·cost_j ---------------------------------------------------------

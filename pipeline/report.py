@@ -26,9 +26,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .common import DataError, arrow_table, flatten
-from .model_card import write_model_card  # noqa: F401  (the exporter imports it from here)
 from .multi import BUDGETS
-from .routing import model_costs, pair_score
+from .routing import model_costs, pair_score, relative_costs
 from .report_figures import (breakdown_rows, breakdown_table, drift_table, multi_table, pair_table, plot_cost_quality,
                              plot_pair_curves)
 
@@ -173,7 +172,7 @@ def _multi_section(cols, p, test, train, emb, costs, known_costs: bool, models, 
     rows_te = test[full]
     y = cols.target[rows_te]
     pm = p[full]
-    c = costs / costs.max()
+    c = relative_costs(costs)
     methods = {"router": pm, "random": np.random.default_rng(0).random(pm.shape)}
     full_tr = train[cols.mask[train].all(1)]
     if len(full_tr):
@@ -381,7 +380,7 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
                    "data's validation split:", "", drift_table(drift, "target strong share", "threshold"), ""]
         lam_drift = []
         if decision.get("cost_lambdas"):
-            c = costs / costs.max()
+            c = relative_costs(costs)
             lam_drift = [{"target": float(b), "setting": float(lam), "realised": float(c[choose(p, costs, lam)].mean())}
                          for b, lam in sorted(decision["cost_lambdas"].items(), key=lambda kv: float(kv[0]))]
             md += ["Mean cost (relative to the priciest model) realised by each calibrated λ:", "",
@@ -397,7 +396,7 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
             best = int(np.nanargmax(np.nanmean(q, axis=0)))
             cheap = int(np.argmin(costs))
             refs = {f"cheapest ({models[cheap]})": cheap, f"best single ({models[best]})": best}
-            share_of, rel_cost = best, costs / costs.max()
+            share_of, rel_cost = best, relative_costs(costs)
             share_label = "best-model share"
             intro = f"best-model share is the share routed to `{models[best]}`, mean cost relative to the priciest model"
         used = [*refs.values(), share_of]

@@ -33,7 +33,6 @@ from .module import RouterModule, pair_score
 from .tokenization import load_tokenizer
 
 CHECKPOINT = "checkpoint"
-UNREACHABLE_TOLERANCE = 0.05  # a calibrated strong share realised further off than this on validation is reported
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no GPU/TPU banners per fit
 # Lightning builds torch's deprecated LeafSpec on every fit: a FutureWarning no user of prerouter can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
@@ -176,20 +175,19 @@ def student_outputs(net: nn.Module, prep: Prepared, cfg: Config, rows: np.ndarra
 
 def decision_rules(prep: Prepared, p_val: np.ndarray) -> dict:
     """Thresholds for strong-call fractions (pair) and λ for cost budgets (N models), from validation."""
-    from .metrics import calibrate_lambdas, calibrate_thresholds, realised_fractions
+    from .metrics import calibrate_lambdas, calibrate_thresholds, realised_fractions, unreachable_fractions
 
     rules: dict = {"kind": "pair" if len(prep.models) == 2 else "multi"}
     if prep.battles is not None:  # trained as per-prompt Bradley-Terry strengths (RouterModule._battle_loss)
-        rules["win_probability"] = "sigmoid(logit_a - logit_b)"
+        rules["win_probability"] = routing.WIN_PROBABILITY
     if prep.pair is not None:
         scores = pair_score(p_val, prep.pair)
         thresholds = calibrate_thresholds(scores)
         rules.update(weak=prep.models[prep.pair[0]], strong=prep.models[prep.pair[1]],
-                     score="(1 + p_strong - p_weak) / 2", thresholds=thresholds, default_strong_fraction=0.5)
+                     score=routing.PAIR_SCORE, thresholds=thresholds, default_strong_fraction=0.5)
         # Tied scores (identical prompts, or a template the student cannot see past) send all or none of
         # a tie to strong: say which targets validation could not meet, with what it realised instead.
-        missed = {k: round(v, 4) for k, v in realised_fractions(scores, thresholds).items()
-                  if abs(v - float(k)) > UNREACHABLE_TOLERANCE}
+        missed = unreachable_fractions(realised_fractions(scores, thresholds))
         if missed:
             rules["unreachable_fractions"] = missed
             console.print(f"[yellow]tied scores: strong shares {', '.join(missed)} cannot be met "

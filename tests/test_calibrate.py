@@ -65,13 +65,13 @@ def env(setup, monkeypatch, tmp_path):
 
 
 def _share(bundle: Path, prompts: list[str], target: float) -> float:
-    from pipeline.compare import calibrated_threshold
+    from pipeline.routing import pair_score, threshold_curve, threshold_for
     from pipeline.runtime import Router
 
     router = Router.load(bundle)
-    p = router.scores(prompts)
-    w, s = router.models.index(router.decision["weak"]), router.models.index(router.decision["strong"])
-    return float(np.mean((1 + p[:, s] - p[:, w]) / 2 >= calibrated_threshold(router.decision["thresholds"], target)))
+    d = router.decision  # a pair recorded beside an N-model decision, too
+    score = pair_score(router.scores(prompts), router.models.index(d["weak"]), router.models.index(d["strong"]))
+    return float(np.mean(score >= threshold_for(threshold_curve(d["thresholds"]), target)))
 
 
 def test_calibrate_on_shifted_traffic_hits_its_targets(env, cli, tmp_path):

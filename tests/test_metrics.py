@@ -193,3 +193,19 @@ def test_logit_inverts_sigmoid_and_clips_the_ends():
     ends = logit(np.array([0.0, 1.0], dtype=np.float32))
     np.testing.assert_allclose(ends, [-math.log(1e6 - 1), math.log(1e6 - 1)], rtol=1e-9)
     assert ends.dtype == np.float64
+
+
+def test_quality_at_a_share_is_a_point_of_the_curve_and_sends_the_top_scores():
+    from pipeline.metrics import quality_at, sent_to_strong
+
+    scores = np.array([0.9, 0.1, 0.5, 0.5, 0.7])
+    weak = np.array([0.0, 1.0, 0.0, 1.0, 0.0])
+    strong = np.array([1.0, 1.0, 1.0, 0.0, 0.0])
+    # 40% of 5 = 2 prompts to strong: 0.9 and 0.7; 50% rounds 2.5 up to 3: the first 0.5 of the tie
+    np.testing.assert_array_equal(sent_to_strong(scores, 0.4), [True, False, False, False, True])
+    np.testing.assert_array_equal(sent_to_strong(scores, 0.5), [True, False, True, False, True])
+    assert quality_at(scores, weak, strong, 0.4) == pytest.approx((1 + 1 + 0 + 1 + 0) / 5)
+    assert quality_at(scores, weak, strong, 0.5) == pytest.approx((1 + 1 + 1 + 1 + 0) / 5)
+    fractions, curve = quality_curve(scores, weak, strong, n_points=11)
+    for f, q in zip(fractions, curve):
+        assert quality_at(scores, weak, strong, f) == pytest.approx(q)

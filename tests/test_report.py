@@ -98,9 +98,6 @@ def test_model_card_is_a_pure_function_of_router_json(tmp_path):
         assert needle in text, needle
     (tmp_path / "b").mkdir()
     assert write_model_card(tmp_path / "b", r).read_text() == text  # deterministic
-    from pipeline import report
-
-    assert report.write_model_card is write_model_card  # where the exporter imports it from
     multi = write_model_card(tmp_path / "b", sample_router_json("multi")).read_text()
     assert "argmax_j" in multi and "| 0.25 | 0.8 |" in multi and "Pair routing" not in multi
     assert "no group smoothing; cluster prior (on validation) none" in text  # what the pipeline chose, from `selection`
