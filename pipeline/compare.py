@@ -85,14 +85,10 @@ def _labeled(data: str, label_options: Mapping | None) -> Iterator[tuple[object,
     A file (or hf: id) is ingested and labeled under a temporary name, removed afterwards; every one of
     its prompts is held out. A name uses its test split."""
     from .common import labels_dir, processed_dir
-    from .config import load_config
-    from .label import label, load_labels
+    from .label import bundle_label_config, label, load_labels
 
     def label_cfg():
-        try:
-            return load_config(base={"label": dict(label_options or {})}).label
-        except Exception:
-            return None
+        return bundle_label_config(label_options)
 
     if Path(data).is_file() or data.startswith("hf:"):
         from .ingest import ingest

@@ -24,7 +24,7 @@ recorded the user's own (`--split-column`, or `--test-data` with train/val left 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -194,6 +194,18 @@ def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig) -> tuple[int, i
     if weak is None:
         weak = next(j for j in order if j != strong)
     return weak, strong
+
+
+def bundle_label_config(options: Mapping | None) -> LabelConfig | None:
+    """A bundle's own label options (router.json `training_config.label`), so that data labeled for its
+    report or comparison means what it meant in training; None (the defaults) when they no longer load."""
+    from .config import load_config
+
+    try:
+        return load_config(base={"label": dict(options or {})}).label
+    except ConfigError:
+        console.print("[yellow]note:[/] the bundle's label options do not load; labeling with the defaults")
+        return None
 
 
 def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> dict:

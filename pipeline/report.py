@@ -38,15 +38,10 @@ RANDOM_SEEDS = 10  # the random router is averaged over this many seeds
 def _load_data(data: str, training_config: Mapping):
     """(name, labels Dataset, label stats): a labeled dataset name, or a data file ingested and labeled here."""
     from .common import labels_dir, processed_dir
-    from .config import load_config
-    from .label import label, load_labels
+    from .label import bundle_label_config, label, load_labels
 
     def label_cfg():
-        # The bundle's own label options, so targets mean what they meant in training.
-        try:
-            return load_config(base={"label": dict(training_config.get("label", {}))}).label
-        except Exception:
-            return None
+        return bundle_label_config(training_config.get("label"))
 
     if Path(data).is_file() or data.startswith("hf:"):
         from .ingest import ingest
