@@ -196,6 +196,10 @@ def decision_rules(prep: Prepared, p_val: np.ndarray) -> dict:
         costs = routing.fill_unknown_costs(prep.costs)
         rules["costs_assumed"] = any(c is None for c in prep.costs)
         rules["cost_lambdas"] = calibrate_lambdas(p_val, costs)
+        if all(c is None for c in prep.costs):
+            # No cost is known: a budget over the assumed index + 1 costs would trade quality for the column
+            # order. The served default is then the best predicted model, the decision `evaluate` scores.
+            rules["default_cost_weight"] = 0.0
     return rules
 
 

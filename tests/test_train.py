@@ -231,3 +231,33 @@ def test_decision_rules_report_strong_shares_that_ties_make_unreachable():
     missed = decision_rules(prep, p)["unreachable_fractions"]
     assert {"0.5", "0.6"} <= set(missed) and "0.1" not in missed and "0.2" not in missed
     assert all(v == 1.0 for v in missed.values())  # the tied score sends every prompt to strong
+
+
+def test_without_known_costs_the_served_n_model_decision_is_the_quality_argmax():
+    """Costs unknown for every model: the cost λs are over assumed index + 1 costs, so the default λ is 0 and
+    the runtime's default decision is the argmax that `evaluate` scores as the routed outcome."""
+    from pipeline import routing
+    from pipeline.data import Prepared
+    from pipeline.multi import pick
+    from pipeline.train import decision_rules
+
+    n, m = 300, 4
+    rng = np.random.default_rng(0)
+    p = rng.random((n, m))
+    p[:, m - 1] += 0.3  # the last column (dearest under index + 1) is usually best
+
+    def prep(costs):
+        return Prepared(name="t", models=[f"m{j}" for j in range(m)], costs=costs, pair=None, prompts=[""] * n,
+                        prompt_ids=[str(i) for i in range(n)], target=np.zeros((n, m), np.float32),
+                        mask=np.ones((n, m), bool), split=np.array(["val"] * n),
+                        teacher_emb=np.zeros((n, 2), np.float32), data_hash="x", stats={})
+
+    rules = decision_rules(prep([None] * m), p)
+    assert rules["costs_assumed"] and rules["cost_lambdas"]["0.5"] > 0  # a budget would move the decision
+    lam = routing.default_cost_weight(rules)
+    assert lam == 0.0
+    served = routing.choose(p, routing.relative_costs(routing.fill_unknown_costs([None] * m)), lam)
+    np.testing.assert_array_equal(served, pick(p, np.ones((n, m), bool)))
+    # with real costs the default stays the calibrated budget-0.5 λ
+    priced = decision_rules(prep([1.0, 2.0, 3.0, 4.0]), p)
+    assert "default_cost_weight" not in priced and routing.default_cost_weight(priced) > 0
