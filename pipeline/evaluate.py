@@ -18,7 +18,7 @@ from .common import console, model_dir, write_json
 from .config import load_config
 from .data import Prepared, flat_battles, prepare
 from .module import pair_score
-from .routing import logit, sigmoid
+from .routing import default_cost_weight, logit, sigmoid
 from .train import load_trained, predict
 
 
@@ -84,8 +84,8 @@ def check_bundle_matches(config: dict, prep: Prepared, bundle: Path) -> None:
                         f"dataset {prep.name!r} has {prep.data_hash!r})", file=bundle)
 
 
-def multi_section(prep: Prepared, train: np.ndarray, test: np.ndarray,
-                  probs: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+def multi_section(prep: Prepared, train: np.ndarray, test: np.ndarray, probs: dict[str, np.ndarray],
+                  decision: dict | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Mean outcome on the test prompts when each goes to the argmax of a router's per-model scores.
 
     Routers: those in `probs` (aligned with `test`), the best single model on train, TF-IDF + ridge,
@@ -93,8 +93,10 @@ def multi_section(prep: Prepared, train: np.ndarray, test: np.ndarray,
     router picks only among the models observed on the prompt, and prompts with none observed are left
     out, so every router is scored on the same prompts and the oracle is the best observed outcome.
     "gap closed" = (x − best single) / (oracle − best single). With every model's cost known, also
-    AIQ of the first router's argmax p − λ·cost over a λ sweep and of the cluster router over an α sweep.
-    Returns the section and the baselines' score matrices.
+    AIQ of the first router's argmax p − λ·cost over a λ sweep and of the cluster router over an α sweep,
+    and (`served_default`) the first router's outcome and cost at the `decision`'s default λ: what a
+    service calling `Router.route` without a cost weight gets. Returns the section and the baselines'
+    score matrices.
     """
     from .baselines import multi_baselines
     from .multi import alpha_sweep, frontier, lambda_sweep, routed
@@ -118,6 +120,10 @@ def multi_section(prep: Prepared, train: np.ndarray, test: np.ndarray,
         low = max([costs.min() / costs.max()] + [float(np.nanmin(s["cost"])) for s in sweeps.values()])
         out["cost_quality"] = {k: {"aiq": frontier(s["cost"], s["quality"], low)["aiq"]}
                                | {key: v.tolist() for key, v in s.items()} for k, s in sweeps.items()}
+        if decision is not None:
+            lam = default_cost_weight(decision)
+            cost, q = routed(probs[first], y, seen, costs, lam)
+            out["served_default"] = {"cost_weight": lam, "quality": q, "relative_cost": cost}
     return out, baselines
 
 
@@ -163,7 +169,8 @@ def evaluate(name: str, bundle: Path | None = None) -> dict:
         result["routers"] = routers | table
     battle_probs = probs
     if len(prep.models) > 2:
-        result["multi"], baselines = multi_section(prep, train, test, probs)
+        decision = router.config["decision"] if bundle is not None else trained.meta["decision"]
+        result["multi"], baselines = multi_section(prep, train, test, probs, decision)
         # baselines' win rates as probabilities (a ridge prediction can leave [0, 1])
         battle_probs = probs | {k: np.clip(baselines[k], 0.01, 0.99) for k in ("tfidf_ridge", "knn", "cluster")}
     battles = battle_accuracy(prep, test, battle_probs, strengths_in=tuple(probs))
@@ -213,6 +220,10 @@ def _print_multi(multi: dict) -> None:
         style = "bold" if label.startswith("router") else None
         table.add_row(label, f"{q:.3f}", f"{multi['gap_closed'][label]:.3f}", style=style)
     console.print(table)
+    if "served_default" in multi:
+        d = multi["served_default"]
+        console.print(f"served by default (cost weight λ = {d['cost_weight']:.4g}): mean outcome {d['quality']:.3f} "
+                      f"at {d['relative_cost']:.3f} of the priciest model's cost")
     if "cost_quality" in multi:
         table = Table(title="cost vs quality (AIQ over the cheapest…priciest model's cost)")
         table.add_column("router")

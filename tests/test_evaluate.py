@@ -209,3 +209,37 @@ def test_evaluate_refuses_a_bundle_trained_on_other_data(tmp_path, monkeypatch, 
     _tiny_pipeline(tmp_path, monkeypatch, demo_files["long"], "two")
     with pytest.raises(DataError, match="other data|models"):
         evaluate("two", bundle=bundle)
+
+
+@pytest.mark.parametrize("priced", [True, False])
+def test_n_model_bundle_serves_the_default_decision_evaluate_scores(tmp_path, monkeypatch, demo_files, priced):
+    """What is served is what is measured, for N models: Router.route with no setting picks, prompt for prompt,
+    what evaluate --bundle scores as the served default (with costs) or as the routed outcome (without)."""
+    import pandas as pd
+
+    from pipeline.config import load_config
+    from pipeline.data import prepare
+    from pipeline.evaluate import evaluate
+    from pipeline.runtime import Router
+    from pipeline.train import load_trained
+
+    data = demo_files["wide"]
+    if not priced:
+        frame = pd.read_csv(data)
+        data = tmp_path / "demo_unpriced.csv"
+        frame[[c for c in frame.columns if not c.endswith("|total_cost")]].to_csv(data, index=False)
+    bundle = _tiny_pipeline(tmp_path, monkeypatch, data, "trio")
+    result = evaluate("trio", bundle=bundle)["multi"]
+    router = Router.load(bundle)
+    prep = prepare("trio", load_config(base=load_trained("trio").meta["config"]))
+    test = prep.rows("test")
+    chosen = np.array([router.models.index(router.route(prep.prompts[r])) for r in test])
+    assert prep.mask[test].all()  # the demo observes every model on every prompt
+    served = float(prep.target[test, chosen].mean())
+    if priced:
+        assert result["served_default"]["cost_weight"] == router.default_cost_weight() > 0
+        assert result["served_default"]["quality"] == pytest.approx(served)
+    else:
+        assert router.decision["cost_lambdas"]["0.5"] > 0  # a budget over the assumed costs would move it
+        assert router.default_cost_weight() == 0.0 and "served_default" not in result
+        assert result["quality"]["router (int8 bundle)"] == pytest.approx(served)
