@@ -22,8 +22,8 @@ from .ingest_layouts import (CONVERSATION, Drops, Observations, detect_layout, i
                              require_columns)
 
 SPLITS = ("train", "val", "test")
-# Output columns of ingest and label that an input column may not shadow (it is kept as source_<name>).
 MODEL_NAMED_SHARE = 0.5  # a metadata column naming a model on this share of prompts is an outcome (`names_models`)
+# Output columns of ingest and label that an input column may not shadow (it is kept as source_<name>).
 RESERVED = ("prompt_id", "outcome", "mask", "count", "cost", "target", "split", "difficulty", "soft_label")
 
 

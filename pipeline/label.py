@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from .common import (ConfigError, DataError, arrow_table, atomic_dir, console, labels_dir, processed_dir, prompt_hash,
                      read_json, sha256_json, write_json)
 from .baselines import observed_rates
-from .config import Config, LabelConfig
+from .config import Config, LabelConfig, load_config
 from .ingest import list_column, list_matrix
 
 LABEL_VERSION = 3  # bump when labels for the same dataset and options change
@@ -199,8 +199,6 @@ def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig) -> tuple[int, i
 def bundle_label_config(options: Mapping | None) -> LabelConfig | None:
     """A bundle's own label options (router.json `training_config.label`), so that data labeled for its
     report or comparison means what it meant in training; None (the defaults) when they no longer load."""
-    from .config import load_config
-
     try:
         return load_config(base={"label": dict(options or {})}).label
     except ConfigError:
