@@ -101,7 +101,10 @@ def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> P
         role = "weak" if m["name"] == decision.get("weak") else "strong" if m["name"] == decision.get("strong") else ""
         cost = "unknown" if m.get("cost") is None else _fmt(m["cost"])
         lines.append(f"| {m['index']} | {m['name']} | {cost} | {role} |")
-    if decision.get("costs_assumed"):
+    if decision.get("costs_assumed") and all(m.get("cost") is None for m in models):
+        lines.append("\nNo cost was known: the default decision is the best predicted model (λ = 0); the cost "
+                     "budgets below assume cost = index + 1.")
+    elif decision.get("costs_assumed"):
         lines.append("\nSome costs were unknown; the N-model decision assumed cost = index + 1 for them.")
 
     lines += ["", "## Decision rule", ""]

@@ -100,6 +100,13 @@ def test_model_card_is_a_pure_function_of_router_json(tmp_path):
     assert write_model_card(tmp_path / "b", r).read_text() == text  # deterministic
     multi = write_model_card(tmp_path / "b", sample_router_json("multi")).read_text()
     assert "argmax_j" in multi and "| 0.25 | 0.8 |" in multi and "Pair routing" not in multi
+    assert "No cost was known" not in multi  # the sample's models are priced
+    unpriced = sample_router_json("multi")
+    unpriced["models"] = [{**m, "cost": None} for m in unpriced["models"]]
+    unpriced["decision"] |= {"costs_assumed": True, "default_cost_weight": 0.0}
+    card = write_model_card(tmp_path / "b", unpriced).read_text()
+    assert "No cost was known: the default decision is the best predicted model (λ = 0)" in card
+    assert "(default 0)" in card
     assert "no group smoothing; cluster prior (on validation) none" in text  # what the pipeline chose, from `selection`
     chosen = sample_router_json() | {"selection": {"group_by": "topic", "candidates": {"(none)": 0.6, "topic": 0.7},
                                                    "cluster_prior": {"chosen": {"k": 20, "temperature": 0.05, "beta": 0.5}}}}
