@@ -33,7 +33,7 @@ import numpy as np
 
 from .common import ConfigError, DataError, arrow_table, console, models_root, remove_dir, write_json
 from .metrics import apgr, quality_at, routing_metrics, sent_to_strong
-from .routing import model_costs, pair_score, relative_costs, threshold_curve, threshold_for
+from .routing import model_costs, pair_score, relative_costs, sigmoid, threshold_curve, threshold_for
 
 SHARES = (0.2, 0.5, 0.8)
 METRICS = ("auto", "apgr", "routed", "win")
@@ -220,7 +220,7 @@ def _win_section(name: str, ids: list[str], logits: dict, names: list[str], data
     per_prompt = np.bincount(row, minlength=n).astype(np.float64)
     right = {}
     for k, lg in logits.items():
-        p_a = 1.0 / (1.0 + np.exp(-(lg[row, a] - lg[row, b])))
+        p_a = sigmoid(lg[row, a] - lg[row, b])
         right[k] = np.bincount(row, weights=((p_a > 0.5) == won).astype(np.float64), minlength=n)
     has = np.flatnonzero(per_prompt > 0)
 
@@ -311,7 +311,7 @@ def _compare(routers: dict, ds, stats: dict, held_out: bool, name: str, data: st
     console.print(f"scoring {len(prompts):,} prompts with both bundles")
     logits = {k: r.logits(prompts).astype(np.float64)[:, [r.models.index(m) for m in shared]]
               for k, r in routers.items()}
-    probs = {k: 1.0 / (1.0 + np.exp(-lg)) for k, lg in logits.items()}
+    probs = {k: sigmoid(lg) for k, lg in logits.items()}
 
     pair, pair_source = _pair_of(routers["champion"], routers["challenger"], stats, shared, target, mask)
     result: dict = {"data": data, "dataset": None if held_out else name,

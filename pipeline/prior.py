@@ -92,7 +92,7 @@ def cluster_strengths(labels: np.ndarray, battles: list[np.ndarray], k: int, n_m
     cluster = np.asarray(labels)[row]
     overall = bradley_terry(a, b, score, n_models)
     pairs = np.unique(np.stack([a, b], axis=1), axis=0).repeat(prior_games, axis=0)
-    expected = 1 / (1 + np.exp(-(overall[pairs[:, 0]] - overall[pairs[:, 1]])))
+    expected = sigmoid(overall[pairs[:, 0]] - overall[pairs[:, 1]])
     table = np.zeros((k, n_models))
     for c in range(k):
         mine = cluster == c
