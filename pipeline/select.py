@@ -49,15 +49,13 @@ def group_candidates(columns: dict[str, list], train: np.ndarray) -> dict[str, l
 
 def _battle_parts(prep, p: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per battle of `rows` (ties left out): whether the logit difference predicts the winner, and its row."""
+    from .data import flat_battles
+
     strength = logit(p)
-    right, owner = [], []
-    for j, r in enumerate(rows):
-        b = prep.battles[r]
-        decided = b[:, 2] != 0.5
-        a, o, s = b[decided, 0].astype(int), b[decided, 1].astype(int), b[decided, 2]
-        right.append((strength[j, a] > strength[j, o]) == (s > 0.5))
-        owner.append(np.full(len(a), j))
-    return np.concatenate(right or [np.zeros(0, bool)]), np.concatenate(owner or [np.zeros(0, int)])
+    owner, a, o, s = flat_battles([prep.battles[r] for r in rows])
+    decided = s != 0.5
+    owner, a, o, s = owner[decided], a[decided], o[decided], s[decided]
+    return (strength[owner, a] > strength[owner, o]) == (s > 0.5), owner
 
 
 def _battle_hits(prep, p: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
