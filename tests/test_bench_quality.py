@@ -56,3 +56,28 @@ def test_write_tables_with_goals(tmp_path):
     assert "| 0.566 | - | 0.600 |" in text  # the old row has no cluster APGR
     assert "## N models" in text and "| routerdc | static | default | 4234 | 7 | 0.530 |" in text
     assert "## Pairwise" not in text
+
+
+def test_goal_summary_lists_each_goal_of_the_static_rows(tmp_path):
+    path = tmp_path / "quality.md"
+    transformer = _pair_row() | {"student": "transformer"}
+    quality.write([_pair_row(seeds=(0.70, 0.62)), transformer, _multi_row()], path)
+    text = path.read_text()
+    summary = text.split("## Goals")[1].split("## Weak")[0]
+    assert "| gsm8k | APGR ≥ 0.67 | 0.660 (mean of 2) | **no** |" in summary
+    assert "| gsm8k | APGR ≥ best baseline (cluster 0.650) + 0.02 = 0.670 | 0.660 (mean of 2) | **no** |" in summary
+    assert ("| routerdc | routed mean outcome ≥ best baseline (tfidf_ridge 0.522) + 0.02 = 0.542 | "
+            "0.545 (mean of 2) | yes |") in summary
+    assert summary.count("| gsm8k |") == 2  # the transformer row is not a goal of the shipped student
+    assert "1 of 3 met" in summary
+
+
+def test_render_rewrites_the_tables_from_the_results_file(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    (tmp_path / "quality.json").write_text(json.dumps([_pair_row(), _multi_row()]))
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--render", "--out", str(tmp_path)])
+    quality.main()
+    text = (tmp_path / "quality.md").read_text()
+    assert "| gsm8k (276 prompts) | static | default | 0.700 |" in text and "3 of 3 met" in text
