@@ -200,6 +200,8 @@ def calibrate(bundle: str | Path, prompts: Path, out: Path, report: Path | None 
                                           "new_lambda": refit[k], "new_cost": _mean_cost(p, rel, refit[k])}
                                       for k in refit}
             new["cost_lambdas"] = refit
+            # λs over the index + 1 stand-ins mean little; say so (the default decision stays λ = 0 then)
+            result["assumed_costs"] = [m["name"] for m in config["models"] if m.get("cost") is None]
         new["reference"] = score_reference(p, router.models, pair, source=f"calibrate: {prompts.name}")
         config["decision"] = new
         config["calibration"] = {"source": str(prompts), "sha256": result["sha256"], "n_prompts": len(texts),
@@ -257,6 +259,9 @@ def markdown(r: dict) -> str:
                   "| budget | old λ | old cost on traffic | new λ | new cost |", "|---:|---:|---:|---:|---:|"]
         lines += [f"| {c['budget']:g} | {c['old_lambda']:.4f} | {c['old_cost']:.3f} | {c['new_lambda']:.4f} | "
                   f"{c['new_cost']:.3f} |" for c in r["cost_lambdas"].values()]
+        if r.get("assumed_costs"):
+            lines += ["", f"No known cost for {', '.join(r['assumed_costs'])}: the budgets above use index + 1 in "
+                          "their place (router.json `models` order), so they rank by column order, not by price."]
     return "\n".join(lines) + "\n"
 
 
@@ -266,6 +271,9 @@ def _print(r: dict) -> None:
     for t in r.get("thresholds", {}).values():
         console.print(f"strong share {t['target']:.0%}: old threshold realises {t['old_realised']:.1%}, "
                       f"refitted {t['new_realised']:.1%}")
+    if r.get("assumed_costs"):
+        console.print(f"[yellow]cost λs refitted over assumed costs (index + 1): no known cost for "
+                      f"{', '.join(r['assumed_costs'])}[/]")
 
 
 def _log(r: dict, report: Path) -> None:

@@ -176,3 +176,26 @@ def test_a_calibrated_bundle_ships_vectors_of_its_own_decisions(cli, tmp_path, m
             assert router.decide(prompts, **setting, batch_size=1) == [v["decisions"][graph][i] for v in vectors], setting
     # the thresholds moved enough that the source bundle's vectors no longer hold
     assert [v["decisions"]["int8"] for v in stale] != [v["decisions"]["int8"] for v in vectors]
+
+
+def test_calibrating_a_bundle_without_costs_says_its_budgets_are_over_assumed_costs(setup, cli, tmp_path, monkeypatch):
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+    from tests.fabricate import bag_bundle, labeled_arrays
+
+    monkeypatch.setenv("PREROUTER_DATA_DIR", str(setup["tmp"] / "data"))
+    monkeypatch.setenv("PREROUTER_MLRUNS_DIR", str(tmp_path / "mlruns"))
+    prompts, target, mask, split, models, _, _ = labeled_arrays("demo")
+    train = split == "train"
+    bundle = bag_bundle(tmp_path / "unpriced", [p for p, t in zip(prompts, train) if t], target[train], mask[train],
+                        models, [None] * len(models))
+    code, log = cli("calibrate", bundle, "--prompts", setup["traffic"], "--out", tmp_path / "new")
+    assert code == 0, log
+    report = json.loads((tmp_path / "new.calibration" / "calibration.json").read_text())
+    assert report["assumed_costs"] == models and report["cost_lambdas"]
+    assert "use index + 1 in their place" in (tmp_path / "new.calibration" / "calibration.md").read_text()
+    assert "over assumed costs" in log
+    # the priced bundle of the other tests says nothing of the kind
+    code, log = cli("calibrate", setup["bundle"], "--prompts", setup["traffic"], "--out", tmp_path / "priced")
+    assert code == 0 and "assumed" not in log
+    assert json.loads((tmp_path / "priced.calibration" / "calibration.json").read_text())["assumed_costs"] == []
