@@ -106,7 +106,10 @@ def multi_section(prep: Prepared, train: np.ndarray, test: np.ndarray, probs: di
                                 [prep.prompts[r] for r in test], (prep.teacher_emb[train], prep.teacher_emb[test]))
     quality = {label: routed(s, y, seen)[1] for label, s in (probs | baselines | {"oracle": y}).items()}
     best, oracle = quality["best_single"], quality["oracle"]
-    out = {"n": int(seen.any(1).sum()), "n_models": len(prep.models),
+    any_seen = seen.any(1)
+    out = {"n": int(any_seen.sum()), "n_models": len(prep.models),
+           # fewer than n_models (sparse tables, arena votes): every router picks among these, a service among all
+           "observed_per_prompt": float(seen[any_seen].sum(1).mean()) if any_seen.any() else 0.0,
            "best_single_model": prep.models[int(baselines["best_single"][0].argmax())], "quality": quality,
            "gap_closed": {k: (q - best) / (oracle - best) if oracle > best else float("nan")
                           for k, q in quality.items()}}
@@ -220,6 +223,10 @@ def _print_multi(multi: dict) -> None:
         style = "bold" if label.startswith("router") else None
         table.add_row(label, f"{q:.3f}", f"{multi['gap_closed'][label]:.3f}", style=style)
     console.print(table)
+    observed = multi.get("observed_per_prompt", multi["n_models"])
+    if observed < multi["n_models"]:
+        console.print(f"[yellow]{observed:.1f} of {multi['n_models']} models observed per test prompt on average: each "
+                      "router here picks among those, while a service picks among all[/]")
     if "served_default" in multi:
         d = multi["served_default"]
         console.print(f"served by default (cost weight λ = {d['cost_weight']:.4g}): mean outcome {d['quality']:.3f} "

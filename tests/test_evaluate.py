@@ -67,6 +67,7 @@ def test_multi_section_scores_every_router_on_the_observed_models():
     out, baselines = multi_section(prep, train, test, {"router (student)": knows, "teacher": flat})
     q = out["quality"]
     assert out["n"] == len(test) and out["n_models"] == 3 and out["best_single_model"] == "c"
+    assert out["observed_per_prompt"] == pytest.approx(2.5)  # b is missing on every other prompt
     assert set(q) == {"router (student)", "teacher", "best_single", "tfidf_ridge", "knn", "cluster", "oracle"}
     assert q["oracle"] == pytest.approx(np.where(seen, y, 0).max(1).mean())
     assert q["best_single"] == pytest.approx(y[:, 2].mean())  # c is observed everywhere
