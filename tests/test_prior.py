@@ -69,6 +69,20 @@ def test_no_prior_where_clusters_carry_nothing():
     assert prior is None and record["chosen"] is None and "none" in record
 
 
+def test_the_best_of_many_settings_is_not_kept_for_winning_on_the_prompts_that_chose_it():
+    # Clusters carry nothing and validation is small: the best of 36 settings beats none on the
+    # validation prompts by luck. Tested on those same prompts it was kept on 10 of these 20 sets; the
+    # out-of-fold choice keeps it about as often as the 90% rule allows.
+    kept = 0
+    for seed in range(20):
+        prep, h = _prep(n=1000, informative=False, seed=seed)
+        val, train = prep.rows("val"), prep.rows("train")
+        p_val = (0.4 + 0.2 * np.random.default_rng(100 + seed).random((len(val), 3))).astype(np.float32)
+        prior, record = fit_cluster_prior(prep, h[train], h[val], p_val, seed=seed)
+        kept += prior is not None
+    assert kept <= 3
+
+
 def test_too_few_train_prompts_skip_the_search():
     prep, h = _prep(n=150)
     val, train = prep.rows("val"), prep.rows("train")
