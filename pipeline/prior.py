@@ -16,8 +16,8 @@ cluster's Bradley-Terry strengths (fitted on its train battles, shrunk toward al
 the blend is in strength space, `(1 - beta) * logits + beta * weights @ table`, so that P(a beats b)
 stays a function of strength differences only. k,
 tau and beta are chosen on the validation split (`select.val_quality`). Whether to keep a prior at all
-is judged out of fold: each of 5 folds of the validation prompts gets the setting (or none) best on
-the other four, and beta = 0 (no prior) stays unless those predictions route validation better than
+is judged out of fold: each of 10 folds of the validation prompts gets the setting (or none) best on
+the other nine, and beta = 0 (no prior) stays unless those predictions route validation better than
 none in at least 90% of paired bootstrap resamples, as for group smoothing. (Testing the best of the
 36 settings on the prompts that picked it kept a prior that carries nothing about half the time.)
 The choice goes into the run and `router.json` (`selection.cluster_prior`).
@@ -36,6 +36,7 @@ KS = (10, 20, 40)
 TEMPERATURES = (0.02, 0.05, 0.1)
 BETAS = (0.25, 0.5, 0.75, 1.0)
 MIN_PER_CLUSTER = 20  # train prompts per cluster, on average
+FOLDS = 10  # validation folds behind the keep rule: each fold's choice among 36 settings uses 90% of validation
 EPS = 1e-6
 
 
@@ -112,7 +113,7 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
     probabilities. Train targets are the raw observed outcomes (`prep.target`, `prep.mask`)."""
     from sklearn.cluster import KMeans
 
-    from .select import BOOTSTRAP, FOLDS, MIN_WIN_RATE, bootstrap_win_rate, val_quality
+    from .select import BOOTSTRAP, MIN_WIN_RATE, bootstrap_win_rate, val_quality
 
     train, val = prep.rows("train"), prep.rows("val")
     pairwise = prep.battles is not None
@@ -160,7 +161,7 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
 def _out_of_fold(prep, p_val: np.ndarray, val: np.ndarray, blended: list[np.ndarray], seed: int) -> np.ndarray:
     """Validation probabilities where each fold's rows come from the setting (or none, `p_val`) that routes
     the other folds best: a choice its own rows did not make, so it can be tested on them."""
-    from .select import FOLDS, val_quality
+    from .select import val_quality
 
     fold = np.random.default_rng(seed).permutation(len(val)) % FOLDS
     out = p_val.copy()
