@@ -111,9 +111,10 @@ def best_baseline(r: dict, kind: str) -> tuple[str, float] | None:
 def baseline_goal(r: dict, kind: str) -> tuple[float, bool] | None:
     """(best baseline + MARGIN, whether the student's mean over seeds reaches it) for the row's goal
     kind; None when the row is not judged on that kind or holds none of its baselines."""
-    if _kind(r) != kind or best_baseline(r, kind) is None:
+    best = best_baseline(r, kind) if _kind(r) == kind else None
+    if best is None:
         return None
-    target = best_baseline(r, kind)[1] + MARGIN
+    target = best[1] + MARGIN
     return target, bool(np.mean(_values(r, kind)[1]) >= target - 1e-12)
 
 

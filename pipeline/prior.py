@@ -118,9 +118,9 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
     train, val = prep.rows("train"), prep.rows("val")
     pairwise = prep.battles is not None
     base = val_quality(prep, p_val, val)
-    record = {"rule": f"cluster prior on the student's features, validation quality; kept when the setting chosen "
-                      f"on the other {FOLDS - 1} of {FOLDS} validation folds beats none on each held-out fold in "
-                      f">= {MIN_WIN_RATE:.0%} of {BOOTSTRAP} paired bootstrap resamples",
+    record = {"rule": f"cluster prior on the student's features, validation quality; kept when the out-of-fold "
+                      f"choice (each of {FOLDS} validation folds predicted with the setting best on the other "
+                      f"{FOLDS - 1}) beats none in >= {MIN_WIN_RATE:.0%} of {BOOTSTRAP} paired bootstrap resamples",
               "table": "Bradley-Terry strengths per cluster, blended with the logits" if pairwise
               else "success rate per cluster, blended with the probabilities",
               "none": round(base, 4), "chosen": None}
@@ -164,10 +164,10 @@ def _out_of_fold(prep, p_val: np.ndarray, val: np.ndarray, blended: list[np.ndar
     from .select import val_quality
 
     fold = np.random.default_rng(seed).permutation(len(val)) % FOLDS
+    candidates = [p_val, *blended]
     out = p_val.copy()
     for f in range(FOLDS):
         rest, held = fold != f, fold == f
-        candidates = [p_val, *blended]
         best = int(np.argmax([val_quality(prep, p[rest], val[rest]) for p in candidates]))  # ties: none
         out[held] = candidates[best][held]
     return out
