@@ -31,6 +31,7 @@ from torch import nn
 from .baselines import cluster_accuracy
 from .common import console
 from .routing import logit, sigmoid
+from .select import BOOTSTRAP, MIN_WIN_RATE, bootstrap_win_rate, val_quality
 
 KS = (10, 20, 40)
 TEMPERATURES = (0.02, 0.05, 0.1)
@@ -113,8 +114,6 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
     probabilities. Train targets are the raw observed outcomes (`prep.target`, `prep.mask`)."""
     from sklearn.cluster import KMeans
 
-    from .select import BOOTSTRAP, MIN_WIN_RATE, bootstrap_win_rate, val_quality
-
     train, val = prep.rows("train"), prep.rows("val")
     pairwise = prep.battles is not None
     base = val_quality(prep, p_val, val)
@@ -161,8 +160,6 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
 def _out_of_fold(prep, p_val: np.ndarray, val: np.ndarray, blended: list[np.ndarray], seed: int) -> np.ndarray:
     """Validation probabilities where each fold's rows come from the setting (or none, `p_val`) that routes
     the other folds best: a choice its own rows did not make, so it can be tested on them."""
-    from .select import val_quality
-
     fold = np.random.default_rng(seed).permutation(len(val)) % FOLDS
     candidates = [p_val, *blended]
     out = p_val.copy()
