@@ -31,13 +31,12 @@ from torch import nn
 from .baselines import cluster_accuracy
 from .common import console
 from .routing import logit, sigmoid
-from .select import BOOTSTRAP, MIN_WIN_RATE, bootstrap_win_rate, val_quality
+from .select import BOOTSTRAP, CHOICE_FOLDS, MIN_WIN_RATE, bootstrap_win_rate, out_of_fold_choice, val_quality
 
 KS = (10, 20, 40)
 TEMPERATURES = (0.02, 0.05, 0.1)
 BETAS = (0.25, 0.5, 0.75, 1.0)
 MIN_PER_CLUSTER = 20  # train prompts per cluster, on average
-FOLDS = 10  # validation folds behind the keep rule: each fold's choice among 36 settings uses 90% of validation
 EPS = 1e-6
 
 
@@ -118,13 +117,13 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
     pairwise = prep.battles is not None
     base = val_quality(prep, p_val, val)
     record = {"rule": f"cluster prior on the student's features, validation quality; kept when the out-of-fold "
-                      f"choice (each of {FOLDS} validation folds predicted with the setting best on the other "
-                      f"{FOLDS - 1}) beats none in >= {MIN_WIN_RATE:.0%} of {BOOTSTRAP} paired bootstrap resamples",
+                      f"choice (each of {CHOICE_FOLDS} validation folds predicted with the setting best on the other "
+                      f"{CHOICE_FOLDS - 1}) beats none in >= {MIN_WIN_RATE:.0%} of {BOOTSTRAP} paired bootstrap resamples",
               "table": "Bradley-Terry strengths per cluster, blended with the logits" if pairwise
               else "success rate per cluster, blended with the probabilities",
               "none": round(base, 4), "chosen": None}
     ks = [k for k in KS if len(train) / k >= MIN_PER_CLUSTER]
-    if not ks or len(val) < 2 * FOLDS:
+    if not ks or len(val) < 2 * CHOICE_FOLDS:
         record["skipped"] = "too few train or validation prompts"
         return None, record
     unit_train = _unit(h_train)
@@ -144,7 +143,8 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
         console.print(f"cluster prior chosen on validation: [bold]none[/] (no setting beats {base:.4f})")
         return None, record
     k, tau, beta, centroids, table, _ = settings[best]
-    rate = bootstrap_win_rate(prep, _out_of_fold(prep, p_val, val, [s[-1] for s in settings], seed), p_val, val, seed)
+    oof = out_of_fold_choice([p_val, *(s[-1] for s in settings)], lambda p, i: val_quality(prep, p[i], val[i]), seed)
+    rate = bootstrap_win_rate(prep, oof, p_val, val, seed)
     record.update(best={"k": k, "temperature": tau, "beta": beta, "quality": round(quality[best], 4)},
                   win_rate=rate)
     if rate < MIN_WIN_RATE:
@@ -156,15 +156,3 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
                   f"({quality[best]:.4f} vs {base:.4f} without)")
     return ClusterPrior(centroids, table, beta, tau, strengths=pairwise), record
 
-
-def _out_of_fold(prep, p_val: np.ndarray, val: np.ndarray, blended: list[np.ndarray], seed: int) -> np.ndarray:
-    """Validation probabilities where each fold's rows come from the setting (or none, `p_val`) that routes
-    the other folds best: a choice its own rows did not make, so it can be tested on them."""
-    fold = np.random.default_rng(seed).permutation(len(val)) % FOLDS
-    candidates = [p_val, *blended]
-    out = p_val.copy()
-    for f in range(FOLDS):
-        rest, held = fold != f, fold == f
-        best = int(np.argmax([val_quality(prep, p[rest], val[rest]) for p in candidates]))  # ties: none
-        out[held] = candidates[best][held]
-    return out

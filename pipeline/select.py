@@ -30,6 +30,7 @@ BOOTSTRAP = 200
 MIN_WIN_RATE = 0.9
 MIN_PER_GROUP = 10  # train prompts per group value, on average
 FOLDS = 5  # cross-validation folds over train + validation for the group choice
+CHOICE_FOLDS = 10  # validation folds of `out_of_fold_choice`: each fold's choice sees 90% of validation
 NO_GROUP = "(none)"  # the no-smoothing candidate in the selection record; never a column candidate
 
 
@@ -95,6 +96,22 @@ def paired_win_rate(n: int, beats: Callable[[np.ndarray], bool], resamples: int 
         i = rng.integers(n, size=n)
         wins += beats(i)
     return wins / resamples
+
+
+def out_of_fold_choice(candidates: list[np.ndarray], quality: Callable[[np.ndarray, np.ndarray], float],
+                       seed: int = 0, folds: int = CHOICE_FOLDS) -> np.ndarray:
+    """`candidates[0]` (the default) with each fold's positions taken from the candidate that scores best on
+    the other folds (`quality(candidate, positions)`; ties keep the default): a choice its own positions
+    did not make, so it can be tested on them against the default. Testing the best of many candidates on
+    the prompts that picked it instead passes by luck: the keep rule of the cluster prior and of a tune
+    study's trial."""
+    fold = np.random.default_rng(seed).permutation(len(candidates[0])) % folds
+    out = candidates[0].copy()
+    for f in range(folds):
+        rest, held = np.flatnonzero(fold != f), fold == f
+        best = int(np.argmax([quality(c, rest) for c in candidates]))
+        out[held] = candidates[best][held]
+    return out
 
 
 def bootstrap_win_rate(prep, p: np.ndarray, base: np.ndarray, rows: np.ndarray, seed: int = 0) -> float:
