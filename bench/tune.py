@@ -154,8 +154,9 @@ def write(result, default: dict, tuned: dict, seconds: float, args, threads: int
         "## Validation vs test APGR",
         "",
         "The five best trials by validation APGR and the base trial (the default configuration), refitted "
-        "after the study and scored on the test split. The chosen trial is the best one that beats the base "
-        "trial in at least 90% of paired bootstrap resamples of the validation prompts, else the base trial.",
+        "after the study and scored on the test split. The chosen trial is the best on validation when the "
+        "choice holds out of fold (each of 10 validation folds scored by the trial best on the other nine; "
+        "those scores beat the base trial in at least 90% of paired bootstrap resamples), else the base trial.",
         "",
         "| trial | val APGR | test APGR | |",
         "|---:|---:|---:|---|",
