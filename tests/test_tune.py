@@ -205,35 +205,45 @@ def test_bad_spaces_fail_before_any_trial(space, message):
         search_space(load_config(overrides=[f"tune.space={space}"]))
 
 
-def test_a_trial_replaces_the_base_only_when_better_beyond_validation_noise():
-    from pipeline.metrics import apgr
-    from pipeline.select import MIN_WIN_RATE
+def _val_pair(rng, n: int):
+    """A weak/strong pair's outcomes on `n` validation prompts, as prepared data."""
     from pipeline.data import Prepared
-    from pipeline.tune_results import choose, trial_win_rate
 
-    rng = np.random.default_rng(0)
-    n = 600
     weak = (rng.random(n) < 0.6).astype(np.float32)
     strong = np.maximum(weak, rng.random(n) < 0.5).astype(np.float32)
     prep = Prepared(name="x", models=["weak", "strong"], costs=[1.0, 2.0], pair=(0, 1), prompts=[""] * n,
                     prompt_ids=[str(i) for i in range(n)], target=np.stack([weak, strong], 1),
                     mask=np.ones((n, 2), bool), split=np.array(["val"] * n), teacher_emb=np.zeros((n, 1)),
                     data_hash="", stats={})
+    return prep, weak, strong
+
+
+def _scored_trial(scores, weak, strong, is_base=False):
+    from pipeline.metrics import apgr
+
+    return optuna.trial.create_trial(value=apgr(scores, weak, strong),
+                                     user_attrs={"val_scores": scores.tolist(), "base": is_base})
+
+
+def test_a_trial_replaces_the_base_only_when_better_beyond_validation_noise():
+    from pipeline.metrics import apgr
+    from pipeline.select import MIN_WIN_RATE
+    from pipeline.tune_results import choose, trial_win_rate
+
+    rng = np.random.default_rng(0)
+    n = 600
+    prep, weak, strong = _val_pair(rng, n)
     base = rng.random(n)  # a random router
     noisy = next(x for x in (base + 0.02 * rng.normal(size=n) for _ in range(100))
                  if apgr(x, weak, strong) > apgr(base, weak, strong))  # the same router, a lucky perturbation
     good = (strong - weak) + rng.random(n)  # knows which prompts need the strong model
 
-    def trial(scores, is_base=False):
-        return optuna.trial.create_trial(value=apgr(scores, weak, strong),
-                                         user_attrs={"val_scores": scores.tolist(), "base": is_base})
-
     study = optuna.create_study(direction="maximize")
-    study.add_trial(trial(base, is_base=True))
-    study.add_trial(trial(noisy))
+    study.add_trial(_scored_trial(base, weak, strong, is_base=True))
+    study.add_trial(_scored_trial(noisy, weak, strong))
     assert study.best_trial.number == 1 and choose(study, False, 1.0, prep).number == 0
     assert trial_win_rate(prep, noisy.tolist(), base.tolist()) < MIN_WIN_RATE
-    study.add_trial(trial(good))
+    study.add_trial(_scored_trial(good, weak, strong))
     assert choose(study, False, 1.0, prep).number == 2
     assert trial_win_rate(prep, good.tolist(), base.tolist()) == 1.0
 
@@ -242,26 +252,18 @@ def test_the_best_of_many_null_trials_does_not_replace_the_base():
     # 19 trials that are the base router plus noise: the best of them beats the base on the validation
     # prompts by luck. Tested on those same prompts (the rule before the out-of-fold choice) it replaced
     # the base on 11 of these 20 sets; chosen out of fold, about as often as the 90% rule allows.
-    from pipeline.metrics import apgr
-    from pipeline.data import Prepared
     from pipeline.tune_results import choose
 
     lucky = replaced = 0
     for seed in range(20):
         rng = np.random.default_rng(seed)
         n = 1000
-        weak = (rng.random(n) < 0.6).astype(np.float32)
-        strong = np.maximum(weak, rng.random(n) < 0.5).astype(np.float32)
-        prep = Prepared(name="x", models=["weak", "strong"], costs=[1.0, 2.0], pair=(0, 1), prompts=[""] * n,
-                        prompt_ids=[str(i) for i in range(n)], target=np.stack([weak, strong], 1),
-                        mask=np.ones((n, 2), bool), split=np.array(["val"] * n), teacher_emb=np.zeros((n, 1)),
-                        data_hash="", stats={})
+        prep, weak, strong = _val_pair(rng, n)
         base = 0.3 * (strong - weak) + rng.random(n)  # some signal
         study = optuna.create_study(direction="maximize")
         for k in range(20):
             scores = base if k == 0 else base + 0.01 * rng.normal(size=n)
-            study.add_trial(optuna.trial.create_trial(value=apgr(scores, weak, strong),
-                                                      user_attrs={"val_scores": scores.tolist(), "base": k == 0}))
+            study.add_trial(_scored_trial(scores, weak, strong, is_base=k == 0))
         lucky += study.best_trial.number != 0
         replaced += choose(study, False, 1.0, prep).number != 0
     assert lucky >= 15  # on most sets the top validation APGR is a null trial's
