@@ -5,8 +5,8 @@ Quality objective: the chosen trial is the one with the best validation APGR, ke
 validation prompts takes the trial (or the base) best on the other nine, and those scores must route
 better than the base's in at least 90% of paired bootstrap resamples (`select.out_of_fold_choice`, the
 cluster prior's rule; here on 1000 resamples). Differences of a few thousandths of APGR on a thousand
-prompts are noise; testing the top of 20 trials on the prompts that ranked it passes by luck (on
-null trials, about half the time).
+prompts are noise; testing the top of 20 trials on the prompts that ranked it passes by luck (with 19
+synthetic null trials, on 3 to 11 of 20 sets, by the noise's size; docs/experiments.md).
 Pareto objective: the best validation APGR on the front whose p99 is within `export.budget_ms`.
 
 The last worker to finish writes `models/NAME/tuned.yaml` (the chosen configuration), plots and tables
