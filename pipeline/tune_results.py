@@ -65,10 +65,7 @@ def choose(study: optuna.Study, pareto: bool, budget_ms: float, prep=None) -> op
     best = max(scored, key=lambda t: t.value)  # ties: the base
     if best.number == base.number:
         return base
-    rows = pair_rows(prep)
-    weak, strong = (prep.target[prep.rows("val")[rows], j] for j in prep.pair)
-    oof = out_of_fold_choice([np.asarray(t.user_attrs["val_scores"]) for t in scored],
-                             lambda s, i: apgr(s[i], weak[i], strong[i]))
+    oof = out_of_fold_choice([np.asarray(t.user_attrs["val_scores"]) for t in scored], trial_apgr(prep))
     win = trial_win_rate(prep, oof, base.user_attrs["val_scores"])
     if win >= MIN_WIN_RATE:
         return best
@@ -85,13 +82,17 @@ def pair_rows(prep) -> np.ndarray:
     return np.flatnonzero(prep.mask[val, weak] & prep.mask[val, strong])
 
 
-def trial_win_rate(prep, scores, base_scores, seed: int = 0) -> float:
-    """Share of paired bootstrap resamples of the val prompts where `scores` route with a higher APGR."""
+def trial_apgr(prep):
+    """quality(scores, positions): the APGR of a trial's `val_scores` on those of its validation prompts."""
     rows = prep.rows("val")[pair_rows(prep)]
     weak, strong = prep.target[rows, prep.pair[0]], prep.target[rows, prep.pair[1]]
-    a, b = np.asarray(scores), np.asarray(base_scores)
-    return paired_win_rate(len(rows), lambda i: apgr(a[i], weak[i], strong[i]) > apgr(b[i], weak[i], strong[i]),
-                           TRIAL_RESAMPLES, seed)
+    return lambda scores, i: apgr(scores[i], weak[i], strong[i])
+
+
+def trial_win_rate(prep, scores, base_scores, seed: int = 0) -> float:
+    """Share of paired bootstrap resamples of the val prompts where `scores` route with a higher APGR."""
+    quality, a, b = trial_apgr(prep), np.asarray(scores), np.asarray(base_scores)
+    return paired_win_rate(len(a), lambda i: quality(a, i) > quality(b, i), TRIAL_RESAMPLES, seed)
 
 
 def finish(name: str, study: optuna.Study, cfg: Config, pareto: bool, prep, parent: str) -> TuneResult:
