@@ -48,40 +48,87 @@ def group_candidates(columns: dict[str, list], train: np.ndarray) -> dict[str, l
     return out
 
 
-def _battle_parts(prep, p: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per battle of `rows` (ties left out): whether the logit difference predicts the winner, and its row."""
+def _battle_hits(prep, p: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `rows`: the decided battles (ties left out) whose winner the logit difference of `p`
+    predicts, and the decided battles. Equal strengths earn half a battle, as in `metrics.win_accuracy`."""
     from .data import flat_battles
 
     strength = logit(p)
     owner, a, o, s = flat_battles([prep.battles[r] for r in rows])
     decided = s != 0.5
     owner, a, o, s = owner[decided], a[decided], o[decided], s[decided]
-    return (strength[owner, a] > strength[owner, o]) == (s > 0.5), owner
-
-
-def _battle_hits(prep, p: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of `rows`: the decided battles whose winner `p` predicts, and the decided battles."""
-    right, owner = _battle_parts(prep, p, rows)
-    return (np.bincount(owner, weights=right.astype(float), minlength=len(rows)),
+    winner, loser = np.where(s > 0.5, a, o), np.where(s > 0.5, o, a)
+    w, lo = strength[owner, winner], strength[owner, loser]
+    right = np.where(w == lo, 0.5, (w > lo).astype(float))
+    return (np.bincount(owner, weights=right, minlength=len(rows)),
             np.bincount(owner, minlength=len(rows)).astype(float))
+
+
+def outcome_parts(p: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`prompt_parts` of an N-model table: [the outcome of the observed model `p` ranks first, 1], or
+    [0, 0] where no model is observed."""
+    from .multi import pick
+
+    j = pick(p, mask)
+    ok = j >= 0
+    return np.column_stack([np.where(ok, target[np.arange(len(p)), np.maximum(j, 0)], 0.0), ok])
+
+
+def is_pair_measure(n_models: int, pair, pairwise: bool) -> bool:
+    """The routing measure is the pair's APGR: outcomes (not battles) of exactly two models, a weak/strong pair."""
+    return not pairwise and n_models == 2 and pair is not None
+
+
+def _pair_measured(prep) -> bool:
+    return is_pair_measure(len(prep.models), prep.pair, prep.battles is not None)
+
+
+def prompt_parts(prep, p: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per prompt of `rows`, what the routing measure of `p` (probabilities for `rows`) is made of: the pair
+    score for a weak/strong pair; else [value, count] columns whose sums' ratio is the measure (the argmax
+    model's outcome; pairwise data: battles predicted, battles decided). Candidates' parts can be mixed
+    prompt by prompt (`out_of_fold_choice`) and resampled without predicting again."""
+    from .module import pair_score
+
+    if prep.battles is not None:
+        return np.column_stack(_battle_hits(prep, p, rows))
+    if _pair_measured(prep):
+        return pair_score(p, prep.pair)
+    return outcome_parts(p, prep.target[rows], prep.mask[rows])
+
+
+def measure(prep, rows: np.ndarray) -> Callable[[np.ndarray, np.ndarray], float]:
+    """quality(parts, positions): the routing measure on those positions of `rows` from their `prompt_parts`."""
+    if _pair_measured(prep):
+        return pair_measure(prep.target[rows], prep.mask[rows], prep.pair)
+    return ratio_measure
+
+
+def pair_measure(target: np.ndarray, mask: np.ndarray, pair: tuple[int, int]) -> Callable:
+    """quality(pair scores, positions): APGR on the positions where both models are observed."""
+    from .metrics import apgr
+
+    w, s = pair
+    both = mask[:, w] & mask[:, s]
+    return lambda scores, i: float(apgr(scores[i][both[i]], target[i, w][both[i]], target[i, s][both[i]]))
+
+
+def ratio_measure(parts: np.ndarray, i: np.ndarray) -> float:
+    """quality([value, count] parts, positions): summed values over summed counts (0 with no count)."""
+    count = parts[i, 1].sum()
+    return float(parts[i, 0].sum() / count) if count else 0.0
 
 
 def val_quality(prep, p: np.ndarray, rows: np.ndarray, resample: np.ndarray | None = None) -> float:
     """The routing measure of `p` (probabilities for `rows`), optionally on resampled positions of `rows`."""
-    from .metrics import apgr
-    from .module import pair_score
-    from .multi import routed
-
     i = np.arange(len(rows)) if resample is None else resample
+    return measure(prep, rows)(prompt_parts(prep, p, rows), i)
+
+
+def measure_name(prep) -> str:
     if prep.battles is not None:
-        hits, counts = _battle_hits(prep, p, rows)
-        return float(hits[i].sum() / max(counts[i].sum(), 1.0))
-    t, m = prep.target[rows][i], prep.mask[rows][i]
-    if len(prep.models) == 2 and prep.pair is not None:
-        w, s = prep.pair
-        both = m[:, w] & m[:, s]
-        return float(apgr(pair_score(p[i][both], prep.pair), t[both, w], t[both, s]))
-    return routed(p[i], t, m)[1]
+        return "win prediction on battles"
+    return "APGR" if _pair_measured(prep) else "mean outcome of the argmax model"
 
 
 def paired_win_rate(n: int, beats: Callable[[np.ndarray], bool], resamples: int = BOOTSTRAP,
@@ -116,13 +163,8 @@ def out_of_fold_choice(candidates: list[np.ndarray], quality: Callable[[np.ndarr
 
 def bootstrap_win_rate(prep, p: np.ndarray, base: np.ndarray, rows: np.ndarray, seed: int = 0) -> float:
     """Share of paired bootstrap resamples of `rows` where `p` routes better than `base`."""
-    if prep.battles is not None:
-        # Per-row hits once (a Python pass over the battles); both share the resample's battle count, so
-        # comparing hit sums is comparing accuracies.
-        hits_p, hits_base = _battle_hits(prep, p, rows)[0], _battle_hits(prep, base, rows)[0]
-        return paired_win_rate(len(rows), lambda i: hits_p[i].sum() > hits_base[i].sum(), seed=seed)
-    return paired_win_rate(len(rows), lambda i: val_quality(prep, p, rows, i) > val_quality(prep, base, rows, i),
-                           seed=seed)
+    quality, a, b = measure(prep, rows), prompt_parts(prep, p, rows), prompt_parts(prep, base, rows)
+    return paired_win_rate(len(rows), lambda i: quality(a, i) > quality(b, i), seed=seed)
 
 
 def choose_group_by(prep, cfg, workdir: Path):
@@ -144,7 +186,7 @@ def choose_group_by(prep, cfg, workdir: Path):
     with tempfile.TemporaryDirectory(prefix="prerouter-select-") as scratch:  # the folds' heads are not kept
         pool, oof = _out_of_fold(prep, cfg, Path(scratch), candidates)
     quality = {name: val_quality(prep, p, pool) for name, p in oof.items()}
-    record = {"rule": f"teacher head, {_measure(prep)} of its out-of-fold predictions ({FOLDS} folds over the "
+    record = {"rule": f"teacher head, {measure_name(prep)} of its out-of-fold predictions ({FOLDS} folds over the "
                       f"train and validation prompts); a group replaces none when it wins in >= {MIN_WIN_RATE:.0%} "
                       f"of {BOOTSTRAP} paired bootstrap resamples",
               "candidates": {NO_GROUP if k is None else k: round(v, 4) for k, v in quality.items()}, "win_rate": {}}
@@ -203,9 +245,3 @@ def _shown(candidate: str) -> str:
 
 def replace_group(train_cfg, column: str | None):
     return train_cfg.model_copy(update={"group_by": column})
-
-
-def _measure(prep) -> str:
-    if prep.battles is not None:
-        return "win prediction on battles"
-    return "APGR" if len(prep.models) == 2 and prep.pair is not None else "mean outcome of the argmax model"

@@ -61,3 +61,27 @@ def test_without_a_categorical_column_nothing_is_cross_validated(tmp_path):
     _, resolved, record = choose_group_by(prep, load_config(overrides=["teacher.epochs=2"]), tmp_path)
     assert record["group_by"] is None and resolved.train.group_by is None and record["candidates"] == {}
     assert np.array_equal(prep.fit_target, prep.target) and prep.teacher_prob.shape == prep.target.shape
+
+
+def test_win_prediction_on_battles_is_evaluates_win_accuracy_ties_included():
+    # The measure validation choices and tune studies maximise on pairwise data is the one `evaluate`
+    # reports: tied battles left out, a prediction of exactly equal strengths earning half a battle.
+    from pipeline.metrics import win_accuracy
+
+    rng = np.random.default_rng(0)
+    n, m = 300, 4
+    battles = [np.column_stack([a := rng.integers(m, size=3), (a + rng.integers(1, m, size=3)) % m,
+                                rng.choice([0.0, 0.5, 1.0], size=3)]).astype(np.float32) for _ in range(n)]
+    p = rng.choice([0.2, 0.5, 0.7], size=(n, m))  # few values: many battles between equal strengths
+    prep = Prepared(name="t", models=[f"m{j}" for j in range(m)], costs=[None] * m, pair=(0, 3), prompts=[""] * n,
+                    prompt_ids=[str(i) for i in range(n)], target=np.full((n, m), 0.5, np.float32),
+                    mask=np.ones((n, m), bool), split=np.array(["val"] * n), teacher_emb=np.zeros((n, 1)),
+                    data_hash="x", stats={}, battles=battles)
+    flat = np.concatenate(battles)
+    owner = np.repeat(np.arange(n), 3)
+    a, b = flat[:, 0].astype(int), flat[:, 1].astype(int)
+    logit = np.log(p / (1 - p))
+    p_a = 1 / (1 + np.exp(-(logit[owner, a] - logit[owner, b])))
+    p_a[logit[owner, a] == logit[owner, b]] = 0.5
+    assert (p_a == 0.5).sum() > 100
+    assert abs(val_quality(prep, p, np.arange(n)) - win_accuracy(p_a, flat[:, 2])) < 1e-12
