@@ -202,15 +202,18 @@ def collate(items: list[dict]) -> dict:
     if "battles" in items[0]:  # pairwise data: per-prompt battle outcomes as dense [b, m, m] pair targets
         m = items[0]["target"].shape[0]
         score = np.zeros((len(items), m, m), dtype=np.float32)
-        count = np.zeros_like(score)
+        count, wins = np.zeros_like(score), np.zeros_like(score)
         for j, it in enumerate(items):
             a, b, s = it["battles"][:, 0].astype(int), it["battles"][:, 1].astype(int), it["battles"][:, 2]
             np.add.at(score[j], (a, b), s)
             np.add.at(score[j], (b, a), 1 - s)
             np.add.at(count[j], (a, b), 1)
             np.add.at(count[j], (b, a), 1)
+            decided = s != 0.5  # [winner, loser] of the decided battles, for the validation win prediction
+            np.add.at(wins[j], (np.where(s > 0.5, a, b)[decided], np.where(s > 0.5, b, a)[decided]), 1)
         batch["pair_target"] = torch.from_numpy(score / np.maximum(count, 1))
         batch["pair_weight"] = torch.from_numpy((count > 0).astype(np.float32))
+        batch["battle_wins"] = torch.from_numpy(wins)
     if "ids" in items[0]:
         width = max(len(it["ids"]) for it in items)
         ids = np.zeros((len(items), width), dtype=np.int64)

@@ -118,26 +118,46 @@ class RouterModule(pl.LightningModule):
         _, hard = self._loss(batch, h, logits)
         # sync_dist: under ddp every process sees the same mean, so early stopping and checkpointing agree
         self.log("val_loss", hard, prog_bar=True, batch_size=len(batch["target"]), sync_dist=True)
-        if self.pair is not None:  # kept on the device until the epoch's outputs are gathered
-            rows = batch["row"] if "row" in batch else torch.full((len(logits),), -1, device=logits.device)
-            self._val.append((torch.sigmoid(logits.detach()).float(), batch["target"].float(),
-                              batch["mask"].to(torch.uint8), rows.to(torch.int64)))
+        # kept on the device until the epoch's outputs are gathered
+        rows = batch["row"] if "row" in batch else torch.full((len(logits),), -1, device=logits.device)
+        if "battle_wins" in batch:  # pairwise data: [battles predicted, battles decided] per prompt
+            wins = batch["battle_wins"]
+            diff = (logits.detach().unsqueeze(2) - logits.detach().unsqueeze(1)).to(wins.dtype)
+            right = (diff > 0).to(wins.dtype) + 0.5 * (diff == 0).to(wins.dtype)  # equal: half, as in evaluate
+            battles = torch.stack([(wins * right).sum((1, 2)), wins.sum((1, 2))], 1).float()
+        else:
+            battles = torch.full((len(logits), 2), -1.0, dtype=torch.float32, device=logits.device)
+        self._val.append((torch.sigmoid(logits.detach()).float(), batch["target"].float(),
+                          batch["mask"].to(torch.uint8), rows.to(torch.int64), battles))
 
     def on_validation_epoch_end(self):
+        from .metrics import apgr
+        from .select import is_pair_measure, outcome_parts, pair_measure, ratio_measure
+
+        p, t, m, rows, battles = self._validation_outputs()
+        self._val.clear()
+        if not len(p):
+            return
+        everything = np.arange(len(p))
+        # identical on every process (computed from all of them), so the mean sync_dist takes is a no-op
         if self.pair is not None:
-            p, t, m, rows = self._validation_outputs()
             weak, strong = self.pair
             both = m[:, weak] & m[:, strong]
             if both.sum() > 1:
-                from .metrics import apgr
-
-                # identical on every process (computed from all of them), so the mean sync_dist takes is a no-op
                 self.log("val_apgr", float(apgr(pair_score(p[both], self.pair), t[both, weak], t[both, strong])),
                          prog_bar=True, sync_dist=True)
-        self._val.clear()
+        # the pipeline's routing measure (select.val_quality), for pruning a tune study's trials
+        pairwise = bool((battles[:, 0] >= 0).all())
+        if pairwise:
+            quality = ratio_measure(battles, everything)
+        elif is_pair_measure(p.shape[1], self.pair, pairwise):
+            quality = pair_measure(t, m, self.pair)(pair_score(p, self.pair), everything)
+        else:
+            quality = ratio_measure(outcome_parts(p, t, m), everything)
+        self.log("val_quality", float(quality), sync_dist=True)
 
-    def _validation_outputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """This epoch's validation (probabilities, targets, mask, rows) from every process, on the host.
+    def _validation_outputs(self) -> tuple[np.ndarray, ...]:
+        """This epoch's validation (probabilities, targets, mask, rows, battle parts) from every process, on the host.
 
         Under a distributed strategy each process validates its share of the rows (the distributed
         sampler pads the shares to equal length by repeating rows); the shares are all-gathered and
@@ -145,9 +165,11 @@ class RouterModule(pl.LightningModule):
         order one process would see it."""
         width = self.net.head.net[-1].out_features
         cols = [torch.cat(c) for c in zip(*self._val)] if self._val else [
-            torch.zeros((0, width), device=self.device), torch.zeros((0, width), device=self.device),
+            torch.zeros((0, width), dtype=torch.float32, device=self.device),
+            torch.zeros((0, width), dtype=torch.float32, device=self.device),
             torch.zeros((0, width), dtype=torch.uint8, device=self.device),
-            torch.zeros(0, dtype=torch.int64, device=self.device)]
+            torch.zeros(0, dtype=torch.int64, device=self.device),
+            torch.zeros((0, 2), dtype=torch.float32, device=self.device)]
         if self.trainer.world_size > 1:
             sizes = self.all_gather(torch.tensor([len(cols[0])], device=cols[0].device)).flatten().tolist()
             top = max(sizes)
@@ -157,11 +179,11 @@ class RouterModule(pl.LightningModule):
                 out[: len(c)] = c
                 padded.append(self.all_gather(out))  # [world, top, ...]
             cols = [torch.cat([g[r, :n] for r, n in enumerate(sizes)]) for g in padded]
-        p, t, m, rows = (c.cpu().numpy() for c in cols)
+        p, t, m, rows, battles = (c.cpu().numpy() for c in cols)
         if (rows >= 0).all():
             _, first = np.unique(rows, return_index=True)  # sorted by row, each row once
-            p, t, m, rows = p[first], t[first], m[first], rows[first]
-        return p, t, m.astype(bool), rows
+            p, t, m, rows, battles = p[first], t[first], m[first], rows[first], battles[first]
+        return p, t, m.astype(bool), rows, battles
 
     def configure_optimizers(self):
         # fused: one kernel over all parameters; ~5x faster steps on CPU for the 30k-row embedding table

@@ -217,13 +217,17 @@ def bundle_meta(prep: Prepared, cfg: Config, p_val: np.ndarray) -> dict:
 
 
 def split_metrics(prep: Prepared, p: np.ndarray, rows: np.ndarray) -> dict:
-    """Routing metrics of probabilities `p` (aligned with `rows`) for the pair, plus mean BCE."""
+    """Routing metrics of probabilities `p` (aligned with `rows`) for the pair, mean BCE, and `quality`: the
+    data's routing measure (`select.val_quality`), which a tune study maximises."""
     from .metrics import routing_metrics
+    from .select import val_quality
 
     t, m = prep.target[rows], prep.mask[rows]
     eps = 1e-6
     bce = -(t * np.log(p + eps) + (1 - t) * np.log(1 - p + eps))
     out = {"bce": float((bce * m).sum() / max(m.sum(), 1))}
+    if len(rows):
+        out["quality"] = val_quality(prep, p, rows)
     if prep.pair is not None:
         weak, strong = prep.pair
         both = m[:, weak] & m[:, strong]

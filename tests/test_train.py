@@ -261,3 +261,48 @@ def test_without_known_costs_the_served_n_model_decision_is_the_quality_argmax()
     # with real costs the default stays the calibrated budget-0.5 λ
     priced = decision_rules(prep([1.0, 2.0, 3.0, 4.0]), p)
     assert "default_cost_weight" not in priced and routing.default_cost_weight(priced) > 0
+
+
+def _layout(kind: str, n: int = 240, seed: int = 0) -> Prepared:
+    """Random data of one layout: a weak/strong pair, 3 models with unobserved outcomes, or battles
+    (several per prompt, ties among them)."""
+    rng = np.random.default_rng(seed)
+    m = 2 if kind == "pair" else 3
+    target = (rng.random((n, m)) < rng.random(m)).astype(np.float32)
+    mask = np.ones((n, m), bool) if kind == "pair" else rng.random((n, m)) < 0.8
+    battles = None
+    if kind == "battles":
+        battles = []
+        for _ in range(n):
+            a = rng.integers(m, size=3)
+            b = (a + rng.integers(1, m, size=3)) % m
+            battles.append(np.column_stack([a, b, rng.choice([0.0, 0.5, 1.0], size=3)]).astype(np.float32))
+        target, mask = np.full((n, m), 0.5, np.float32), np.ones((n, m), bool)
+    split = rng.choice(["train", "val"], size=n, p=[0.5, 0.5])
+    return Prepared(name=kind, models=[f"m{j}" for j in range(m)], costs=[None] * m, pair=(0, m - 1),
+                    prompts=[""] * n, prompt_ids=[str(i) for i in range(n)], target=target, mask=mask,
+                    split=split, teacher_emb=rng.normal(size=(n, 8)).astype(np.float32), data_hash="x",
+                    stats={}, battles=battles)
+
+
+@pytest.mark.parametrize("kind", ["pair", "models", "battles"])
+def test_the_validation_quality_logged_each_epoch_is_the_pipelines_routing_measure(kind, tmp_path):
+    """Tune prunes on the per-epoch `val_quality` and chooses on `select.val_quality`: one measure."""
+    from pipeline.data import RouterData
+    from pipeline.encoders import EmbeddingRouter
+    from pipeline.module import RouterModule
+    from pipeline.select import val_quality
+    from pipeline.train import make_trainer
+
+    torch.manual_seed(0)
+    prep = _layout(kind)
+    net = EmbeddingRouter(8, 16, len(prep.models), 0.0)
+    module = RouterModule(net, 0.01, 0.0, pair=prep.pair, uses_tokens=False)
+    trainer, _ = make_trainer(load_config(), tmp_path, max_epochs=2)
+    trainer.fit(module, datamodule=RouterData(prep, 32))  # the last validation saw the final weights
+    val = prep.rows("val")
+    with torch.no_grad():
+        p = torch.sigmoid(net.eval()(torch.from_numpy(prep.teacher_emb[val]))).numpy()
+    expected = val_quality(prep, p, val)
+    assert 0.0 < expected < 1.0
+    assert trainer.callback_metrics["val_quality"].item() == pytest.approx(expected, abs=1e-6)
