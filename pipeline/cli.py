@@ -209,7 +209,8 @@ def tune(
     storage: Optional[str] = typer.Option(None, help="Journal file, or an SQL URL shared by workers on several "
                                           "machines (default: mlruns/optuna/STUDY.journal)."),
     study_name: Optional[str] = typer.Option(None, help="Study name (default: prerouter-NAME-OBJECTIVE)."),
-    objective: Optional[str] = typer.Option(None, help="quality (validation APGR) | pareto (APGR × p99 latency); "
+    objective: Optional[str] = typer.Option(None, help="quality (the data's validation routing measure: APGR, routed "
+                                            "outcome or win prediction) | pareto (quality × p99 latency); "
                                             "default tune.objective."),
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[List[str]] = OverrideArg,

@@ -1,11 +1,13 @@
 """Tune stage: an Optuna search over the student's training hyperparameters and architecture.
 
-    prerouter tune NAME --trials 20                      # validation APGR, pruned
-    prerouter tune NAME --trials 20 --objective pareto   # validation APGR x p99 decision latency
+    prerouter tune NAME --trials 20                      # validation routing quality, pruned
+    prerouter tune NAME --trials 20 --objective pareto   # validation routing quality x p99 decision latency
 
-The data are prepared and the teacher head is fitted once per process; each trial only distils a
-student. Pruning (median or Hyperband, `tune.pruner`) reads the per-epoch validation APGR, or the
-validation loss when the data have no weak/strong pair.
+The objective is the data's routing measure on the validation split, the one the pipeline's own choices
+use (`select.val_quality`): the pair's APGR for two models, the mean outcome of each prompt's argmax model
+for more, the share of battles whose winner the strengths predict for pairwise data. The data are
+prepared and the teacher head is fitted once per process; each trial only distils a student. Pruning
+(median or Hyperband, `tune.pruner`) reads the same measure after every epoch (`val_quality`).
 
 Search space: `SPACE` in `tune_space.py`, narrowed or extended per config key by `tune.space`.
 Trial 0 of a new study is the base configuration (its values that lie inside the space); another trial
@@ -15,7 +17,7 @@ is chosen over it only when it routes validation better in at least 90% of paire
 Pareto mode. The second objective is the p99 of single int8 decisions (tokenization included, CPU
 time of the deciding thread, steady when other processes share the machine) of the candidate
 exported to ONNX, parity gate included. Optuna does not prune multi-objective studies. The chosen
-trial is the best validation APGR on the front whose p99 is within `export.budget_ms`.
+trial is the best validation quality on the front whose p99 is within `export.budget_ms`.
 
 Budget and resuming. `--trials N` is the size of the whole study: trials that finished (complete or
 pruned) in earlier or parallel processes count, so a rerun of the same command runs only the rest.
@@ -48,7 +50,8 @@ from optuna.trial import TrialState
 
 from .common import ConfigError, console, mlruns_root, sha256_json
 from .config import Config, check_machine, load_config
-from .tune_results import TuneResult, finish, pair_rows
+from .select import measure_name
+from .tune_results import TuneResult, finish
 from .tune_space import apply, base_values, search_space, suggest
 from .tune_storage import StudyStorage, open_storage
 
@@ -163,7 +166,7 @@ def run_trial(trial: optuna.Trial, prep, cfg: Config, space: dict, pareto: bool,
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import MlflowClient
 
-    from .module import pair_score
+    from .select import prompt_parts
     from .train import fit_student, predict, split_metrics
 
     values = suggest(trial, space, cfg)
@@ -179,7 +182,7 @@ def run_trial(trial: optuna.Trial, prep, cfg: Config, space: dict, pareto: bool,
     if not pareto:  # Optuna prunes single-objective studies only
         from optuna_integration import PyTorchLightningPruningCallback
 
-        callbacks.append(PyTorchLightningPruningCallback(trial, "val_apgr" if prep.pair is not None else "val_loss"))
+        callbacks.append(PyTorchLightningPruningCallback(trial, "val_quality"))
     state, t0 = "FAIL", time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="prerouter-trial-") as work:
@@ -191,9 +194,9 @@ def run_trial(trial: optuna.Trial, prep, cfg: Config, space: dict, pareto: bool,
             p_val = predict(net, prep, tcfg, val)
             metrics = {f"val_{k}": v for k, v in split_metrics(prep, p_val, val).items()
                        if isinstance(v, (int, float))}
-            result = [metrics["val_apgr"] if prep.pair is not None else metrics["val_bce"]]
-            if prep.pair is not None:  # per-prompt routing scores, for the noise check in `choose`
-                trial.set_user_attr("val_scores", np.round(pair_score(p_val[pair_rows(prep)], prep.pair), 6).tolist())
+            result = [metrics["val_quality"]]
+            # per-prompt parts of the measure, for the out-of-fold check in `choose`
+            trial.set_user_attr("val_parts", np.round(prompt_parts(prep, p_val, val), 6).tolist())
             if pareto:
                 latency = candidate_latency(net, prep, tcfg, p_val, Path(work))
                 metrics |= {"latency_p99_ms": latency["p99"], "latency_cpu_p99_ms": latency["cpu_p99"],
@@ -269,12 +272,12 @@ def tune(name: str, cfg: Config | None = None, trials: int | None = None, timeou
 
         with tempfile.TemporaryDirectory(prefix="prerouter-select-") as work:
             choose_group_by(prep, cfg, Path(work))  # leaves the chosen targets in prep.fit_target
-    quality = "maximize" if prep.pair is not None else "minimize"  # val APGR, else val loss
-    directions = [quality, "minimize"] if pareto else [quality]
+    directions = ["maximize", "minimize"] if pareto else ["maximize"]
     study, store, lock = open_study(name, storage, study_name, directions, cfg, trials)
     with _locked(lock):  # one parent MLflow run and one base trial per study, even when workers start together
         experiment = setup_mlflow()
         _check_same_inputs(study, prep.data_hash, cfg)
+        study.set_user_attr("measure", f"val {measure_name(prep)}")
         if not study.trials:  # start from the base configuration: never worse on validation
             study.enqueue_trial(base_values(space, cfg), user_attrs={"base": True})
         else:

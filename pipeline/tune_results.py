@@ -1,13 +1,14 @@
 """Tune results: the trial a study chooses, and what the last worker writes.
 
-Quality objective: the chosen trial is the one with the best validation APGR, kept over the base trial
-(trial 0, the base configuration) only when the choice holds out of fold: each of 10 folds of the
-validation prompts takes the trial (or the base) best on the other nine, and those scores must route
-better than the base's in at least 90% of paired bootstrap resamples (`select.out_of_fold_choice`, the
-cluster prior's rule; here on 1000 resamples). Differences of a few thousandths of APGR on a thousand
-prompts are noise; testing the top of 20 trials on the prompts that ranked it passes by luck (with 19
-synthetic null trials, on 3 to 11 of 20 sets, by the noise's size; docs/experiments.md).
-Pareto objective: the best validation APGR on the front whose p99 is within `export.budget_ms`.
+Quality objective: the chosen trial is the one with the best validation quality (the data's routing
+measure, `select.val_quality`), kept over the base trial (trial 0, the base configuration) only when the
+choice holds out of fold: each of 10 folds of the validation prompts takes the trial (or the base) best on
+the other nine, and those prompts' parts of the measure must route better than the base's in at least 90%
+of paired bootstrap resamples (`select.out_of_fold_choice`, the cluster prior's rule; here on 1000
+resamples). Differences of a few thousandths of APGR on a thousand prompts are noise; testing the top of
+20 trials on the prompts that ranked it passes by luck (with 19 synthetic null trials, on 3 to 11 of 20
+sets, by the noise's size; docs/experiments.md).
+Pareto objective: the best validation quality on the front whose p99 is within `export.budget_ms`.
 
 The last worker to finish writes `models/NAME/tuned.yaml` (the chosen configuration), plots and tables
 under `models/NAME/tune/`, logs them to the study's MLflow run, and retrains the chosen trial into
@@ -26,8 +27,7 @@ from optuna.trial import TrialState
 
 from .common import console, model_dir, write_json
 from .config import Config
-from .metrics import apgr
-from .select import MIN_WIN_RATE, out_of_fold_choice, paired_win_rate
+from .select import MIN_WIN_RATE, measure, out_of_fold_choice, paired_win_rate
 from .tune_space import apply
 
 TRIAL_RESAMPLES = 1000  # paired bootstrap resamples of the val prompts behind a trial's win rate
@@ -38,60 +38,49 @@ class TuneResult:
     config: Config  # the base configuration with the chosen trial's values applied
     study: optuna.Study
     best_params: dict  # dotted config key -> value (searched and fixed)
-    best_value: float | list[float] | None  # quality: val APGR (or loss); pareto: [quality, p99 ms]
+    best_value: float | list[float] | None  # quality: the val routing measure; pareto: [quality, p99 ms]
     best_trial: int | None
     out_dir: Path
 
 
 def choose(study: optuna.Study, pareto: bool, budget_ms: float, prep=None) -> optuna.trial.FrozenTrial | None:
-    """Quality: the best trial that beats the base trial beyond validation noise, else the base trial
-    (with `prep`, when the objective is APGR). Pareto: the best quality on the front whose p99 is
-    within budget (the fastest front trial, with a warning, when none is)."""
+    """Quality: the best trial that beats the base trial beyond validation noise (with `prep`), else the
+    base trial. Pareto: the best quality on the front whose p99 is within budget (the fastest front
+    trial, with a warning, when none is)."""
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         return None
     if pareto:
-        sign = 1 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
         front = study.best_trials
         within = [t for t in front if t.values[1] <= budget_ms]
         if within:
-            return max(within, key=lambda t: sign * t.values[0])
+            return max(within, key=lambda t: t.values[0])
         console.print(f"[yellow]tune: no candidate is within the {budget_ms:g} ms budget; choosing the fastest[/]")
         return min(front, key=lambda t: t.values[1])
     base = next((t for t in done if t.user_attrs.get("base")), None)
-    if prep is None or prep.pair is None or base is None or "val_scores" not in base.user_attrs:
+    if prep is None or base is None or "val_parts" not in base.user_attrs:
         return study.best_trial
-    scored = [base, *(t for t in done if t.number != base.number and "val_scores" in t.user_attrs)]
+    scored = [base, *(t for t in done if t.number != base.number and "val_parts" in t.user_attrs)]
     best = max(scored, key=lambda t: t.value)  # ties: the base
     if best.number == base.number:
         return base
-    oof = out_of_fold_choice([np.asarray(t.user_attrs["val_scores"]) for t in scored], trial_apgr(prep))
-    win = trial_win_rate(prep, oof, base.user_attrs["val_scores"])
+    oof = out_of_fold_choice([np.asarray(t.user_attrs["val_parts"]) for t in scored], trial_quality(prep))
+    win = trial_win_rate(prep, oof, base.user_attrs["val_parts"])
     if win >= MIN_WIN_RATE:
         return best
-    console.print(f"[dim]tune: keeping the base trial {base.number} (val APGR {base.value:.4f}): the best trial "
+    console.print(f"[dim]tune: keeping the base trial {base.number} (val quality {base.value:.4f}): the best trial "
                   f"{best.number} ({best.value:.4f}), chosen out of fold, wins only {win:.0%} of bootstrap resamples[/]")
     return base
 
 
-def pair_rows(prep) -> np.ndarray:
-    """Positions, within the val rows, of the prompts with both pair models observed: the prompts of a
-    trial's `val_scores`."""
-    weak, strong = prep.pair
-    val = prep.rows("val")
-    return np.flatnonzero(prep.mask[val, weak] & prep.mask[val, strong])
+def trial_quality(prep):
+    """quality(parts, positions): the routing measure of a trial's `val_parts` on those validation prompts."""
+    return measure(prep, prep.rows("val"))
 
 
-def trial_apgr(prep):
-    """quality(scores, positions): the APGR of a trial's `val_scores` on those of its validation prompts."""
-    rows = prep.rows("val")[pair_rows(prep)]
-    weak, strong = prep.target[rows, prep.pair[0]], prep.target[rows, prep.pair[1]]
-    return lambda scores, i: apgr(scores[i], weak[i], strong[i])
-
-
-def trial_win_rate(prep, scores, base_scores, seed: int = 0) -> float:
-    """Share of paired bootstrap resamples of the val prompts where `scores` route with a higher APGR."""
-    quality, a, b = trial_apgr(prep), np.asarray(scores), np.asarray(base_scores)
+def trial_win_rate(prep, parts, base_parts, seed: int = 0) -> float:
+    """Share of paired bootstrap resamples of the val prompts where `parts` route better than `base_parts`."""
+    quality, a, b = trial_quality(prep), np.asarray(parts), np.asarray(base_parts)
     return paired_win_rate(len(a), lambda i: quality(a, i) > quality(b, i), TRIAL_RESAMPLES, seed)
 
 
@@ -148,7 +137,7 @@ def write_tables(study: optuna.Study, out: Path, pareto: bool, best, budget_ms: 
     files = [out / "trials.csv"]
     study.trials_dataframe().to_csv(files[0], index=False)
     target = (lambda t: t.values[0]) if pareto else None
-    label = "val APGR" if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else "val loss"
+    label = study.user_attrs.get("measure", "val quality")
     plots = {"history.png": lambda: vis.plot_optimization_history(study, target=target, target_name=label),
              "importance.png": lambda: vis.plot_param_importances(study, target=target, target_name=label)}
     with warnings.catch_warnings():

@@ -47,6 +47,8 @@ def world(tmp_path_factory):
         files = generate(root / "raw", n_prompts=400, seed=1)
         ingest(str(files["wide"]), name="demo")
         label("demo")
+        ingest(str(files["pairwise"]), name="demo_pairwise")
+        label("demo_pairwise")
         # An MLflow store migrated once (migrations take seconds), copied by each test; artifacts stay in tmp.
         from mlflow import MlflowClient
 
@@ -222,7 +224,7 @@ def _scored_trial(scores, weak, strong, is_base=False):
     from pipeline.metrics import apgr
 
     return optuna.trial.create_trial(value=apgr(scores, weak, strong),
-                                     user_attrs={"val_scores": scores.tolist(), "base": is_base})
+                                     user_attrs={"val_parts": scores.tolist(), "base": is_base})
 
 
 def test_a_trial_replaces_the_base_only_when_better_beyond_validation_noise():
@@ -270,6 +272,40 @@ def test_the_best_of_many_null_trials_does_not_replace_the_base():
     assert replaced <= 3
 
 
+def test_on_an_n_model_table_trials_are_chosen_by_the_routed_outcome():
+    # Three equally good models, no pair measure: a trial's value and parts are the outcome of each
+    # prompt's argmax model. Ten random routers are no better than the base in expectation, and the best
+    # of them beats it on validation by luck; one that mostly picks a model that succeeds is really better.
+    from pipeline.data import Prepared
+    from pipeline.select import outcome_parts, ratio_measure
+    from pipeline.tune_results import choose
+
+    lucky = replaced = found = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        n = 800
+        target = (rng.random((n, 3)) < 0.55).astype(np.float32)
+        mask = rng.random((n, 3)) < 0.9
+        prep = Prepared(name="x", models=["a", "b", "c"], costs=[None] * 3, pair=(0, 2), prompts=[""] * n,
+                        prompt_ids=[str(i) for i in range(n)], target=target, mask=mask,
+                        split=np.array(["val"] * n), teacher_emb=np.zeros((n, 1)), data_hash="", stats={})
+
+        def trial(p, is_base=False):
+            parts = outcome_parts(p, target, mask)
+            return optuna.trial.create_trial(value=ratio_measure(parts, np.arange(n)),
+                                             user_attrs={"val_parts": parts.tolist(), "base": is_base})
+
+        study = optuna.create_study(direction="maximize")
+        study.add_trial(trial(np.tile([0.6, 0.5, 0.5], (n, 1)), is_base=True))  # always the first model
+        for _ in range(10):
+            study.add_trial(trial(rng.random((n, 3))))
+        lucky += study.best_trial.number != 0
+        replaced += choose(study, False, 1.0, prep).number != 0
+        study.add_trial(trial(target + 0.5 * rng.random((n, 3))))
+        found += choose(study, False, 1.0, prep).number == 11
+    assert lucky >= 15 and replaced <= 3 and found == 20  # measured: 18, 2, 20
+
+
 # ----------------------------------------------------------------------------- studies
 
 class PruneTrial(optuna.pruners.BasePruner):
@@ -293,7 +329,7 @@ def test_quality_study_prunes_logs_and_retrains_the_best_trial(world, env, tmp_p
     study = load(result.study.study_name, tmp_path)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
-    assert sorted(trials[1].intermediate_values) == [0, 1]  # val APGR reported every epoch, then pruned
+    assert sorted(trials[1].intermediate_values) == [0, 1]  # val quality reported every epoch, then pruned
     base = {"train.lr": 2e-3, "train.max_epochs": 3, "student.dim": 16, "student.max_tokens": 16}
     assert {k: trials[0].params[k] for k in base} == base  # trial 0 is the base configuration
     for t in trials:  # the narrowed space is honoured
@@ -304,18 +340,21 @@ def test_quality_study_prunes_logs_and_retrains_the_best_trial(world, env, tmp_p
     best = trials[result.best_trial]  # the base trial, unless another beats it beyond noise
     assert best.state == TrialState.COMPLETE and result.best_value == best.value
     assert best.number == 0 or best.value > trials[0].value
-    assert all(len(t.user_attrs["val_scores"]) == 30 for t in trials if t.state == TrialState.COMPLETE)
+    for t in trials:  # 3 models: the objective is the mean outcome of each val prompt's argmax model
+        if t.state == TrialState.COMPLETE:
+            parts = np.asarray(t.user_attrs["val_parts"])  # [outcome of the pick, observed] per val prompt
+            assert parts.shape == (30, 2) and t.value == pytest.approx(parts[:, 0].sum() / parts[:, 1].sum())
     assert result.config.student.dim == best.user_attrs["config"]["student.dim"]
     assert result.config.train.lr == pytest.approx(best.user_attrs["config"]["train.lr"])
 
-    # tuned.yaml loads as a config; the checkpoint is the chosen trial, retrained to the same val APGR
+    # tuned.yaml loads as a config; the checkpoint is the chosen trial, retrained to the same val quality
     tuned = load_config(Path(env["PREROUTER_MODELS_DIR"]) / "demo" / "tuned.yaml")
     assert tuned == result.config
     meta = load_trained("demo").meta
     # the checkpoint records the resolved config: group_by "auto" becomes the column the pipeline chose
     chosen = meta["selection"]["group_by"] if result.config.train.group_by == "auto" else result.config.train.group_by
     assert meta["config"] == result.config.to_dict() | {"train": result.config.to_dict()["train"] | {"group_by": chosen}}
-    assert meta["metrics"]["val"]["apgr"] == pytest.approx(best.value, abs=1e-9)
+    assert meta["metrics"]["val"]["quality"] == pytest.approx(best.value, abs=1e-9)
     out = Path(env["PREROUTER_MODELS_DIR"]) / "demo" / "tune"
     assert (out / "history.png").stat().st_size > 1000 and (out / "importance.png").stat().st_size > 1000
 
@@ -325,13 +364,31 @@ def test_quality_study_prunes_logs_and_retrains_the_best_trial(world, env, tmp_p
     by_name = children.set_index("tags.mlflow.runName")
     assert sorted(by_name.index) == ["train-demo", "trial-0", "trial-1", "trial-2"]
     assert by_name.loc["trial-1", "tags.optuna.state"] == "PRUNED"
-    assert by_name.loc["trial-0", "metrics.result.val_apgr"] == pytest.approx(trials[0].value)
+    assert by_name.loc["trial-0", "metrics.result.val_quality"] == pytest.approx(trials[0].value)
     tags = runs().set_index("run_id").loc[parent]
     assert tags["tags.best_trial"] == str(best.number) and tags["status"] == "FINISHED"
 
     # a rerun with the same budget runs nothing new and keeps the result
     again = tune_module.tune("demo", cfg, trials=3)
     assert len(load(result.study.study_name, tmp_path).trials) == 3 and again.best_trial == best.number
+
+
+def test_a_study_on_battles_maximises_win_prediction(world, env, tmp_path):
+    from pipeline.train import load_trained
+    from pipeline.tune import tune
+
+    cfg = load_config(world["config"])
+    result = tune("demo_pairwise", cfg, trials=2)
+    study = load(result.study.study_name, tmp_path)
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE]
+    assert study.user_attrs["measure"] == "val win prediction on battles"
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        parts = np.asarray(t.user_attrs["val_parts"])  # [battles predicted, battles decided] per val prompt
+        assert t.value == pytest.approx(parts[:, 0].sum() / parts[:, 1].sum())
+        assert t.intermediate_values and all(0 <= v <= 1 for v in t.intermediate_values.values())
+    # the retrained checkpoint predicts the chosen trial's share of validation battles
+    assert load_trained("demo_pairwise").meta["metrics"]["val"]["quality"] == pytest.approx(result.best_value, abs=1e-9)
+    assert 0.5 < result.best_value < 1.0
 
 
 def test_a_killed_study_resumes_without_repeating_finished_trials(world, env, tmp_path, workers):
@@ -417,9 +474,9 @@ def test_pareto_study_writes_the_front_and_picks_within_budget(world, env, tmp_p
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 2
     for t in done:
-        apgr, p99 = t.values
+        quality, p99 = t.values
         assert 0 < p99 < 1000 and t.user_attrs["latency_p99_ms"] > 0
-        assert apgr == pytest.approx(t.user_attrs["val_apgr"])
+        assert quality == pytest.approx(t.user_attrs["val_quality"])
     within = max(study.best_trials, key=lambda t: t.values[0])
     assert result.best_trial == within.number and result.best_value == within.values
     assert choose(study, True, 1e-9).number == min(study.best_trials, key=lambda t: t.values[1]).number
