@@ -149,6 +149,10 @@ def write_tables(study: optuna.Study, out: Path, pareto: bool, best, budget_ms: 
                 console.print(f"[dim]tune: no {fname}: {e}[/]")
                 continue
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            if fname == "history.png" and not pareto:  # the chosen trial need not be the best value
+                ax.scatter([best.number], [best.value], marker="*", s=250, c="tab:red", zorder=3,
+                           label=f"chosen (trial {best.number})")
+                ax.legend(loc="upper left", bbox_to_anchor=(1.04, 1))
             fig.set_size_inches(9, 5)
             fig.tight_layout()
             fig.savefig(out / fname, dpi=100)
