@@ -277,7 +277,7 @@ def tune(name: str, cfg: Config | None = None, trials: int | None = None, timeou
     with _locked(lock):  # one parent MLflow run and one base trial per study, even when workers start together
         experiment = setup_mlflow()
         _check_same_inputs(study, prep.data_hash, cfg)
-        study.set_user_attr("measure", f"val {measure_name(prep)}")
+        check_same_measure(study, f"val {measure_name(prep)}")
         if not study.trials:  # start from the base configuration: never worse on validation
             study.enqueue_trial(base_values(space, cfg), user_attrs={"base": True})
         else:
@@ -354,6 +354,16 @@ def _optimise(study, store, prep, cfg, space, pareto, n_trials, timeout, parent,
 def _count(study: optuna.Study, running: bool = False) -> int:
     states = (TrialState.COMPLETE, TrialState.PRUNED) + ((TrialState.RUNNING,) if running else ())
     return len(study.get_trials(deepcopy=False, states=states))
+
+
+def check_same_measure(study: optuna.Study, measure: str) -> None:
+    """A study's trials are compared on one measure. Studies from before the objective was the data's routing
+    measure scored the labeled pair's APGR and stored no per-prompt parts for the out-of-fold check."""
+    old = study.user_attrs.get("measure", "the labeled pair's val APGR")
+    if study.trials and old != measure:
+        raise ConfigError(f"study {study.study_name!r} scored its trials by {old}, not {measure}: pass another "
+                          "--study-name (or delete the study)")
+    study.set_user_attr("measure", measure)
 
 
 def _check_same_inputs(study: optuna.Study, data_hash: str, cfg: Config) -> None:

@@ -489,6 +489,21 @@ def test_pareto_study_writes_the_front_and_picks_within_budget(world, env, tmp_p
     assert np.isclose(read_json(out / "summary.json")["best_values"], within.values).all()
 
 
+def test_a_study_scored_by_another_measure_is_not_continued():
+    from pipeline.tune import check_same_measure
+
+    study = optuna.create_study(direction="maximize")
+    check_same_measure(study, "val APGR")  # a new study takes the data's measure
+    study.add_trial(optuna.trial.create_trial(value=0.7))
+    check_same_measure(study, "val APGR")  # and continues on it
+    with pytest.raises(ConfigError, match="scored its trials by val APGR, not val mean outcome"):
+        check_same_measure(study, "val mean outcome of the argmax model")
+    older = optuna.create_study(direction="maximize")  # trials from before the measure was recorded
+    older.add_trial(optuna.trial.create_trial(value=0.7))
+    with pytest.raises(ConfigError, match="the labeled pair's val APGR"):
+        check_same_measure(older, "val APGR")
+
+
 def test_a_failed_base_trial_is_enqueued_again_until_it_runs(capsys):
     from pipeline.tune import MAX_FAILURES, requeue_base
     from pipeline.tune_space import base_values, search_space
