@@ -147,6 +147,10 @@ def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> P
     lines += ["", "## Metrics", ""]
     metrics = router.get("metrics") or {}
     lines.append(_nested_table(metrics) if metrics else "No metrics recorded at export time.")
+    if any(isinstance(v, Mapping) and "quality" in v for v in metrics.values()):
+        lines += ["", "`quality` is the routing measure the pipeline chooses its settings by (and `prerouter tune` "
+                  "maximises): the pair's APGR for two models, the mean outcome of each prompt's highest-scored "
+                  "model for more, the share of decided battles whose winner the scores predict for pairwise data."]
     lines += ["", "## Latency", ""]
     latency = router.get("latency") or {}
     if latency:

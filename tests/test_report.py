@@ -114,6 +114,10 @@ def test_model_card_is_a_pure_function_of_router_json(tmp_path):
             in write_model_card(tmp_path / "b", chosen).read_text())
     kept_none = chosen | {"selection": chosen["selection"] | {"group_by": None}}
     assert "no group smoothing (cross-validated)" in write_model_card(tmp_path / "b", kept_none).read_text()
+    assert "`quality` is the routing measure" not in text  # said only where the metrics have one
+    measured = r | {"metrics": {"val": {"apgr": 0.61, "quality": 0.61}, "test": {"apgr": 0.59, "quality": 0.59}}}
+    card = write_model_card(tmp_path / "b", measured).read_text()
+    assert "| quality | 0.61 | 0.59 |" in card and "`quality` is the routing measure" in card
 
 
 # ---------------------------------------------------------------------------------------------
