@@ -13,7 +13,10 @@ quality go into the training run and into router.json (`selection`).
 
 Validation quality (`val_quality`) is the routing measure of the data: APGR for a weak/strong pair of
 two models, the mean outcome of each prompt's argmax model for more, and for pairwise data the share
-of validation battles whose winner sigmoid(logit_a - logit_b) predicts.
+of decided validation battles whose winner sigmoid(logit_a - logit_b) predicts (half a battle for equal
+strengths, as in `evaluate`). It is built from per-prompt parts (`prompt_parts`, `measure`), so a choice
+among candidates can mix them prompt by prompt and resample them without predicting again; group
+smoothing, the cluster prior and a tune study's trials are all chosen by it.
 """
 from __future__ import annotations
 
