@@ -31,7 +31,8 @@ from torch import nn
 from .baselines import cluster_accuracy
 from .common import console
 from .routing import logit, sigmoid
-from .select import BOOTSTRAP, CHOICE_FOLDS, MIN_WIN_RATE, bootstrap_win_rate, out_of_fold_choice, val_quality
+from .select import (BOOTSTRAP, CHOICE_FOLDS, MIN_WIN_RATE, measure, out_of_fold_choice, parts_win_rate,
+                     prompt_parts, val_quality)
 
 KS = (10, 20, 40)
 TEMPERATURES = (0.02, 0.05, 0.1)
@@ -137,14 +138,16 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
             table = cluster_accuracy(km.labels_, prep.target[train], prep.mask[train], k)
         settings += [(k, tau, beta, centroids, table, blend(p_val, h_val, centroids, table, beta, tau, pairwise))
                      for tau in TEMPERATURES for beta in BETAS]
-    quality = [val_quality(prep, s[-1], val) for s in settings]
+    # per-prompt parts of the measure once per setting: the out-of-fold choice mixes and resamples them
+    quality_of, everything = measure(prep, val), np.arange(len(val))
+    parts = [prompt_parts(prep, p_val, val), *(prompt_parts(prep, s[-1], val) for s in settings)]
+    quality = [quality_of(x, everything) for x in parts[1:]]
     best = int(np.argmax(quality))
     if quality[best] <= base:
         console.print(f"cluster prior chosen on validation: [bold]none[/] (no setting beats {base:.4f})")
         return None, record
     k, tau, beta, centroids, table, _ = settings[best]
-    oof = out_of_fold_choice([p_val, *(s[-1] for s in settings)], lambda p, i: val_quality(prep, p[i], val[i]), seed)
-    rate = bootstrap_win_rate(prep, oof, p_val, val, seed)
+    rate = parts_win_rate(quality_of, out_of_fold_choice(parts, quality_of, seed), parts[0], seed=seed)
     record.update(best={"k": k, "temperature": tau, "beta": beta, "quality": round(quality[best], 4)},
                   win_rate=rate)
     if rate < MIN_WIN_RATE:

@@ -164,10 +164,17 @@ def out_of_fold_choice(candidates: list[np.ndarray], quality: Callable[[np.ndarr
     return out
 
 
+def parts_win_rate(quality: Callable[[np.ndarray, np.ndarray], float], parts: np.ndarray, base_parts: np.ndarray,
+                   resamples: int = BOOTSTRAP, seed: int = 0) -> float:
+    """Share of paired bootstrap resamples of the prompts where `parts` route better than `base_parts`
+    (`prompt_parts` of the same rows; `quality` is their `measure`)."""
+    a, b = np.asarray(parts), np.asarray(base_parts)
+    return paired_win_rate(len(a), lambda i: quality(a, i) > quality(b, i), resamples, seed)
+
+
 def bootstrap_win_rate(prep, p: np.ndarray, base: np.ndarray, rows: np.ndarray, seed: int = 0) -> float:
     """Share of paired bootstrap resamples of `rows` where `p` routes better than `base`."""
-    quality, a, b = measure(prep, rows), prompt_parts(prep, p, rows), prompt_parts(prep, base, rows)
-    return paired_win_rate(len(rows), lambda i: quality(a, i) > quality(b, i), seed=seed)
+    return parts_win_rate(measure(prep, rows), prompt_parts(prep, p, rows), prompt_parts(prep, base, rows), seed=seed)
 
 
 def choose_group_by(prep, cfg, workdir: Path):

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 
 from .common import console, model_dir, write_json
 from .config import Config
-from .select import MIN_WIN_RATE, measure, out_of_fold_choice, paired_win_rate
+from .select import MIN_WIN_RATE, measure, out_of_fold_choice, parts_win_rate
 from .tune_space import apply
 
 TRIAL_RESAMPLES = 1000  # paired bootstrap resamples of the val prompts behind a trial's win rate
@@ -80,8 +80,7 @@ def trial_quality(prep):
 
 def trial_win_rate(prep, parts, base_parts, seed: int = 0) -> float:
     """Share of paired bootstrap resamples of the val prompts where `parts` route better than `base_parts`."""
-    quality, a, b = trial_quality(prep), np.asarray(parts), np.asarray(base_parts)
-    return paired_win_rate(len(a), lambda i: quality(a, i) > quality(b, i), TRIAL_RESAMPLES, seed)
+    return parts_win_rate(trial_quality(prep), parts, base_parts, TRIAL_RESAMPLES, seed)
 
 
 def finish(name: str, study: optuna.Study, cfg: Config, pareto: bool, prep, parent: str) -> TuneResult:
