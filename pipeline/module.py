@@ -132,7 +132,7 @@ class RouterModule(pl.LightningModule):
 
     def on_validation_epoch_end(self):
         from .metrics import apgr
-        from .select import is_pair_measure, outcome_parts, pair_measure, ratio_measure
+        from .select import measure_of, parts_of
 
         p, t, m, rows, battles = self._validation_outputs()
         self._val.clear()
@@ -148,12 +148,8 @@ class RouterModule(pl.LightningModule):
                          prog_bar=True, sync_dist=True)
         # the pipeline's routing measure (select.val_quality), for pruning a tune study's trials
         pairwise = bool((battles[:, 0] >= 0).all())
-        if pairwise:
-            quality = ratio_measure(battles, everything)
-        elif is_pair_measure(p.shape[1], self.pair, pairwise):
-            quality = pair_measure(t, m, self.pair)(pair_score(p, self.pair), everything)
-        else:
-            quality = ratio_measure(outcome_parts(p, t, m), everything)
+        parts = parts_of(p, t, m, self.pair, battles if pairwise else None)
+        quality = measure_of(t, m, self.pair, pairwise)(parts, everything)
         self.log("val_quality", float(quality), sync_dist=True)
 
     def _validation_outputs(self) -> tuple[np.ndarray, ...]:

@@ -32,7 +32,7 @@ from .baselines import cluster_accuracy
 from .common import console
 from .routing import logit, sigmoid
 from .select import (BOOTSTRAP, CHOICE_FOLDS, MIN_WIN_RATE, measure, out_of_fold_choice, parts_win_rate,
-                     prompt_parts, val_quality)
+                     prompt_parts)
 
 KS = (10, 20, 40)
 TEMPERATURES = (0.02, 0.05, 0.1)
@@ -116,7 +116,10 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
 
     train, val = prep.rows("train"), prep.rows("val")
     pairwise = prep.battles is not None
-    base = val_quality(prep, p_val, val)
+    # per-prompt parts of the measure, once per candidate: the out-of-fold choice mixes and resamples them
+    quality_of, everything = measure(prep, val), np.arange(len(val))
+    base_parts = prompt_parts(prep, p_val, val)
+    base = quality_of(base_parts, everything)
     record = {"rule": f"cluster prior on the student's features, validation quality; kept when the out-of-fold "
                       f"choice (each of {CHOICE_FOLDS} validation folds predicted with the setting best on the other "
                       f"{CHOICE_FOLDS - 1}) beats none in >= {MIN_WIN_RATE:.0%} of {BOOTSTRAP} paired bootstrap resamples",
@@ -138,9 +141,7 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
             table = cluster_accuracy(km.labels_, prep.target[train], prep.mask[train], k)
         settings += [(k, tau, beta, centroids, table, blend(p_val, h_val, centroids, table, beta, tau, pairwise))
                      for tau in TEMPERATURES for beta in BETAS]
-    # per-prompt parts of the measure once per setting: the out-of-fold choice mixes and resamples them
-    quality_of, everything = measure(prep, val), np.arange(len(val))
-    parts = [prompt_parts(prep, p_val, val), *(prompt_parts(prep, s[-1], val) for s in settings)]
+    parts = [base_parts, *(prompt_parts(prep, s[-1], val) for s in settings)]
     quality = [quality_of(x, everything) for x in parts[1:]]
     best = int(np.argmax(quality))
     if quality[best] <= base:

@@ -82,8 +82,22 @@ def is_pair_measure(n_models: int, pair, pairwise: bool) -> bool:
     return not pairwise and n_models == 2 and pair is not None
 
 
-def _pair_measured(prep) -> bool:
-    return is_pair_measure(len(prep.models), prep.pair, prep.battles is not None)
+def parts_of(p: np.ndarray, target: np.ndarray, mask: np.ndarray, pair, battle_parts: np.ndarray | None = None):
+    """`prompt_parts` from arrays (probabilities, targets and mask of the same prompts): `battle_parts`
+    ([battles predicted, battles decided] per prompt) for pairwise data, the pair score for a weak/strong
+    pair, else the argmax model's [outcome, 1]."""
+    from .module import pair_score
+
+    if battle_parts is not None:
+        return battle_parts
+    if is_pair_measure(target.shape[1], pair, False):
+        return pair_score(p, pair)
+    return outcome_parts(p, target, mask)
+
+
+def measure_of(target: np.ndarray, mask: np.ndarray, pair, pairwise: bool) -> Callable[[np.ndarray, np.ndarray], float]:
+    """quality(parts, positions) for `parts_of` those prompts: the pair's APGR, else a ratio of summed parts."""
+    return pair_measure(target, mask, pair) if is_pair_measure(target.shape[1], pair, pairwise) else ratio_measure
 
 
 def prompt_parts(prep, p: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -91,20 +105,13 @@ def prompt_parts(prep, p: np.ndarray, rows: np.ndarray) -> np.ndarray:
     score for a weak/strong pair; else [value, count] columns whose sums' ratio is the measure (the argmax
     model's outcome; pairwise data: battles predicted, battles decided). Candidates' parts can be mixed
     prompt by prompt (`out_of_fold_choice`) and resampled without predicting again."""
-    from .module import pair_score
-
-    if prep.battles is not None:
-        return np.column_stack(_battle_hits(prep, p, rows))
-    if _pair_measured(prep):
-        return pair_score(p, prep.pair)
-    return outcome_parts(p, prep.target[rows], prep.mask[rows])
+    battles = np.column_stack(_battle_hits(prep, p, rows)) if prep.battles is not None else None
+    return parts_of(p, prep.target[rows], prep.mask[rows], prep.pair, battles)
 
 
 def measure(prep, rows: np.ndarray) -> Callable[[np.ndarray, np.ndarray], float]:
     """quality(parts, positions): the routing measure on those positions of `rows` from their `prompt_parts`."""
-    if _pair_measured(prep):
-        return pair_measure(prep.target[rows], prep.mask[rows], prep.pair)
-    return ratio_measure
+    return measure_of(prep.target[rows], prep.mask[rows], prep.pair, prep.battles is not None)
 
 
 def pair_measure(target: np.ndarray, mask: np.ndarray, pair: tuple[int, int]) -> Callable:
@@ -131,7 +138,7 @@ def val_quality(prep, p: np.ndarray, rows: np.ndarray, resample: np.ndarray | No
 def measure_name(prep) -> str:
     if prep.battles is not None:
         return "win prediction on battles"
-    return "APGR" if _pair_measured(prep) else "mean outcome of the argmax model"
+    return "APGR" if is_pair_measure(len(prep.models), prep.pair, False) else "mean outcome of the argmax model"
 
 
 def paired_win_rate(n: int, beats: Callable[[np.ndarray], bool], resamples: int = BOOTSTRAP,
