@@ -13,8 +13,8 @@ own entry functions, each a stage timed on its own:
 
     ingest         pipeline.ingest.ingest
     label          pipeline.label.label
-    teacher        pipeline.encoders.teacher_embeddings, on the texts `data.prepare` embeds (templates
-                   learned on the train split and compacted, same ids), so the train stage finds them cached
+    teacher        pipeline.data.prepare: labels loaded and the teacher's embeddings computed (templates
+                   learned on the train split and compacted), so the train stage finds them cached
     student init   pipeline.encoders.static_vectors (teacher_word_embeddings for a transformer student):
                    the teacher-derived token vectors the student starts from; a fixed cost, not growing with n
     train          pipeline.train.train (teacher head, group-smoothing choice, student, cluster prior)
@@ -339,20 +339,6 @@ class Memory:
         return out
 
 
-def _teacher_texts(name: str, cfg) -> tuple[list[str], list[str], dict | None]:
-    """The texts and ids `pipeline.data.prepare` hands to `teacher_embeddings` (`encoders.teacher_inputs`)."""
-    from pipeline.common import arrow_table
-    from pipeline.encoders import teacher_inputs
-    from pipeline.label import load_labels, training_split
-
-    ds, _ = load_labels(name)
-    table = arrow_table(ds)
-    prompt_ids = table.column("prompt_id").to_pylist()
-    split = training_split(table.column("split").to_pylist(), prompt_ids, cfg)
-    templates, texts, ids = teacher_inputs(table.column("prompt").to_pylist(), prompt_ids, split, cfg)
-    return texts, ids, templates
-
-
 def _shards(folder: Path) -> set[str]:
     if not folder.is_dir():
         return set()
@@ -411,8 +397,8 @@ def child(spec_file: str) -> None:
         cfg = stage("startup", startup)
         out["config"] = cfg.to_dict()
         out["torch_threads"] = __import__("torch").get_num_threads()
-        from pipeline.encoders import (cache_dir, encoder_key, static_vectors, teacher_embeddings,
-                                       teacher_word_embeddings)
+        from pipeline.data import prepare
+        from pipeline.encoders import cache_dir, encoder_key, static_vectors, teacher_word_embeddings
         from pipeline.evaluate import evaluate
         from pipeline.export import export
         from pipeline.ingest import ingest
@@ -425,12 +411,12 @@ def child(spec_file: str) -> None:
         teacher_dir = cache_dir() / "teacher" / encoder_key(cfg.teacher.path, cfg.teacher.max_tokens)
         before = _shards(teacher_dir)
 
-        def embed():
-            texts, ids, templates = _teacher_texts(DATASET, cfg)
-            emb = teacher_embeddings(texts, ids, cfg.teacher.path, cfg.teacher.max_tokens, cfg.teacher.batch_size,
-                                     cfg.teacher.device)
+        def embed():  # `prepare` as `train` calls it; its time is the teacher's embeddings
+            prep = prepare(DATASET, cfg)
+            templates = prep.templates
             learned = 0 if templates is None else len(templates["prefixes"]) + len(templates["suffixes"])
-            out["teacher"] = {"prompts": len(texts), "dim": int(emb.shape[1]), "templates": learned}
+            out["teacher"] = {"prompts": len(prep.prompts), "dim": int(prep.teacher_emb.shape[1]),
+                              "templates": learned}
 
         stage("teacher", embed)
         out["teacher"]["computed_shards"] = len(_shards(teacher_dir) - before)
