@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
 
-def _is_json_ext(typ: pa.DataType) -> bool:
+def is_json_ext(typ: pa.DataType) -> bool:
     return isinstance(typ, pa.BaseExtensionType) and typ.extension_name == "arrow.json"
 
 
@@ -49,8 +49,8 @@ def as_text(col: pa.ChunkedArray, turns_json: bool = False) -> tuple[pa.ChunkedA
                 bad[i] = True
             out.append(text)
         return pa.chunked_array([pa.array(out, pa.string())]), bad
-    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or _is_json_ext(typ):
-        values = _json_values(col) if _is_json_ext(typ) else col.to_pylist()
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or is_json_ext(typ):
+        values = _json_values(col) if is_json_ext(typ) else col.to_pylist()
     elif pa.types.is_null(typ):
         return pa.chunked_array([pa.nulls(n, pa.string())]), np.zeros(n, bool)
     else:  # numbers, bools...: not text at all
@@ -120,7 +120,7 @@ def _parse_float(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         values = pc.coalesce(numbers, pc.cast(bools, pa.float64())).to_numpy(zero_copy_only=False)
         bad = ~np.asarray(ok) & ~np.asarray(col.is_null())
         return values.astype(np.float64), bad
-    values = _json_values(col) if _is_json_ext(typ) else col.to_pylist()
+    values = _json_values(col) if is_json_ext(typ) else col.to_pylist()
     out = np.full(n, np.nan)
     bad = np.zeros(n, bool)
     for i, v in enumerate(values):
@@ -135,7 +135,7 @@ def category_codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     """Small categorical column (model names, winners) as int64 codes (-1 for null or blank) and sorted names.
 
     Values are trimmed, so " a" and "a" are one model, and a blank value is missing as in CSV."""
-    if _is_json_ext(col.type):  # mixed JSON types: decode, else "a" would become the name '"a"'
+    if is_json_ext(col.type):  # mixed JSON types: decode, else "a" would become the name '"a"'
         col = pa.chunked_array([pa.array([v if v is None or isinstance(v, str) else json.dumps(v)
                                           for v in _json_values(col)], pa.string())])
     col = pc.utf8_trim_whitespace(pc.cast(col, pa.string()) if not pa.types.is_string(col.type) else col)

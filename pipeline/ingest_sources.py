@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .common import DataError, arrow_table, data_root
+from .ingest_columns import is_json_ext
+from .ingest_layouts import CONVERSATION
 
 _TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
 _BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -175,12 +177,41 @@ def load_table(src: Source) -> Iterator[tuple[pa.Table, str]]:
             raise DataError(f"cannot read as {src.builder}" + (f" (line {line})" if line else "")
                             + f": {type(cause).__name__}: {cause}", file=src.path) from None
         table = arrow_table(ds)
+        if src.builder == "json":
+            table = _exact_json_text(table, Path(data_file))
         if src.builder == "csv":
             table = pa.table({c: table.column(c) if c in _TEXT_COLUMNS else _infer_type(table.column(c))
                               for c in table.column_names})
         yield table, ""
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+def _exact_json_text(table: pa.Table, data_file: Path) -> pa.Table:
+    """`datasets` keeps a JSON column of mixed types JSON-encoded (`arrow.json`), but stores a string that
+    parses as JSON unchanged: the prompt "0" comes back as the number 0, "[1, 2]" as a list. Text columns
+    of that kind are read again from the file, every value encoded, so strings stay strings."""
+    mixed = [c for c in (*_TEXT_COLUMNS, CONVERSATION)
+             if c in table.column_names and is_json_ext(table.column(c).type)]
+    if not mixed:
+        return table
+    values: dict[str, list] = {c: [] for c in mixed}
+    try:
+        with open(data_file, encoding="utf-8-sig") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                for c in mixed:
+                    v = record.get(c) if isinstance(record, dict) else None
+                    values[c].append(None if v is None else json.dumps(v))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return table  # not one record per line: keep what `datasets` read
+    if any(len(v) != table.num_rows for v in values.values()):
+        return table
+    for c in mixed:
+        table = table.set_column(table.column_names.index(c), c, pa.array(values[c], table.column(c).type))
+    return table
 
 
 def _remove_dead_caches(root: Path) -> None:

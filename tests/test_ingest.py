@@ -407,6 +407,24 @@ def test_unusable_rows_are_dropped_counted_and_printed(data_dir, tmp_path, cli):
     assert "dropped 1 rows: empty prompt (rows 3)" in out and "non-numeric score (rows 6)" in out
 
 
+def test_text_that_reads_as_json_stays_text_beside_a_number(data_dir, tmp_path, cli):
+    # One number in a JSON column makes it mixed; `datasets` keeps such a column JSON-encoded but stores a
+    # string that parses as JSON unchanged, so the prompt "0" would read back as the number 0.
+    lines = [
+        {"prompt": 0, "model_a": "m1", "model_b": "m2", "winner": "model_a"},  # row 1: a number, not text
+        {"prompt": "0", "model_a": "m1", "model_b": "m2", "winner": "model_a"},
+        {"prompt": "[1, 2]", "model_a": "m1", "model_b": "m2", "winner": "model_b"},
+        {"prompt": "true", "model_a": "m2", "model_b": "m1", "winner": "tie"},
+    ]
+    path = tmp_path / "numbers.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    code, out = cli("ingest", path)
+    assert code == 0, out
+    m = read_json(data_dir / "processed" / "numbers" / "manifest.json")
+    assert m["dropped"] == {"non-text prompt": 1} and m["dropped_rows"]["non-text prompt"] == [1]
+    assert m["n_battles"] == 3 and m["n_prompts"] == 3
+
+
 def test_pairwise_row_drops(data_dir, tmp_path):
     df = pd.DataFrame({"prompt": ["p", "p", "q", "r", " "], "model_a": ["a", "a", "b", None, "a"],
                        "model_b": ["b", "a", "a", "b", "c"], "winner": ["tie (bothbad)", "tie", None, "tie", "tie"]})
