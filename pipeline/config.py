@@ -39,7 +39,7 @@ class LabelConfig(_Section):
     threshold: Optional[float] = Field(None, ge=0.0, le=1.0)  # binarise normalised scores
     relaxation: float = Field(0.0, ge=0.0, le=1.0)  # Hybrid-LLM t in P[q(weak) >= q(strong) - t]
     tiers: int = Field(2, ge=2)  # strength tiers for pairwise data (RouteLLM strong/weak)
-    weak: Optional[str] = None  # routing pair; default: weakest and strongest model
+    weak: Optional[str] = None  # routing pair; default: the strongest model and the weakest (with costs: cheapest)
     strong: Optional[str] = None
 
     @model_validator(mode="after")

@@ -36,7 +36,7 @@ from .baselines import observed_rates
 from .config import Config, LabelConfig, load_config
 from .ingest import list_column, list_matrix
 
-LABEL_VERSION = 3  # bump when labels for the same dataset and options change
+LABEL_VERSION = 4  # bump when labels for the same dataset and options change
 JUDGE_SCALE = (1.0, 10.0)
 
 
@@ -180,7 +180,11 @@ def _tiers(rank: np.ndarray, models: list[str], n_tiers: int) -> dict[str, str]:
     return {m: tiers[m] for m in models}
 
 
-def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig) -> tuple[int, int]:
+def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig,
+          costs: Mapping[str, float | None] | None = None) -> tuple[int, int]:
+    """The routing pair: the strongest model, and the weakest one or, when every model has a cost, the
+    cheapest one (the weakest of equally cheap ones). A weakest model that costs more than a better one
+    would make every weak call pay more for less."""
     for chosen in (cfg.weak, cfg.strong):
         if chosen is not None and chosen not in models:
             raise ConfigError(f"label pair model {chosen!r} is not in the dataset (models: {', '.join(models)})")
@@ -192,7 +196,9 @@ def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig) -> tuple[int, i
     if strong is None:
         strong = next(j for j in reversed(order) if j != weak)
     if weak is None:
-        weak = next(j for j in order if j != strong)
+        rest = [j for j in order if j != strong]
+        priced = costs is not None and all(costs.get(m) is not None for m in models)
+        weak = min(rest, key=lambda j: (costs[models[j]], rest.index(j))) if priced else rest[0]
     return weak, strong
 
 
@@ -262,7 +268,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
         if reference is not None:
             target[:, reference] = np.where(mask[:, reference], 0.5, 0.0)
     tiers = _tiers(rank, models, cfg.tiers)
-    weak, strong = _pair(rank, models, cfg)
+    weak, strong = _pair(rank, models, cfg, manifest.get("costs"))
 
     n_obs = mask.sum(axis=1)
     difficulty = 1.0 - target.sum(axis=1) / np.maximum(n_obs, 1)

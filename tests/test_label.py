@@ -229,6 +229,27 @@ def test_default_pair_and_pair_errors(data_dir, tmp_path):
         label(name, LabelConfig(weak="y", strong="y"))
 
 
+def test_with_costs_the_default_weak_model_is_the_cheapest(data_dir, tmp_path):
+    # 'worst' is right least often but costs more than 'cheap', which is right more often: a pair with
+    # 'worst' as its weak side would pay more for less on every weak call.
+    n = 40
+    outcomes = {"worst": [i % 4 == 0 for i in range(n)], "cheap": [i % 2 == 0 for i in range(n)],
+                "best": [i % 4 != 3 for i in range(n)]}
+
+    def table(name, prices):
+        df = pd.DataFrame({"prompt": [f"question {i}" for i in range(n)], **outcomes})
+        for m, price in prices.items():
+            df[f"{m}|total_cost"] = price
+        df.to_csv(tmp_path / f"{name}.csv", index=False)
+        ingest(str(tmp_path / f"{name}.csv"))
+        return label(name)
+
+    assert table("priced", {"worst": 0.5, "cheap": 0.1, "best": 2.0})["pair"] == {"weak": "cheap", "strong": "best"}
+    assert table("unpriced", {})["pair"] == {"weak": "worst", "strong": "best"}
+    assert table("one_price", {"worst": 1.0, "cheap": 1.0, "best": 1.0})["pair"] == {"weak": "worst", "strong": "best"}
+    assert label("priced", LabelConfig(weak="worst"))["pair"] == {"weak": "worst", "strong": "best"}
+
+
 def test_the_pair_is_ranked_on_train_prompts_only(data_dir, tmp_path):
     # x wins on the 10 train prompts, y on 40 test prompts: over all prompts y would rank higher.
     train = [p for p in (f"p{i}" for i in range(400)) if split_of(p) == "train"][:10]
