@@ -31,8 +31,8 @@ from torch import nn
 from .baselines import cluster_accuracy
 from .common import console
 from .routing import logit, sigmoid
-from .select import (BOOTSTRAP, CHOICE_FOLDS, MIN_WIN_RATE, measure, out_of_fold_choice, parts_win_rate,
-                     prompt_parts)
+from .select import (BOOTSTRAP, CHOICE_FOLDS, MIN_WIN_RATE, measure, measure_name, out_of_fold_choice,
+                     parts_win_rate, prompt_parts)
 
 KS = (10, 20, 40)
 TEMPERATURES = (0.02, 0.05, 0.1)
@@ -120,6 +120,7 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
     quality_of, everything = measure(prep, val), np.arange(len(val))
     base_parts = prompt_parts(prep, p_val, val)
     base = quality_of(base_parts, everything)
+    what = measure_name(prep)  # for the console lines
     record = {"rule": f"cluster prior on the student's features, validation quality; kept when the out-of-fold "
                       f"choice (each of {CHOICE_FOLDS} validation folds predicted with the setting best on the other "
                       f"{CHOICE_FOLDS - 1}) beats none in >= {MIN_WIN_RATE:.0%} of {BOOTSTRAP} paired bootstrap resamples",
@@ -145,7 +146,8 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
     quality = [quality_of(x, everything) for x in parts[1:]]
     best = int(np.argmax(quality))
     if quality[best] <= base:
-        console.print(f"cluster prior chosen on validation: [bold]none[/] (no setting beats {base:.4f})")
+        console.print(f"cluster prior chosen on validation: [bold]none[/] (no setting beats the student's "
+                      f"{what}, {base:.4f})")
         return None, record
     k, tau, beta, centroids, table, _ = settings[best]
     rate = parts_win_rate(quality_of, out_of_fold_choice(parts, quality_of, seed), parts[0], seed=seed)
@@ -153,10 +155,10 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
                   win_rate=rate)
     if rate < MIN_WIN_RATE:
         console.print(f"cluster prior chosen on validation: [bold]none[/] (best k={k} tau={tau} beta={beta}: "
-                      f"{quality[best]:.4f} vs {base:.4f}; chosen out of fold, wins {rate:.0%} of resamples)")
+                      f"{what} {quality[best]:.4f} vs {base:.4f}; chosen out of fold, wins {rate:.0%} of resamples)")
         return None, record
     record["chosen"] = {"k": k, "temperature": tau, "beta": beta}
     console.print(f"cluster prior chosen on validation: [bold]k={k} tau={tau} beta={beta}[/] "
-                  f"({quality[best]:.4f} vs {base:.4f} without)")
+                  f"({what} {quality[best]:.4f} vs {base:.4f} without)")
     return ClusterPrior(centroids, table, beta, tau, strengths=pairwise), record
 

@@ -219,7 +219,8 @@ def choose_group_by(prep, cfg, workdir: Path):
     net = fit_teacher(prep, cfg, workdir)
     record["group_by"] = chosen
     console.print(f"group smoothing chosen by {FOLDS}-fold cross-validation: [bold]{chosen or 'none'}[/] "
-                  f"({', '.join(f'{_shown(k)}: {v:.4f}' for k, v in record['candidates'].items())})")
+                  f"(the teacher head's out-of-fold {measure_name(prep)}: "
+                  f"{', '.join(f'{_shown(k)} {v:.4f}' for k, v in record['candidates'].items())})")
     resolved = cfg.model_copy(update={"train": replace_group(cfg.train, chosen)})
     return net, resolved, record
 
