@@ -180,6 +180,10 @@ def _tiers(rank: np.ndarray, models: list[str], n_tiers: int) -> dict[str, str]:
     return {m: tiers[m] for m in models}
 
 
+def _priced(costs: Mapping[str, float | None] | None, models: list[str]) -> bool:
+    return bool(costs) and all(costs.get(m) is not None for m in models)
+
+
 def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig,
           costs: Mapping[str, float | None] | None = None) -> tuple[int, int]:
     """The routing pair: the strongest model, and the weakest one or, when every model has a cost, the
@@ -197,8 +201,7 @@ def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig,
         strong = next(j for j in reversed(order) if j != weak)
     if weak is None:
         rest = [j for j in order if j != strong]
-        priced = costs is not None and all(costs.get(m) is not None for m in models)
-        weak = min(rest, key=lambda j: (costs[models[j]], rest.index(j))) if priced else rest[0]
+        weak = min(rest, key=lambda j: (costs[models[j]], rest.index(j))) if _priced(costs, models) else rest[0]
     return weak, strong
 
 
@@ -347,7 +350,12 @@ def print_stats(stats: dict) -> None:
                       "the others' are their scores against it")
     if stats["balance"]:
         b = stats["balance"]
-        console.print(f"pair {pair['weak']} -> {pair['strong']} on {b['n']:,} prompts: both right {b['both_right']:.1%}, "
+        opts = stats.get("options") or {}
+        why = ("as named" if opts.get("weak") or opts.get("strong") else "the cheapest -> the strongest model"
+               if _priced(stats["costs"], stats["models"])
+               else "the weakest -> the strongest model")
+        console.print(f"pair {pair['weak']} -> {pair['strong']} ({why}; -s label.weak=A -s label.strong=B to choose) "
+                      f"on {b['n']:,} prompts: both right {b['both_right']:.1%}, "
                       f"both wrong {b['both_wrong']:.1%}, strong only {b['strong_only']:.1%}, "
                       f"weak only {b['weak_only']:.1%}; soft label mean {b['soft_label_mean']:.3f}")
     if stats["dropped"]:

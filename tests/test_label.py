@@ -229,7 +229,7 @@ def test_default_pair_and_pair_errors(data_dir, tmp_path):
         label(name, LabelConfig(weak="y", strong="y"))
 
 
-def test_with_costs_the_default_weak_model_is_the_cheapest(data_dir, tmp_path):
+def test_with_costs_the_default_weak_model_is_the_cheapest(data_dir, tmp_path, capsys):
     # 'worst' is right least often but costs more than 'cheap', which is right more often: a pair with
     # 'worst' as its weak side would pay more for less on every weak call.
     n = 40
@@ -245,7 +245,9 @@ def test_with_costs_the_default_weak_model_is_the_cheapest(data_dir, tmp_path):
         return label(name)
 
     assert table("priced", {"worst": 0.5, "cheap": 0.1, "best": 2.0})["pair"] == {"weak": "cheap", "strong": "best"}
+    assert "pair cheap -> best (the cheapest -> the strongest model" in " ".join(capsys.readouterr().err.split())
     assert table("unpriced", {})["pair"] == {"weak": "worst", "strong": "best"}
+    assert "pair worst -> best (the weakest -> the strongest model" in " ".join(capsys.readouterr().err.split())
     assert table("one_price", {"worst": 1.0, "cheap": 1.0, "best": 1.0})["pair"] == {"weak": "worst", "strong": "best"}
     assert label("priced", LabelConfig(weak="worst"))["pair"] == {"weak": "worst", "strong": "best"}
 
