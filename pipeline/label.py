@@ -201,7 +201,8 @@ def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig,
         strong = next(j for j in reversed(order) if j != weak)
     if weak is None:
         rest = [j for j in order if j != strong]
-        weak = min(rest, key=lambda j: (costs[models[j]], rest.index(j))) if _priced(costs, models) else rest[0]
+        # `rest` runs weakest first and min keeps the first of equal keys: the weakest of equally cheap ones
+        weak = min(rest, key=lambda j: costs[models[j]]) if _priced(costs, models) else rest[0]
     return weak, strong
 
 
@@ -351,9 +352,12 @@ def print_stats(stats: dict) -> None:
     if stats["balance"]:
         b = stats["balance"]
         opts = stats.get("options") or {}
-        why = ("as named" if opts.get("weak") or opts.get("strong") else "the cheapest -> the strongest model"
-               if _priced(stats["costs"], stats["models"])
-               else "the weakest -> the strongest model")
+        if opts.get("weak") or opts.get("strong"):
+            why = "as named"
+        elif _priced(stats["costs"], stats["models"]):
+            why = "the cheapest -> the strongest model"
+        else:
+            why = "the weakest -> the strongest model"
         console.print(f"pair {pair['weak']} -> {pair['strong']} ({why}; -s label.weak=A -s label.strong=B to choose) "
                       f"on {b['n']:,} prompts: both right {b['both_right']:.1%}, "
                       f"both wrong {b['both_wrong']:.1%}, strong only {b['strong_only']:.1%}, "
