@@ -13,13 +13,19 @@ CONFIG ?=
 CFG := $(if $(CONFIG),--config $(CONFIG))
 
 .PHONY: setup all demo-data ingest label train evaluate export latency tune report test \
-        bench-quality bench-curve bench-templates bench-latency bench-tune bench-scale bench-scale-gpu mlflow-ui clean bench-serve serve node-conformance retrain
+        lock bench-quality bench-curve bench-templates bench-latency bench-tune bench-scale bench-scale-gpu mlflow-ui clean bench-serve serve node-conformance retrain
 
-setup: $(VENV)/.installed  ## create .venv and install the project with every extra (train, serve, dev)
-$(VENV)/.installed: pyproject.toml
+setup: $(VENV)/.installed  ## create .venv and install the project with every extra, at the versions in constraints.txt
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e '.[train,serve,dev]'
+	$(VENV)/bin/pip install -q -e '.[train,serve,dev]' -c constraints.txt
 	touch $@
+
+# A local build label (torch's +cpu) is dropped so that the pin also matches the same release from PyPI.
+lock: setup  ## rewrite constraints.txt from .venv (after upgrading a dependency and passing make test)
+	{ sed -n '1,3p' constraints.txt; $(VENV)/bin/pip freeze --exclude-editable | grep -v '^#' \
+		| sed -E 's/\+[A-Za-z0-9.]+$$//' | LC_ALL=C sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 $(DEMO)/demo_wide.csv: | setup
 	$(PRE) demo-data --out $(DEMO)
