@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # A local build label (torch's +cpu) is dropped so that the pin also matches the same release from PyPI.
 lock: setup  ## rewrite constraints.txt from .venv (after upgrading a dependency and passing make test)
-	{ sed -n '1,3p' constraints.txt; $(VENV)/bin/pip freeze --exclude-editable | grep -v '^#' \
+	{ grep '^#' constraints.txt; $(VENV)/bin/pip freeze --exclude-editable | grep -v '^#' \
 		| sed -E 's/\+[A-Za-z0-9.]+$$//' | LC_ALL=C sort -f; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
