@@ -38,6 +38,7 @@ from .ingest import list_column, list_matrix
 
 LABEL_VERSION = 4  # bump when labels for the same dataset and options change
 JUDGE_SCALE = (1.0, 10.0)
+SMALL_SPLIT = 200  # fewer validation or test prompts than this and the label stage says its numbers are noisy
 
 
 def split_of(prompt: str, test_fraction: float = 0.2, val_fraction: float = 0.1) -> str:
@@ -346,6 +347,13 @@ def print_stats(stats: dict) -> None:
     console.print(table)
     console.print("splits: " + ", ".join(f"{k} {v:,}" for k, v in stats["splits"].items())
                   + f" (by {stats.get('split_by', 'prompt hash')}); scale: {stats['scale']['rule']}")
+    small = {k: n for k, n in stats["splits"].items() if k in ("val", "test") and n < SMALL_SPLIT}
+    if small:
+        # A mean over n prompts moves by about 1/(2√n) from chance alone (0/1 outcomes near 0.5).
+        console.print("[yellow]note:[/] " + " and ".join(f"{k} has {n:,} prompts (±{0.5 / n ** 0.5:.2f})" if n
+                                                        else f"{k} has no prompts" for k, n in small.items())
+                      + ": what is chosen on validation and measured on test at this size moves by chance; "
+                      f"a few hundred prompts per split ({SMALL_SPLIT}+) give stable numbers")
     if stats.get("reference"):
         console.print(f"reference: {stats['reference']} is in every battle; its target is 0.5 (a tie with itself), "
                       "the others' are their scores against it")

@@ -54,6 +54,18 @@ def test_label_splits_follow_split_of_and_fractions(data_dir, demo_files):
     assert sum(stats["splits"].values()) == stats["n_prompts"] == len(df)
 
 
+def test_small_validation_and_test_splits_are_called_noisy(data_dir, tmp_path, capsys):
+    rows = [(f"prompt {i}", m, (i + j) % 2) for i in range(1500) for j, m in enumerate("ab")]
+    stats = label(long_dataset(tmp_path, rows), LabelConfig(test_fraction=0.3, val_fraction=0.3))
+    assert min(stats["splits"]["val"], stats["splits"]["test"]) >= 200
+    assert "moves by chance" not in capsys.readouterr().err
+    stats = label(long_dataset(tmp_path, rows[:80], name="small"))
+    err = " ".join(capsys.readouterr().err.split())
+    val, test = stats["splits"]["val"], stats["splits"]["test"]
+    assert f"val has {val} prompts (±{0.5 / val ** 0.5:.2f}) and test has {test} prompts" in err
+    assert "moves by chance" in err
+
+
 # --- Bradley-Terry ------------------------------------------------------------------------------
 
 
