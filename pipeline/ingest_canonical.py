@@ -22,6 +22,8 @@ from .ingest_layouts import (CONVERSATION, Drops, Observations, detect_layout, i
                              require_columns)
 
 SPLITS = ("train", "val", "test")
+# How split columns spell them elsewhere (`datasets` writes "validation"); case and blanks are ignored too.
+SPLIT_SPELLINGS = {"training": "train", "valid": "val", "validation": "val", "dev": "val"}
 MODEL_NAMED_SHARE = 0.5  # a metadata column naming a model on this share of prompts is an outcome (`names_models`)
 # Output columns of ingest and label that an input column may not shadow (it is kept as source_<name>).
 RESERVED = ("prompt_id", "outcome", "mask", "count", "cost", "target", "split", "difficulty", "soft_label")
@@ -189,12 +191,14 @@ def _split_codes(table: pa.Table, column: str, obs: Observations, where) -> np.n
     if column not in obs.metadata:
         raise ConfigError(f"--split-column {column!r} is a column the layout itself reads")
     codes, values = category_codes(table.column(column))  # trimmed; blank is missing
-    lookup = np.array([SPLITS.index(v.lower()) if v.lower() in SPLITS else -1 for v in values] + [-1])
+    spelled = [SPLIT_SPELLINGS.get(v.lower(), v.lower()) for v in values]
+    lookup = np.array([SPLITS.index(v) if v in SPLITS else -1 for v in spelled] + [-1])
     split = lookup[codes]
     if (split < 0).any():
         row = int(np.flatnonzero(split < 0)[0])
         value = f"value {values[codes[row]]!r}" if codes[row] >= 0 else "missing value"
-        raise DataError(f"split column {column!r}: {value} (expected train, val or test)", file=where, row=row + 1)
+        raise DataError(f"split column {column!r}: {value} (expected train, val or test; validation, valid and "
+                        "dev read as val)", file=where, row=row + 1)
     return split
 
 

@@ -23,8 +23,8 @@ def read(path) -> pd.DataFrame:
 
 
 def fold(prompt: str) -> str:
-    """A user's split, written untidily (case, blanks), the same for every row of a prompt."""
-    return [" Train", "VAL ", "test\t"][int(prompt_hash(prompt)[-1], 16) % 3]
+    """A user's split, written untidily (case, blanks, other names for val), the same for every row of a prompt."""
+    return [" Train", "VAL ", "test\t", "Validation", "dev"][int(prompt_hash(prompt)[-1], 16) % 5]
 
 
 def manifest(data_dir, name):
@@ -51,11 +51,13 @@ def test_split_column_is_the_split_in_every_layout(layout, data_dir, demo_files,
     stats = label("d")
     assert stats["split_rule"] == "column" and stats["split_by"] == "column 'fold'"
     split = label_splits("d")
-    assert (split == split.index.map(lambda p: fold(p).strip().lower())).all()
+    assert (split == split.index.map(lambda p: {"validation": "val", "dev": "val"}.get(fold(p).strip().lower(),
+                                                                                      fold(p).strip().lower()))).all()
+    assert set(split) == {"train", "val", "test"}
     assert stats["splits"] == split.value_counts().to_dict()
 
 
-@pytest.mark.parametrize("suffix, value, shown", [(".csv", "validation", "value 'validation'"),
+@pytest.mark.parametrize("suffix, value, shown", [(".csv", "holdout", "value 'holdout'"),
                                                   (".csv", "", "missing value"),
                                                   (".jsonl", None, "missing value"),
                                                   (".jsonl", 3, "value '3'")])
