@@ -296,6 +296,25 @@ def test_hub_dataset_goes_through_load_dataset(data_dir, monkeypatch):
     assert len(calls) == 2
 
 
+def test_an_unreachable_hub_dataset_is_one_error_saying_what_works_offline(data_dir, monkeypatch, cli):
+    def unreachable(path, split=None, **kwargs):
+        raise ConnectionError(f"Couldn't reach {path!r} on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    code, out = cli("ingest", "hf:org/prefs")
+    out = " ".join(out.split())
+    assert code == 2 and "hf:org/prefs" in out and "Couldn't reach 'org/prefs'" in out
+    assert "HF_HUB_OFFLINE=1" in out and "pass a downloaded file" in out
+    assert nothing_written(data_dir)
+
+    def unknown_split(path, split=None, **kwargs):
+        raise ValueError(f"Unknown split {split!r}")
+
+    monkeypatch.setattr(datasets, "load_dataset", unknown_split)
+    code, out = cli("ingest", "hf:org/prefs", "--split", "dev")
+    assert code == 2 and "Unknown split 'dev'" in out and "HF_HUB_OFFLINE" not in out
+
+
 # --- skip on unchanged ---------------------------------------------------------------------------
 
 
