@@ -15,6 +15,7 @@ Students (what ships; forward(input_ids, attention_mask) -> logits [batch, n_mod
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import console, data_root, prompt_id
+from .common import ConfigError, console, data_root, prompt_id
 from .tokenization import compact_templates, learn_templates
 
 
@@ -43,7 +44,18 @@ def tokenizer_file(path: str | None = None) -> Path:
         return p / "tokenizer.json"
     from huggingface_hub import hf_hub_download  # only reached for hub ids (online)
 
-    return Path(hf_hub_download(str(path), "tokenizer.json"))
+    with _hub_errors(str(path)):
+        return Path(hf_hub_download(str(path), "tokenizer.json"))
+
+
+@contextlib.contextmanager
+def _hub_errors(src: str):
+    """A teacher that cannot be fetched is one configuration error, not a traceback from the hub client."""
+    try:
+        yield
+    except OSError as e:  # transformers' and huggingface_hub's network and not-found errors are OSErrors
+        raise ConfigError(f"teacher.path={src!r} cannot be loaded ({str(e).splitlines()[0]}); without the network "
+                          "a hub id loads only from the local cache: pass a local checkpoint directory") from None
 
 
 def encoder_key(path: str | None, max_tokens: int) -> str:
@@ -75,7 +87,7 @@ def load_teacher(path: str | None):
     src = teacher_path(path)
     # Loading draws random initial weights; keep the caller's random stream, so a student is initialised
     # the same whether its token vectors were cached or computed just now.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _hub_errors(src):
         return AutoTokenizer.from_pretrained(src), AutoModel.from_pretrained(src).eval()
 
 
@@ -94,8 +106,6 @@ def teacher_device(device: str = "auto") -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        from .common import ConfigError
-
         raise ConfigError("teacher.device=cuda but torch sees no CUDA device (set teacher.device=auto or cpu)")
     return device
 

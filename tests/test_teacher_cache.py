@@ -93,3 +93,22 @@ def test_teacher_device_is_auto_cpu_or_cuda(tiny_teacher, tmp_path, monkeypatch)
         with pytest.raises(ConfigError, match="no CUDA device") as e:
             teacher_embeddings(["a prompt"], ["a"], str(tiny_teacher), 32, 8, "cuda")
         assert "\n" not in str(e.value)
+
+
+def test_a_teacher_the_hub_cannot_give_is_one_configuration_error(monkeypatch):
+    import huggingface_hub
+    import transformers
+
+    from pipeline.common import ConfigError
+    from pipeline.encoders import load_teacher, tokenizer_file
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your connection.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", unreachable)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    for load in (load_teacher, tokenizer_file):
+        with pytest.raises(ConfigError) as e:
+            load("org/encoder")
+        assert "teacher.path='org/encoder' cannot be loaded (We couldn't connect" in str(e.value)
+        assert "pass a local checkpoint directory" in str(e.value) and "\n" not in str(e.value)
