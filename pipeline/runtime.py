@@ -318,11 +318,15 @@ def prompt_from_messages(messages) -> str:
 
 
 def read_prompt_records(path: str | Path) -> Iterator[dict]:
-    """The records of a JSONL file of {"prompt": ..., ...} objects, one per non-blank line, in order.
+    """The records of a JSONL file of {"prompt": ..., ...} objects, one per non-blank line, in order, or
+    (a `.csv` file) its rows, which need a `prompt` column (`prompt_id` is kept too; other columns are not).
 
     UTF-8 (a leading BOM is skipped). A line that is not valid UTF-8 or JSON, or not an object with a
     string `prompt`, is a RouterError naming the file and the line.
     """
+    if Path(path).suffix.lower() == ".csv":
+        yield from _csv_prompt_records(path)
+        return
     with open(path, "rb") as src:
         for lineno, raw in enumerate(src, 1):
             try:
@@ -343,9 +347,28 @@ def read_prompt_records(path: str | Path) -> Iterator[dict]:
             yield rec
 
 
+def _csv_prompt_records(path: str | Path) -> Iterator[dict]:
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as src:
+        try:
+            rows = csv.DictReader(src)
+            if "prompt" not in (rows.fieldnames or []):
+                raise router_error(f"no `prompt` column (columns: {', '.join(rows.fieldnames or [])})", file=path)
+            for row in rows:
+                if row["prompt"] is None:  # a short row: no cell under `prompt`
+                    raise router_error("no `prompt` cell on this line", file=path, row=rows.line_num)
+                yield {k: row[k] for k in ("prompt", "prompt_id") if row.get(k) is not None}
+        except UnicodeDecodeError as e:
+            raise router_error(f"not valid UTF-8 (byte 0x{e.object[e.start]:02x})", file=path) from None
+        except csv.Error as e:
+            raise router_error(f"not valid CSV: {e}", file=path) from None
+
+
 def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | Path,
                strong_fraction: float | None = None, batch_size: int = 64) -> int:
-    """Score a JSONL file of {"prompt": ..., ["prompt_id": ...]} lines; returns the number of lines written.
+    """Score a JSONL file of {"prompt": ..., ["prompt_id": ...]} lines (or a CSV file with a `prompt` column);
+    returns the number of lines written.
 
     Each output line: `prompt_id` (when given), `index` (0-based record number), `scores`
     ({model: probability}), `route` (the chosen model) and, for pair routers, `score`.

@@ -1,6 +1,7 @@
 """The torch-free runtime: shared tokenization, bundle loading and verification, routing, score_file."""
 from __future__ import annotations
 
+import csv
 import json
 import threading
 from pathlib import Path
@@ -388,6 +389,28 @@ def test_score_file_output_is_valid_utf8(bundle, tmp_path):
     lines = [json.loads(x) for x in dst.read_bytes().decode("utf-8").splitlines()]  # strict decoding
     assert [x["prompt_id"] for x in lines] == ["\udfff-café", "日"]
     assert "日" in dst.read_text(encoding="utf-8")  # non-ASCII ids stay readable where they can
+
+
+def test_score_file_reads_csv_like_jsonl(bundle, tmp_path):
+    """A CSV input (BOM, CRLF, a quoted prompt over two lines, an extra column) scores as the same JSONL does."""
+    prompts = ["first, with a comma", 'a "quoted"\nsecond line', "café 日本"]
+    src, jsonl = tmp_path / "in.csv", tmp_path / "in.jsonl"
+    with open(src, "w", encoding="utf-8-sig", newline="") as f:
+        writer = csv.writer(f, lineterminator="\r\n")
+        writer.writerow(["topic", "prompt", "prompt_id"])
+        writer.writerows([["t", q, f"p{i}"] for i, q in enumerate(prompts)])
+    jsonl.write_text("".join(json.dumps({"prompt": q, "prompt_id": f"p{i}"}) + "\n" for i, q in enumerate(prompts)))
+    assert score_file(bundle[0], src, tmp_path / "a.jsonl") == score_file(bundle[0], jsonl, tmp_path / "b.jsonl") == 3
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    assert [json.loads(x)["prompt_id"] for x in (tmp_path / "a.jsonl").read_text().splitlines()] == ["p0", "p1", "p2"]
+
+    src.write_text("text\nhello\n")
+    with pytest.raises(DataError, match=r"no `prompt` column \(columns: text\)"):
+        score_file(bundle[0], src, tmp_path / "c.jsonl")
+    src.write_text("id,prompt\n1,hello\n2\n")
+    with pytest.raises(DataError, match="no `prompt` cell") as e:
+        score_file(bundle[0], src, tmp_path / "c.jsonl")
+    assert e.value.row == 3 and not (tmp_path / "c.jsonl").exists()
 
 
 # -- command line --------------------------------------------------------------------------------
