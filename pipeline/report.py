@@ -190,7 +190,8 @@ def _multi_section(cols, p, test, train, emb, costs, known_costs: bool, models, 
         max((q for cc, q in singles.values() if cc <= b + 1e-12), default=None) for b in BUDGETS]}
     table["oracle"] = {"aiq": None, "at_budget": [oracle[1] if oracle[0] <= b + 1e-12 else None for b in BUDGETS]}
     plot_cost_quality(sweeps["router"]["points"], sweeps["router"]["hull"], singles, oracle, figdir / "cost_quality.png",
-                      cost_unit="fraction of the priciest model's cost",
+                      cost_unit="fraction of the priciest model's cost" + (
+                          "" if known_costs else "; costs unknown: model j taken to cost j + 1"),
                       baselines={k: v["hull"] for k, v in sweeps.items() if k != "router"},
                       aiq={k: v["aiq"] for k, v in sweeps.items()}, title=title)
     md = [f"Test prompts with every model observed: {len(rows_te)}. Each method picks argmax_j p_j − λ·cost_j over a "
@@ -235,10 +236,11 @@ def _decision_ms(router, router_json: Mapping, prompts: Sequence[str]) -> tuple[
 
 
 def _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, strong, decision_ms, profile, figdir,
-               title):
+               title, sweep: bool = True):
     """Simulate router, cascade and ensemble: (result, its Markdown table), or (None, why) when no test
     prompt has every model observed. `sim_costs` (None = unknown) only rank models missing from the
-    profile, while `costs` are the ones the routing decision uses."""
+    profile, while `costs` are the ones the routing decision uses; `sweep=False` leaves out the router's
+    λ sweep (its λs trade against stand-in costs the simulation does not price)."""
     from .metrics import choose
     from .multi import lambda_grid
     from .simulate import economics_table, plot_economics, simulate
@@ -255,8 +257,7 @@ def _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, str
         router_choices, knob = (choices == strong).astype(int), "strong fraction"
     else:
         use = list(range(len(models)))
-        lambdas = lambda_grid(p, costs, n=60)
-        curve = {float(lam): choose(p, costs, lam) for lam in lambdas}
+        curve = {float(lam): choose(p, costs, lam) for lam in lambda_grid(p, costs, n=60)} if sweep else {}
         router_choices, knob = choices, "λ"
     if not cols.mask[test][:, use].all(1).any():  # e.g. arena battles: two models observed per prompt
         return None, (f"no test prompt has an outcome for all {len(use)} models the strategies would call (a "
@@ -418,9 +419,12 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
             sim_costs[weak], sim_costs[strong] = 1.0, 2.0
             cost_note = " The bundle has no costs: the strong model is taken to be the pricier one."
         elif None in sim_costs:
-            cost_note = " Models with unknown cost and no profile entry get the middle default profile."
+            cost_note = (" Models with unknown cost and no profile entry get the middle default profile. The "
+                         "router's λ sweep is left out: its λs trade against stand-in costs (model j costs j + 1) "
+                         "that the simulation does not price.")
         res, econ_md = _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, strong, decision_ms,
-                                  profile, tmp, f"{label}: router vs cascade vs ensemble (simulated)")
+                                  profile, tmp, f"{label}: router vs cascade vs ensemble (simulated)",
+                                  sweep=kind == "pair" or None not in sim_costs)
         if res is None:
             why = econ_md  # the reason, instead of the table
             numbers["economics"] = {"skipped": why}

@@ -1,4 +1,6 @@
 """Routing report: tables and figures on synthetic arrays, the model card, and the whole report on a tiny bundle."""
+import json
+
 import numpy as np
 import pytest
 
@@ -174,8 +176,6 @@ def _test_split(name, models):
 
 
 def test_report_on_a_three_model_bundle(env):
-    import json
-
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -240,6 +240,30 @@ def test_report_from_a_data_file_on_a_pair_bundle(env, tmp_path):
     assert "on `demo_wide`" in text and "## Pair routing" in text and "cost vs quality" not in text
     assert "always small-7b" in text and "strong fraction = " in text  # pair economics: fraction sweep
     assert _is_real_png(md.parent / "economics.png")
+
+
+def test_a_report_over_unknown_costs_says_so_in_its_text_and_figure(env, tmp_path, monkeypatch):
+    import pipeline.report as report_module
+
+    units, real_plot = [], report_module.plot_cost_quality
+
+    def recording_plot(*args, **kwargs):
+        units.append(kwargs["cost_unit"])
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(report_module, "plot_cost_quality", recording_plot)
+    decision = {"kind": "multi", "weak": "small-7b", "strong": "large-70b", "thresholds": {"0.5": 0.5},
+                "default_strong_fraction": 0.5, "cost_lambdas": {"1": 0.0}, "costs_assumed": True}
+    for costs in ([None] * 3, [0.2, 0.8, 2.5]):
+        bundle = _demo_bundle(tmp_path / str(costs[0]) / "bundle", DEMO_MODELS, costs, decision, env["teacher"])
+        text = " ".join(report_module.report(bundle, "demo", out=tmp_path / f"r{costs[0]}").read_text().split())
+        assumed = costs[0] is None
+        assert ("unknown costs: model j is taken to cost j + 1" in text) == assumed
+        assert ("costs unknown: model j taken to cost j + 1" in units[-1]) == assumed
+        # The economics simulation prices unknown models alike, so the router's λ sweep (over stand-in costs) is out.
+        rows = json.loads((tmp_path / f"r{costs[0]}" / "report.json").read_text())["economics"]["rows"]
+        assert any(r["strategy"].startswith("router @") for r in rows) != assumed
+        assert ("The router's λ sweep is left out" in text) == assumed
 
 
 def test_report_refuses_mismatched_models_and_foreign_folders(env, tmp_path):
