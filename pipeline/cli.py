@@ -181,7 +181,8 @@ def route(
 @app.command()
 def score(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    input: Path = typer.Option(..., "--input", help="JSONL with a `prompt` field per line, or CSV with a `prompt` column."),
+    input: Path = typer.Option(..., "--input", help="JSONL with a `prompt` field per line, or CSV with a `prompt` "
+                               "column."),
     output: Path = typer.Option(..., "--output", help="JSONL written with per-model scores and the routed model."),
     strong_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Pair: target share of strong calls."),
 ):

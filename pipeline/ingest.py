@@ -38,9 +38,9 @@ label (`prompt_id`, `cost`, `split`, `target`...) is kept as `source_<name>`, wi
 Split. By default `label` splits prompts by their hash. `split_column=COL` takes it from the input
 instead: every row's value must be train, val or test (any case, surrounding blanks ignored; validation,
 valid and dev mean val), else the file fails naming the row and value, and the rows of one prompt must
-agree. `test_data=FILE` reads a
-second file in the main file's layout whose prompts are all test (a prompt in both files is an error,
-a model the main file lacks too); the main file's prompts are left to label's hash rule for train/val.
+agree. `test_data=FILE` reads a second file in the main file's layout whose prompts are all test (a
+prompt in both files is an error, a model the main file lacks too); the main file's prompts are left to
+label's hash rule for train/val.
 Either way the dataset gets a `split` column (null where the hash rule decides) and the manifest says
 which rule applies (`split_rule`).
 
