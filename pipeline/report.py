@@ -440,8 +440,9 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
                    f"{res['judge']['accuracy']:.2f}, {res['judge']['latency_ms']:g} ms, "
                    f"${res['judge']['cost']:g} per call) "
                    "whether to escalate; an ensemble that asks every model of that ladder in parallel and lets the "
-                   "judge pick. Output lengths are drawn per prompt (same draws for every strategy); time to first "
-                   "token, speed and price come from the model profile (table below). Matched rows are the router's "
+                   "judge pick. Output lengths are drawn once per prompt (one factor for every model and "
+                   "strategy); time to first token, speed and price come from the model profile (table below). "
+                   "Matched rows are the router's "
                    f"operating points ({res['knob']}) whose quality or cost matches the cascade's or ensemble's. "
                    f"{res['n']} test prompts with every simulated model observed.{cost_note}", "",
                    econ_md, "", "![economics](economics.png)", "", "Model profile:", "",

@@ -2,7 +2,8 @@
 
 From per-prompt per-model outcomes in [0, 1] and a model profile (time to first token, decoding
 speed, typical output length, price; `configs/profile.yaml`), each strategy is simulated prompt by
-prompt on the same random draws of output lengths, so their differences are not sampling noise:
+prompt on the same random draws of output lengths (one factor per prompt, shared by every model), so
+their differences are not sampling noise:
 
 - router: the bundle's measured decision latency + one generation by the model it picked;
 - cascade: the cheapest model answers first; an LLM judge that is right with probability
@@ -263,8 +264,10 @@ def simulate(outcomes, mask=None, costs: Sequence[float | None] | None = None, p
 
     rng_tokens, rng_cascade, rng_ensemble = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     sigma = prof["output_tokens_sigma"]
-    # Log-normal output lengths with mean = the typical length; shared by every strategy.
-    tokens = per["output_tokens"] * np.exp(sigma * rng_tokens.standard_normal((n, m)) - sigma ** 2 / 2)
+    # Log-normal output lengths with mean = each model's typical length, from one factor per prompt shared by
+    # every model and strategy: a prompt that asks for a long answer gets one from each model, and models with
+    # the same profile cost the same on every prompt (a strategy's cost is not which models' draws it hit).
+    tokens = per["output_tokens"] * np.exp(sigma * rng_tokens.standard_normal((n, 1)) - sigma ** 2 / 2)
     gen_s = per["ttft_s"] + tokens / per["tokens_per_s"]
     gen_cost = tokens * per["price_per_1k"] / 1000.0
     # Expected (not sampled) cost orders the ladder, so equally priced models tie exactly.

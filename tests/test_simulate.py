@@ -83,6 +83,19 @@ def test_seeded_and_output_lengths_vary():
     assert a["strategies"]["router"]["p95_s"] > a["strategies"]["router"]["p50_s"]
 
 
+def test_models_alike_in_profile_cost_alike_on_every_prompt():
+    """Output lengths come from one draw per prompt: two models with the same profile generate the same
+    length, so a router that alternates between them pays exactly what always calling one of them pays."""
+    rng = np.random.default_rng(0)
+    out = (rng.random((300, 3)) < [0.5, 0.55, 0.6]).astype(float)
+    r = simulate(out, None, [None, None, 5.0], {"output_tokens_sigma": 0.8}, router_choices=rng.integers(0, 2, 300))
+    router = r["strategies"]["router"]
+    alike = simulate(out, None, [None, None, 5.0], {"output_tokens_sigma": 0.8}, router_choices=np.ones(300, int))
+    assert router["cost"] == pytest.approx(alike["strategies"]["router"]["cost"], rel=1e-12)
+    np.testing.assert_allclose(router["latency_s"], alike["strategies"]["router"]["latency_s"])
+    assert router["p95_s"] > router["p50_s"]  # the lengths still vary from prompt to prompt
+
+
 def test_masked_prompts_are_dropped():
     mask = np.array([[1, 1], [1, 0], [1, 1], [1, 1]], bool)
     r = simulate(OUT, mask, None, PROFILE, models=["a", "b"], router_choices=[1, 1, 0, 1])
