@@ -10,8 +10,9 @@ Layouts, detected from the columns (`layout=` overrides):
 - pairwise: `prompt, model_a, model_b` and either `winner` (model_a | model_b | tie | tie (bothbad))
   or the Chatbot-Arena-55k 0/1 columns `winner_model_a, winner_model_b, winner_tie` (there the
   prompt is a JSON list of turns, joined with blank lines). Without a `prompt` column, the user turns
-  of `conversation_a` are the prompt (MT-Bench human judgments, Arena conversations; chat messages
-  as in `ingest_columns`, answers left out). Optional per-side `cost_a`, `cost_b`.
+  of `conversation_a` are the prompt (MT-Bench human judgments, Arena conversations), or those of
+  `messages`, in any layout (`chat.chat_prompt`: answers and system turns left out). Optional per-side
+  `cost_a`, `cost_b`.
   A model's outcome on a prompt is its mean battle score (win 1, tie 0.5, loss 0).
 - long: `prompt, model, score`, optional `cost`; an input `prompt_id` is kept as `source_prompt_id`.
 - wide: `prompt` plus one outcome column per model. `<model>|total_cost` columns (RouterBench) are
@@ -74,7 +75,7 @@ from .ingest_sources import resolve_source
 __all__ = ["ingest", "detect_layout", "list_column", "list_matrix", "SCHEMA_VERSION", "INGEST_VERSION"]
 
 SCHEMA_VERSION = 1
-INGEST_VERSION = 2  # bump when the output for the same input changes, so old artifacts are redone
+INGEST_VERSION = 3  # bump when the output for the same input changes, so old artifacts are redone
 
 
 def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Optional[str] = None,

@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 
 from .common import ConfigError, DataError, console, prompt_id
 from .ingest_columns import as_text, category_codes
-from .ingest_layouts import (CONVERSATION, Drops, Observations, detect_layout, is_arena, read_observations,
-                             require_columns)
+from .ingest_layouts import (CONVERSATION, MESSAGES, Drops, Observations, detect_layout, is_arena, prompt_stand_in,
+                             read_observations, require_columns)
 
 SPLITS = ("train", "val", "test")
 # How split columns spell them elsewhere (`datasets` writes "validation"); case and blanks are ignored too.
@@ -68,14 +68,14 @@ def build_dataset(table: pa.Table, layout: Optional[str], models: Optional[list[
     n = table.num_rows
     if n == 0:
         raise DataError("the file has no rows", file=where)
-    conversation = layout == "pairwise" and "prompt" not in table.column_names and CONVERSATION in table.column_names
-    if not conversation:
-        require_columns(table, ["prompt"], layout, where,
-                        or_else=f" (or {CONVERSATION}, whose user turns stand for it)" if layout == "pairwise" else "")
+    chat = prompt_stand_in(table.column_names, layout)
+    if chat:  # read as the prompt column from here on, so no layout keeps it as metadata
+        table = table.rename_columns(["prompt" if c == chat else c for c in table.column_names])
+    chats = f"{CONVERSATION} or {MESSAGES}" if layout == "pairwise" else MESSAGES
+    require_columns(table, ["prompt"], layout, where, or_else=f" (or {chats}, whose user turns stand for it)")
     drops = Drops(n)
     arena = layout == "pairwise" and is_arena(table)
-    prompt_col, non_text = as_text(table.column(CONVERSATION if conversation else "prompt"),
-                                   turns_json=arena or conversation)
+    prompt_col, non_text = as_text(table.column("prompt"), turns_json=arena or chat is not None)
     drops.add(non_text, "non-text prompt")
     # Prompts are numbered once (C++ hash table), so emptiness and hashing are per unique prompt.
     uniq = pc.unique(prompt_col)

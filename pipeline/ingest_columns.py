@@ -2,9 +2,8 @@
 prompt text (lists of turns joined with blank lines), floats (missing and non-numeric cells flagged),
 and small categoricals (model names, winners, splits) as integer codes over their trimmed values.
 
-A turn is a string or a chat message: `{"role", "content"}` (OpenAI; content a string or a list of
-`{"type": "text", "text"}` parts) or `{"from", "value"}` (ShareGPT). The answers in a conversation
-(role assistant, gpt, model, bot) are left out: the router sees what the user sent, never a reply.
+A list of turns is a chat, read by `chat.chat_prompt`: the user's turns joined with blank lines, the rule
+the runtime applies to the messages a service receives.
 """
 from __future__ import annotations
 
@@ -14,6 +13,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from .chat import NotText, chat_prompt
 
 _NUMBER = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
@@ -63,32 +64,11 @@ def as_text(col: pa.ChunkedArray, turns_json: bool = False) -> tuple[pa.ChunkedA
     return pa.chunked_array([pa.array(out, pa.string())]), bad
 
 
-ANSWER_ROLES = ("assistant", "gpt", "model", "bot", "chatbot")
-_NOT_TEXT = object()
-
-
 def _join_turns(turns) -> Optional[str]:
-    if not isinstance(turns, list):
+    try:
+        return chat_prompt(turns)
+    except NotText:
         return None
-    texts = [_turn_text(t) for t in turns]
-    if any(t is _NOT_TEXT for t in texts):
-        return None
-    return "\n\n".join(t for t in texts if t is not None)
-
-
-def _turn_text(turn):
-    """A turn's text; None for a missing turn or an answer; _NOT_TEXT for anything else."""
-    if turn is None or isinstance(turn, str):
-        return turn
-    if not isinstance(turn, dict):
-        return _NOT_TEXT
-    if str(turn.get("role", turn.get("from", ""))).lower() in ANSWER_ROLES:
-        return None
-    content = next((turn[k] for k in ("content", "value", "text") if k in turn), _NOT_TEXT)
-    if isinstance(content, list):  # multimodal parts: keep the text ones
-        parts = [c if isinstance(c, str) else c.get("text") for c in content if isinstance(c, (str, dict))]
-        content = "\n".join(c for c in parts if isinstance(c, str))
-    return content if content is None or isinstance(content, str) else _NOT_TEXT
 
 
 def as_float(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

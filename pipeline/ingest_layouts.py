@@ -19,10 +19,18 @@ from .ingest_columns import as_float, category_codes
 LAYOUTS = ("pairwise", "wide", "long")
 WINNERS = {"model_a": (1.0, False), "model_b": (0.0, False), "tie": (0.5, False), "tie (bothbad)": (0.5, True)}
 ARENA_FLAGS = ("winner_model_a", "winner_model_b", "winner_tie")
-# Per-side answers are not prompt metadata. Without a `prompt` column, the user turns of `conversation_a`
-# are the prompt (MT-Bench human judgments, Chatbot Arena conversations).
+# Per-side answers are not prompt metadata. Without a `prompt` column, the user turns of a chat stand for
+# it: `conversation_a` (MT-Bench human judgments, Chatbot Arena conversations) or `messages` (chat-format sets).
 IGNORED_PAIRWISE = ("response_a", "response_b", "conversation_a", "conversation_b")
 CONVERSATION = "conversation_a"
+MESSAGES = "messages"
+
+
+def prompt_stand_in(columns: list[str], layout: str) -> Optional[str]:
+    """The chat column whose user turns are the prompt when there is no `prompt` column, if any."""
+    if "prompt" in columns:
+        return None
+    return next((c for c in ((CONVERSATION, MESSAGES) if layout == "pairwise" else (MESSAGES,)) if c in columns), None)
 WIDE_SUFFIXES = ("|total_cost", "|model_response")  # the only '|' columns of the wide layout (RouterBench)
 # A model with at least OUTLIER_MIN_REST outcomes in [0, 1] and at most OUTLIER_SHARE of them outside is a 0-1
 # model with bad cells (an error); otherwise the values are a scale of their own, which label normalises.

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from .common import DataError, arrow_table, data_root
 from .ingest_columns import is_json_ext
-from .ingest_layouts import CONVERSATION
+from .ingest_layouts import CONVERSATION, MESSAGES
 
 _TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
 _BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -194,7 +194,7 @@ def _exact_json_text(table: pa.Table, data_file: Path) -> pa.Table:
     """`datasets` keeps a JSON column of mixed types JSON-encoded (`arrow.json`), but stores a string that
     parses as JSON unchanged: the prompt "0" comes back as the number 0, "[1, 2]" as a list. Text columns
     of that kind are read again from the file, every value encoded, so strings stay strings."""
-    mixed = [c for c in (*_TEXT_COLUMNS, CONVERSATION)
+    mixed = [c for c in (*_TEXT_COLUMNS, CONVERSATION, MESSAGES)
              if c in table.column_names and is_json_ext(table.column(c).type)]
     if not mixed:
         return table

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from . import routing
 from .bundle_contract import (MAX_JSON_DEPTH, MAX_ROUTER_JSON_BYTES, bundle_digest, check_router_json,
                               check_schema_version, file_sha256, is_finite_number)
+from .chat import NotText, chat_prompt
 from .tokenization import RouterTokenizer, encode, encode_one, load_tokenizer
 
 
@@ -286,35 +287,21 @@ class Router:
 
 
 def prompt_from_messages(messages) -> str:
-    """The prompt of an OpenAI-style chat: the text of its `user` messages in order, joined with blank
-    lines, the rule ingest applies to multi-turn data (a list of turns). A message's `content` is a
-    string or a list of parts, whose `{"type": "text", "text": ...}` parts count, each as a turn;
-    system, assistant and tool messages are not part of the prompt. Raises RouterError on anything
-    else, or when no user text is left."""
+    """The prompt of an OpenAI-style chat by the rule ingest applies to lists of turns (`chat.chat_prompt`):
+    the text of the user messages in order, joined with blank lines; system, assistant and tool messages
+    are not part of it. Raises RouterError on a message it cannot read, or when no user text is left."""
     if not isinstance(messages, list) or not messages:
         raise router_error("messages must be a non-empty list of {role, content} objects")
-    turns: list[str] = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise router_error(f"messages[{i}] must be an object with a string role")
-        if m["role"] != "user":
-            continue
-        content = m.get("content")
-        if isinstance(content, str):
-            turns.append(content)
-        elif isinstance(content, list):
-            for j, part in enumerate(content):
-                if not isinstance(part, dict):
-                    raise router_error(f"messages[{i}].content[{j}] must be an object")
-                if part.get("type") == "text":
-                    if not isinstance(part.get("text"), str):
-                        raise router_error(f"messages[{i}].content[{j}].text must be a string")
-                    turns.append(part["text"])
-        elif content is not None:
-            raise router_error(f"messages[{i}].content must be a string or a list of parts")
-    if not turns:
+    try:
+        prompt = chat_prompt(messages)
+    except NotText as e:
+        raise router_error(f"messages{e}") from None
+    if not prompt:
         raise router_error("messages hold no user text to route on")
-    return "\n\n".join(turns)
+    return prompt
 
 
 def read_prompt_records(path: str | Path) -> Iterator[dict]:

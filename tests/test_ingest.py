@@ -180,13 +180,42 @@ def test_pairwise_conversations_stand_for_the_prompt_without_their_answers(data_
     assert ds.prompt.tolist() == ["Write a haiku", "Write a haiku\n\nNow in French", "Sum 2+2"]
     assert m["metadata_columns"] == ["question_id", "turn"]  # the conversations are not metadata
     np.testing.assert_allclose(ds.outcome[2], [1, 0, 0])  # claude beat vicuna on the second question
-    with pytest.raises(DataError, match=r"missing required column 'prompt' \(or conversation_a, whose user turns"):
+    with pytest.raises(DataError, match=r"missing required column 'prompt' \(or conversation_a or messages, whose user"):
         ingest(str(write(judgments.drop(columns="conversation_a"), tmp_path / f"neither{suffix}")))
+
+
+@pytest.mark.parametrize("layout", ["long", "wide"])
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_a_messages_column_stands_for_the_prompt_in_every_layout(layout, suffix, data_dir, tmp_path):
+    # Chat-format sets: no prompt column, a `messages` list per row. The prompt is the user's turns only,
+    # as a service that receives the same messages computes it (`runtime.prompt_from_messages`).
+    from pipeline.runtime import prompt_from_messages
+
+    chats = [[{"role": "system", "content": "You are terse."}, {"role": "user", "content": f"question {i}"}]
+             for i in range(3)]
+    if layout == "long":
+        df = pd.DataFrame({"messages": [c for c in chats for _ in "ab"], "model": list("ab") * 3,
+                           "score": [1, 0, 0, 1, 1, 1], "topic": ["t"] * 6})
+    else:
+        df = pd.DataFrame({"messages": chats, "a": [1, 0, 1], "b": [0, 1, 1], "topic": ["t"] * 3})
+    out = ingest(str(write(df, tmp_path / f"chat{suffix}")))
+    m = read_json(out / "manifest.json")
+    assert m["layout"] == layout and m["models"] == ["a", "b"] and m["metadata_columns"] == ["topic"]
+    assert sorted(load(out).prompt) == [prompt_from_messages(c) for c in chats] == ["question 0", "question 1",
+                                                                                     "question 2"]
+    with pytest.raises(DataError, match=r"missing required column 'prompt' \(or messages, whose user turns"):
+        ingest(str(write(df.rename(columns={"messages": "chat"}), tmp_path / f"other{suffix}")), layout=layout,
+               **({"models": ["a", "b"]} if layout == "wide" else {}))
 
 
 @pytest.mark.parametrize("turns, text", [
     ([{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}],
-     "Be brief.\n\nHi"),  # ShareGPT
+     "Hi"),  # ShareGPT: the deployment's instructions and the answers are not the prompt
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+      {"role": "assistant", "content": "Yo"}, {"role": "tool", "content": "{}"}, {"role": "User", "content": "More"}],
+     "Hi\n\nMore"),  # OpenAI
+    ([{"role": "user", "content": [{"type": "text", "text": "a"}, "b", {"type": "text", "text": "c"}]}],
+     "a\n\nb\n\nc"),  # text parts, each as a turn
     ([{"role": "user", "content": [{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": "u"}]}],
      "Describe"),  # OpenAI content parts: the text ones
     ([{"role": "user", "content": "Hi"}, {"role": "user", "content": 3}], None),  # not text: dropped

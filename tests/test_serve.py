@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -242,12 +243,37 @@ def test_upstreams_file_must_cover_every_model(bundles, tmp_path):
     assert done.returncode == 2 and "no upstream for the bundle's model(s) ['strong']" in done.stderr
 
 
-def test_prompt_from_messages_is_the_ingest_rule():
-    assert prompt_from_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                 {"role": "user", "content": [{"type": "text", "text": "c"},
-                                                              {"type": "image_url", "image_url": {}}]}]) == "a\n\nc"
-    with pytest.raises(RouterError):
-        prompt_from_messages([{"role": "user", "content": 3}])
+CHATS = [
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+     {"role": "user", "content": [{"type": "text", "text": "c"}, {"type": "image_url", "image_url": {}}]}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}],
+    [{"role": "developer", "content": "x"}, {"role": "user", "content": [{"type": "text", "text": "p"}, "q"]},
+     {"role": "assistant", "content": None, "tool_calls": []}, {"role": "tool", "content": "42"},
+     {"role": "user", "content": "and then?"}],
+]
+
+
+@pytest.mark.parametrize("chat", CHATS)
+def test_prompt_from_messages_is_the_ingest_rule(chat):
+    """A service that receives a chat routes on the text that ingest made of the same chat in the training data."""
+    import pyarrow as pa
+
+    from pipeline.ingest_columns import as_text
+
+    trained, dropped = as_text(pa.chunked_array([pa.array([json.dumps(chat)])]), turns_json=True)
+    assert not dropped.any() and prompt_from_messages(chat) == trained.to_pylist()[0]
+    assert "You are terse." not in trained.to_pylist()[0]
+
+
+def test_prompt_from_messages_errors_name_the_message():
+    for bad, where in [([{"role": "user", "content": 3}], "messages[0].content"),
+                       ([{"role": "user", "content": [{"type": "text", "text": 1}]}], "messages[0].content[0].text"),
+                       ([{"role": "user"}, {"role": "assistant", "content": "x"}], "messages[0] has no content"),
+                       ([{"content": "x"}], "messages[0] must be an object with a string role")]:
+        with pytest.raises(RouterError, match=re.escape(where)):
+            prompt_from_messages(bad)
+    with pytest.raises(RouterError, match="no user text"):
+        prompt_from_messages([{"role": "system", "content": "only instructions"}])
 
 
 def test_two_workers_answer_without_delayed_ack_stalls(bundles):
