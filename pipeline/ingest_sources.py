@@ -136,9 +136,9 @@ def load_table(src: Source) -> Iterator[tuple[pa.Table, str]]:
         try:
             ds = datasets.load_dataset(src.builder, split=src.split)
         except Exception as e:  # network, unknown id, unknown split: all are "cannot read"
-            offline = ("; without the network only a dataset already in the local `datasets` cache loads "
-                       "(HF_HUB_OFFLINE=1 skips the retries), or pass a downloaded file instead"
-                       if isinstance(e, ConnectionError) else "")
+            retries = "" if datasets.config.HF_HUB_OFFLINE else " (HF_HUB_OFFLINE=1 skips the retries)"
+            offline = (f"; without the network only a dataset already in the local `datasets` cache loads{retries}, "
+                       "or pass a downloaded file instead" if isinstance(e, ConnectionError) else "")
             raise DataError(f"cannot load hub dataset split {src.split!r}: {e}{offline}", file=src.text) from None
         yield arrow_table(ds), ds._fingerprint
         return

@@ -335,6 +335,9 @@ def test_an_unreachable_hub_dataset_is_one_error_saying_what_works_offline(data_
     assert code == 2 and "hf:org/prefs" in out and "Couldn't reach 'org/prefs'" in out
     assert "HF_HUB_OFFLINE=1" in out and "pass a downloaded file" in out
     assert nothing_written(data_dir)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # already offline: no advice to go offline
+    code, out = cli("ingest", "hf:org/prefs")
+    assert code == 2 and "local `datasets` cache" in " ".join(out.split()) and "HF_HUB_OFFLINE" not in out
 
     def unknown_split(path, split=None, **kwargs):
         raise ValueError(f"Unknown split {split!r}")
