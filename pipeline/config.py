@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .common import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+TEST_FRACTION, VAL_FRACTION = 0.2, 0.1  # the hash split's shares: test, then validation of the rest
 
 
 class _Section(BaseModel):
@@ -33,8 +34,8 @@ class _Section(BaseModel):
 
 
 class LabelConfig(_Section):
-    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(TEST_FRACTION, ge=0.0, lt=1.0)
+    val_fraction: float = Field(VAL_FRACTION, ge=0.0, lt=1.0)
     score_range: Optional[tuple[float, float]] = None  # None: inferred (1-10 judges, 0-1, ...)
     threshold: Optional[float] = Field(None, ge=0.0, le=1.0)  # binarise normalised scores
     relaxation: float = Field(0.0, ge=0.0, le=1.0)  # Hybrid-LLM t in P[q(weak) >= q(strong) - t]

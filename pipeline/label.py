@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 from .common import (ConfigError, DataError, arrow_table, atomic_dir, console, labels_dir, processed_dir, prompt_hash,
                      read_json, sha256_json, write_json)
 from .baselines import observed_rates
-from .config import Config, LabelConfig, load_config
+from .config import TEST_FRACTION, VAL_FRACTION, Config, LabelConfig, load_config
 from .ingest import list_column, list_matrix
 
 LABEL_VERSION = 4  # bump when labels for the same dataset and options change
@@ -41,7 +41,7 @@ JUDGE_SCALE = (1.0, 10.0)
 SMALL_SPLIT = 200  # fewer validation or test prompts than this and the label stage says its numbers are noisy
 
 
-def split_of(prompt: str, test_fraction: float = 0.2, val_fraction: float = 0.1) -> str:
+def split_of(prompt: str, test_fraction: float = TEST_FRACTION, val_fraction: float = VAL_FRACTION) -> str:
     """train | val | test for one prompt, by its sha256 (the rule in docs/contracts.md)."""
     h = prompt_hash(prompt)
     if int(h[:8], 16) / 0xFFFFFFFF < test_fraction:

@@ -7,6 +7,7 @@ from typing import Mapping
 
 from . import routing
 from .common import flatten, read_json
+from .config import TEST_FRACTION, VAL_FRACTION
 from .routing import PAIR_SCORE
 
 
@@ -54,7 +55,8 @@ def _label_method(cfg: Mapping) -> str:
     if label.get("relaxation"):
         parts.append(f"soft labels P[q(weak) ≥ q(strong) − {label['relaxation']}]")
     parts.append(f"pairwise data: models ranked by Bradley–Terry strength into {label.get('tiers', 2)} tiers")
-    parts.append(f"hash split: test {label.get('test_fraction', 0.2):g}, validation {label.get('val_fraction', 0.1):g}")
+    parts.append(f"hash split: test {label.get('test_fraction', TEST_FRACTION):g}, "
+                 f"validation {label.get('val_fraction', VAL_FRACTION):g}")
     return "; ".join(parts)
 
 
