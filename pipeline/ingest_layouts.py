@@ -24,13 +24,6 @@ ARENA_FLAGS = ("winner_model_a", "winner_model_b", "winner_tie")
 IGNORED_PAIRWISE = ("response_a", "response_b", "conversation_a", "conversation_b")
 CONVERSATION = "conversation_a"
 MESSAGES = "messages"
-
-
-def prompt_stand_in(columns: list[str], layout: str) -> Optional[str]:
-    """The chat column whose user turns are the prompt when there is no `prompt` column, if any."""
-    if "prompt" in columns:
-        return None
-    return next((c for c in ((CONVERSATION, MESSAGES) if layout == "pairwise" else (MESSAGES,)) if c in columns), None)
 WIDE_SUFFIXES = ("|total_cost", "|model_response")  # the only '|' columns of the wide layout (RouterBench)
 # A model with at least OUTLIER_MIN_REST outcomes in [0, 1] and at most OUTLIER_SHARE of them outside is a 0-1
 # model with bad cells (an error); otherwise the values are a scale of their own, which label normalises.
@@ -75,6 +68,13 @@ def require_columns(table: pa.Table, columns, layout: str, path, or_else: str = 
     if missing:
         raise DataError(f"missing required column {missing[0]!r}{or_else} for the {layout} layout "
                         f"(columns: {', '.join(table.column_names)})", file=path)
+
+
+def prompt_stand_in(columns: list[str], layout: str) -> Optional[str]:
+    """The chat column whose user turns are the prompt when there is no `prompt` column, if any."""
+    if "prompt" in columns:
+        return None
+    return next((c for c in ((CONVERSATION, MESSAGES) if layout == "pairwise" else (MESSAGES,)) if c in columns), None)
 
 
 def detect_layout(columns: list[str]) -> str:

@@ -413,19 +413,18 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
 
         md += ["## Router vs cascade vs ensemble (simulated)", ""]
         sim_costs = [m.get("cost") for m in sorted(rj["models"], key=lambda m: m["index"])]
-        priced = None not in sim_costs
         cost_note = ""
         if kind == "pair" and None in (sim_costs[weak], sim_costs[strong]):
             # Unknown pair costs: the strong model is taken to be the pricier one, as routing assumes.
             sim_costs[weak], sim_costs[strong] = 1.0, 2.0
             cost_note = " The bundle has no costs: the strong model is taken to be the pricier one."
-        elif not priced:
+        elif not known:
             cost_note = (" Models with unknown cost and no profile entry get the middle default profile. The "
                          "router's λ sweep is left out: its λs trade against stand-in costs (model j costs j + 1) "
                          "that the simulation does not price.")
         res, econ_md = _economics(cols, test, p, choices, costs, sim_costs, models, kind, weak, strong, decision_ms,
                                   profile, tmp, f"{label}: router vs cascade vs ensemble (simulated)",
-                                  sweep=kind == "pair" or priced)
+                                  sweep=kind == "pair" or known)
         if res is None:
             why = econ_md  # the reason, instead of the table
             numbers["economics"] = {"skipped": why}
