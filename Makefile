@@ -5,7 +5,9 @@ VENV := .venv
 PRE := $(VENV)/bin/prerouter
 DEMO := data/raw/demo
 DATA ?= $(DEMO)/demo_wide.csv
-NAME ?= $(basename $(notdir $(DATA)))
+# The dataset name: the file name without its compression and type suffixes (battles.jsonl.gz → battles).
+DATA_FILE = $(patsubst %.gz,%,$(patsubst %.bz2,%,$(patsubst %.xz,%,$(notdir $(DATA)))))
+NAME ?= $(basename $(DATA_FILE))
 TRIALS ?= 0
 BUDGET_MS ?= 1.0
 SHARED ?= ../shared/data

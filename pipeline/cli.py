@@ -70,10 +70,11 @@ def _root():
 
 @app.command()
 def ingest(
-    data: List[str] = typer.Argument(..., help="A .csv, .jsonl/.json or .parquet file, or a hub dataset as "
-                                               "hf:org/name; several are merged into one dataset."),
+    data: List[str] = typer.Argument(..., help="A .csv, .jsonl/.json (each may be .gz/.bz2/.xz compressed) or "
+                                               ".parquet file, or a hub dataset as hf:org/name; several are merged "
+                                               "into one dataset."),
     layout: Optional[str] = typer.Option(None, help="pairwise | wide | long; detected from the columns when omitted."),
-    name: Optional[str] = typer.Option(None, help="Dataset name under data/processed/ (default: the (first) file stem)."),
+    name: Optional[str] = typer.Option(None, help="Dataset name under data/processed/ (default: the (first) file's name without its type and compression suffixes)."),
     models: Optional[str] = typer.Option(None, help="Wide layout: comma-separated model columns to use."),
     split: str = typer.Option("train", help="Hub datasets: which split to read."),
     split_column: Optional[str] = SplitColumnOpt,

@@ -1,5 +1,5 @@
-"""Reading one ingest input into an Arrow table: a local .csv, .jsonl, .json or .parquet file, or a hub
-dataset given as `hf:org/name`.
+"""Reading one ingest input into an Arrow table: a local .csv, .jsonl, .json or .parquet file (the text
+formats also compressed as .gz, .bz2 or .xz), or a hub dataset given as `hf:org/name`.
 
 `resolve_source` checks the name, `hash_input` hashes a local file's bytes (checking text formats are
 UTF-8 on the same pass) and `load_table` reads it through the `datasets` library, memory-mapped, with
@@ -10,10 +10,13 @@ process that made it was killed.
 """
 from __future__ import annotations
 
+import bz2
 import codecs
 import contextlib
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import tempfile
@@ -30,6 +33,9 @@ from .ingest_layouts import CONVERSATION, MESSAGES
 
 _TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
 _BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# `datasets` reads these itself (by the suffix); every raw read here goes through `open_input`.
+_COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_BAD_STREAM = (EOFError, gzip.BadGzipFile, lzma.LZMAError)  # and OSError, which bz2 raises
 
 
 @dataclass
@@ -43,9 +49,24 @@ class Source:
 
     @property
     def stem(self) -> str:
-        if self.path is not None:
-            return self.path.stem
-        return self.builder.rstrip("/").split("/")[-1]
+        return default_name(self.text)
+
+
+def default_name(source: str) -> str:
+    """The dataset name an input gets when none is given: the file name without its type and compression
+    suffixes (data.jsonl.gz → data), or a hub dataset's last path part."""
+    name = source.removeprefix("hf:").rstrip("/").split("/")[-1]
+    for suffixes in (_COMPRESSIONS, _BUILDERS):
+        stem, dot, suffix = name.rpartition(".")
+        if dot and stem and f".{suffix.lower()}" in suffixes:
+            name = stem
+    return name or "data"
+
+
+def open_input(path: Path, mode: str = "rt", **kwargs):
+    """A local input opened for reading, through its decompressor when its name ends in .gz, .bz2 or .xz."""
+    opener = _COMPRESSIONS.get(path.suffix.lower(), open)
+    return opener(path, mode, **kwargs, **({} if "b" in mode else {"encoding": "utf-8-sig"}))
 
 
 def resolve_source(source: str, split: str) -> Source:
@@ -53,10 +74,12 @@ def resolve_source(source: str, split: str) -> Source:
     if source.startswith("hf:"):
         return Source(source, None, source[3:], split)
     path = Path(source)
-    builder = _BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise DataError(f"unsupported file type {path.suffix or '(none)'!r}: use .csv, .jsonl, .json, "
-                        ".parquet or hf:org/name", file=path)
+    compressed = path.suffix.lower() in _COMPRESSIONS
+    builder = _BUILDERS.get(path.with_suffix("").suffix.lower() if compressed else path.suffix.lower())
+    if builder is None or (compressed and builder == "parquet"):
+        what = "".join(path.suffixes[-2:]) if compressed else path.suffix
+        raise DataError(f"unsupported file type {what or '(none)'!r}: use .csv, .jsonl, .json (each may be "
+                        ".gz, .bz2 or .xz compressed), .parquet or hf:org/name", file=path)
     if not path.is_file():
         raise DataError("file not found", file=path)
     if path.stat().st_size == 0:
@@ -65,27 +88,35 @@ def resolve_source(source: str, split: str) -> Source:
 
 
 def hash_input(src: Source) -> str:
-    """sha256 of the input bytes; text formats are checked to be UTF-8 on the same pass."""
+    """sha256 of the input bytes (as stored); text formats are checked to be UTF-8 on the same pass, or on
+    a second, decompressing pass when the file is compressed."""
     h = hashlib.sha256()
+    compressed = src.path.suffix.lower() in _COMPRESSIONS
     decoder = codecs.getincrementaldecoder("utf-8")() if src.builder != "parquet" else None
     try:
         with open(src.path, "rb") as f:
             while block := f.read(1 << 20):
                 h.update(block)
-                if decoder is not None:
+                if decoder is not None and not compressed:
                     decoder.decode(block)
-            if decoder is not None:
-                decoder.decode(b"", final=True)
+        if decoder is not None and compressed:
+            with open_input(src.path, "rb") as f:
+                while block := f.read(1 << 20):
+                    decoder.decode(block)
+        if decoder is not None:
+            decoder.decode(b"", final=True)
     except UnicodeDecodeError:
         raise DataError(f"not valid UTF-8 text (line {_first_bad_line(src.path)}); re-save the file as UTF-8",
                         file=src.path) from None
-    except OSError as e:
+    except _BAD_STREAM + (OSError,) as e:
+        if compressed and not (isinstance(e, OSError) and e.errno):  # a read error has an errno, bad data not
+            raise DataError(f"cannot decompress as {src.path.suffix}: {e}", file=src.path) from None
         raise DataError(f"cannot read file: {e.strerror or e}", file=src.path) from None
     return h.hexdigest()
 
 
 def _first_bad_line(path: Path) -> int:
-    with open(path, "rb") as f:
+    with open_input(path, "rb") as f:
         for number, line in enumerate(f, 1):
             try:
                 line.decode("utf-8")
@@ -102,14 +133,14 @@ def _duplicated_columns(src: Source) -> list[str]:
         if src.builder == "csv":
             import csv
 
-            with open(src.path, encoding="utf-8-sig", newline="") as f:
+            with open_input(src.path, newline="") as f:
                 names = next(csv.reader(f), [])
         elif src.builder == "parquet":
             import pyarrow.parquet as pq
 
             names = pq.read_schema(src.path).names
         elif src.builder == "json":
-            with open(src.path, encoding="utf-8-sig") as f:
+            with open_input(src.path) as f:
                 head = f.read(1 << 16).lstrip()
             if head.startswith("["):
                 head = head[1:].lstrip()
@@ -200,7 +231,7 @@ def _exact_json_text(table: pa.Table, data_file: Path) -> pa.Table:
         return table
     values: dict[str, list] = {c: [] for c in mixed}
     try:
-        with open(data_file, encoding="utf-8-sig") as f:
+        with open_input(data_file) as f:
             for line in f:
                 if not line.strip():
                     continue
@@ -237,16 +268,17 @@ def _json_array_as_lines(path: Path, folder: Path) -> Optional[Path]:
     `datasets` re-encodes a JSON array through ujson, which turns NaN and Infinity into null, so an
     infinite score would silently become "not observed" instead of a dropped row as in JSON lines.
     """
-    with open(path, "rb") as f:
+    with open_input(path, "rb") as f:
         if not f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
             return None
     try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
+        with open_input(path) as f:
+            records = json.loads(f.read())
     except ValueError:
         return None  # `datasets` fails on it too and the error names the line
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         return None
-    out = folder / f"{path.stem}.jsonl"
+    out = folder / f"{default_name(str(path))}.jsonl"
     with open(out, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return out
@@ -260,7 +292,8 @@ def _no_records(src: Source) -> bool:
 
             return pq.ParquetFile(src.path).metadata.num_rows == 0
         if src.builder == "json":
-            text = src.path.read_text(encoding="utf-8").strip()
+            with open_input(src.path) as f:
+                text = f.read().strip()
             return not text or (text.startswith("[") and json.loads(text) == [])
     except Exception:  # unreadable for another reason: the caller reports the original error
         pass
@@ -269,7 +302,8 @@ def _no_records(src: Source) -> bool:
 
 def _first_bad_json_line(path: Path) -> Optional[int]:
     """Line of the first JSON syntax error (whole-document JSON or JSON lines), for the message."""
-    text = path.read_text(encoding="utf-8")
+    with open_input(path) as f:
+        text = f.read()
     if text.lstrip().startswith("["):
         try:
             json.loads(text)

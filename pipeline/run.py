@@ -18,10 +18,7 @@ from typing import Iterator
 from .common import (DataError, GateError, check_name, check_output_path, console, model_dir, process_alive,
                      process_start, setup_mlflow)
 from .config import Config, check_machine, load_config
-
-
-def _name_of(data: str) -> str:
-    return Path(data.removeprefix("hf:")).stem.replace("/", "_") if data else "data"
+from .ingest_sources import default_name
 
 
 HOST = socket.gethostname()
@@ -112,7 +109,7 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
 
     cfg = config or load_config()
     check_machine(cfg.train)
-    name = check_name(name or _name_of(data))
+    name = check_name(name or default_name(data))
     out = check_bundle_dir(check_output_path(Path(out) if out else model_dir(name) / "bundle"))  # before any work
     setup_mlflow()
     end_stale_runs(name)

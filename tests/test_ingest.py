@@ -1,4 +1,7 @@
+import bz2
+import gzip
 import json
+import lzma
 
 import datasets
 import numpy as np
@@ -8,6 +11,7 @@ import pytest
 
 from pipeline.common import DataError, prompt_hash, read_json, sha256_file
 from pipeline.ingest import detect_layout, ingest
+from pipeline.ingest_sources import default_name
 
 from .leftovers import leftovers, visible
 
@@ -16,8 +20,16 @@ def load(out, part="dataset"):
     return datasets.load_from_disk(str(out / part)).to_pandas()
 
 
+COMPRESSORS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}
+
+
 def write(df: pd.DataFrame, path):
-    """One frame in the format the suffix names."""
+    """One frame in the format the suffix names (compressed when it ends in .gz, .bz2 or .xz)."""
+    if path.suffix in COMPRESSORS:
+        plain = write(df, path.with_suffix(""))
+        path.write_bytes(COMPRESSORS[path.suffix](plain.read_bytes()))
+        plain.unlink()
+        return path
     suffix = path.suffix
     if suffix == ".csv":
         df.to_csv(path, index=False)
@@ -121,7 +133,7 @@ def test_pairwise_demo_battles_and_mean_scores(data_dir, demo_files):
     assert m["costs"]["small-7b"] < m["costs"]["large-70b"]
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet", ".csv.gz", ".jsonl.bz2", ".json.xz"])
 def test_every_file_type_gives_the_same_dataset(data_dir, tmp_path, suffix):
     out = ingest(str(write(LONG, tmp_path / f"long{suffix}")), name="x")
     ds = load(out)
@@ -130,6 +142,47 @@ def test_every_file_type_gives_the_same_dataset(data_dir, tmp_path, suffix):
     np.testing.assert_allclose(np.stack(ds.outcome.to_list()), [[4, 9], [7, 8], [10, 10]])
     assert np.stack(ds["count"].to_list()).tolist() == [[2, 1], [1, 1], [1, 1]]
     assert ds.topic.tolist() == ["math", "animals", "chat"]
+
+
+def test_a_compressed_file_is_named_and_hashed_as_stored_and_read_through_its_decompressor(data_dir, tmp_path, cli):
+    path = write(LONG, tmp_path / "battles.v2.jsonl.gz")
+    code, out = cli("ingest", path)
+    assert code == 0, out
+    m = read_json(data_dir / "processed" / "battles.v2" / "manifest.json")  # .jsonl.gz dropped, .v2 kept
+    assert m["source_hash"] == sha256_file(path) and m["n_prompts"] == 3
+    # A JSON column of mixed types is read again from the file (strings stay strings), here decompressed.
+    mixed = tmp_path / "mixed.jsonl.gz"
+    mixed.write_bytes(gzip.compress(b'{"prompt": 0, "model": "a", "score": 1}\n{"prompt": "0", "model": "a", '
+                                    b'"score": 1}\n{"prompt": "0", "model": "b", "score": 2}\n'))
+    assert cli("ingest", mixed)[0] == 0
+    assert load(data_dir / "processed" / "mixed").prompt.tolist() == ["0"]
+
+
+BAD_COMPRESSED = [
+    ("cut.csv.gz", gzip.compress(b"prompt,a,b\n" + b"hello,1,0\n" * 500)[:60], "cannot decompress as .gz"),
+    ("plain.csv.bz2", b"prompt,a,b\nhello,1,0\n", "cannot decompress as .bz2: Invalid data stream"),
+    ("plain.jsonl.xz", b'{"prompt": "hi", "a": 1}\n', "cannot decompress as .xz"),
+    ("latin1.csv.gz", gzip.compress("prompt,a,b\nhello,1,0\ncaf\u00e9,1,0\n".encode("latin-1")),
+     "not valid UTF-8 text (line 3)"),
+    ("table.parquet.gz", gzip.compress(b"PAR1"), "unsupported file type '.parquet.gz'"),
+]
+
+
+@pytest.mark.parametrize("filename, content, reason", BAD_COMPRESSED, ids=[b[0] for b in BAD_COMPRESSED])
+def test_a_bad_compressed_file_is_one_error(data_dir, tmp_path, cli, filename, content, reason):
+    path = tmp_path / filename
+    path.write_bytes(content)
+    code, out = cli("ingest", path)
+    assert code == 2 and str(path) in out and reason in out, out
+    assert nothing_written(data_dir)
+
+
+@pytest.mark.parametrize("source, name", [
+    ("data/arena.jsonl.gz", "arena"), ("votes.v2.csv", "votes.v2"), ("x.parquet", "x"), ("notes.gz", "notes"),
+    ("hf:lmsys/chatbot_arena_conversations", "chatbot_arena_conversations"), ("", "data"),
+])
+def test_default_name_drops_type_and_compression_suffixes(source, name):
+    assert default_name(source) == name
 
 
 def test_arena_55k_variant(data_dir, tmp_path):
