@@ -12,6 +12,8 @@ import math
 import re
 from pathlib import Path
 
+from .tokenization import TEMPLATES_VERSION
+
 SCHEMA_VERSION = 2  # 2: router.json carries bundle_sha256 and is validated on load
 MAX_ROUTER_JSON_BYTES = 16 << 20
 MAX_JSON_DEPTH = 32  # router.json nests about 6 deep (training_config, metrics.parity)
@@ -153,6 +155,9 @@ def check_router_json(config, root: Path, verify: bool = True) -> None:
     if templates:
         if not isinstance(templates, dict):
             raise ValueError("tokenizer.templates must be an object")
+        if not (_is_int(templates.get("version", 1)) and 1 <= templates.get("version", 1) <= TEMPLATES_VERSION):
+            raise ValueError(f"tokenizer.templates.version {templates['version']!r} is not known to this runtime "
+                             f"(1 to {TEMPLATES_VERSION}); upgrade prerouter to load this bundle")
         for side in ("prefixes", "suffixes"):
             items = templates.get(side)
             if not isinstance(items, list) or not all(

@@ -26,7 +26,8 @@ def conformance_prompts(spec: dict, n_plain: int = 200, seed: int = 0) -> list[s
     lengths, prompts just under, at and over `char_window` (the inserted space, the tail's share),
     astral characters (one code point, two UTF-16 units) at the cut, combining marks, control and
     zero-width characters, special tokens written verbatim, the empty prompt, scripts, long words,
-    and the bundle's templates (their prefixes and suffixes, whole and nearly)."""
+    and the bundle's templates (their prefixes and suffixes, whole and nearly, and with whitespace added
+    around them)."""
     import random
 
     rng = random.Random(seed)
@@ -63,6 +64,10 @@ def conformance_prompts(spec: dict, n_plain: int = 200, seed: int = 0) -> list[s
     for p in templates.get("prefixes", [])[:4]:
         for q in templates.get("suffixes", [])[:4]:
             out.append(p["text"] + "the varying middle of a templated prompt" + q["text"])
+    for text in [t["text"] for side in ("prefixes", "suffixes") for t in templates.get(side, [])[:3]]:
+        # what a client adds around a template: a trailing newline, Windows line breaks, edge whitespace
+        out += [" \t" + text + " middle\r\n", ("middle\n" + text).replace("\n", "\r\n") + "\n\n",
+                "\r" + text + "\u00a0", "\v\f" + text + "\ufeff"]
     return list(dict.fromkeys(out))
 
 

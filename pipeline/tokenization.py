@@ -231,11 +231,14 @@ def compact_templates(prompt: str, spec: dict) -> str:
     the training prompts by `learn_templates`) lists such prefixes and suffixes, longest first, each
     with how many characters to keep (enough to tell templates apart). The first listed prefix the
     prompt starts with, then the first listed suffix the rest ends with, are shortened; lengths are
-    in Unicode code points. Without templates the prompt is returned unchanged.
+    in Unicode code points. Templates of version 2 (`learn_templates` today) first put the prompt
+    through `template_edges`, matched or not. Without templates the prompt is returned unchanged.
     """
     templates = spec.get("templates")
     if not templates:
         return prompt
+    if templates.get("version", 1) >= 2:
+        prompt = template_edges(prompt)
     (k, prefixes), (_, suffixes) = _template_index(templates)
     head, body, tail = "", prompt, ""
     for t in prefixes.get(body[:k], ()):
@@ -250,6 +253,18 @@ def compact_templates(prompt: str, spec: dict) -> str:
 
 
 _INDEXES: dict[int, tuple] = {}
+TEMPLATES_VERSION = 2  # 2: prompts are matched (and read on) after `template_edges`
+_EDGE_SPACE = " \t\n\r\f\v"  # ASCII only: str.strip() and JavaScript's trim() differ beyond it
+_LINE_BREAK = re.compile(r"\r\n?")
+
+
+def template_edges(prompt: str) -> str:
+    """The prompt with \\r\\n and \\r line breaks as \\n and no ASCII whitespace at either end: what templates
+    (version 2) are learned on and matched against, so a client that adds a trailing newline or sends
+    Windows line breaks still has its template recognised. Token-neutral for tokenizers that split on
+    whitespace."""
+    return _LINE_BREAK.sub("\n", prompt).strip(_EDGE_SPACE)
+
 
 
 def _template_index(templates: dict) -> tuple:
@@ -275,7 +290,8 @@ def _template_index(templates: dict) -> tuple:
 def learn_templates(prompts: list[str], min_support: int = 20, min_chars: int = 64, keep_chars: int = 32,
                     max_templates: int = 256) -> dict:
     """Shared prefixes and suffixes of at least `min_chars` characters that `min_support` or more prompts
-    start (end) with, for `compact_templates`: `{"prefixes": [{"text", "keep", "support"}], "suffixes": [...]}`.
+    start (end) with, for `compact_templates`: `{"version": 2, "prefixes": [{"text", "keep", "support"}],
+    "suffixes": [...]}`, learned on the prompts after `template_edges`.
 
     Sorted prompts that share a prefix are neighbours, so the longest prefix that prompt i shares with
     at least `min_support - 1` others is the best window minimum of adjacent common-prefix lengths.
@@ -310,7 +326,8 @@ def learn_templates(prompts: list[str], min_support: int = 20, min_chars: int = 
         out.sort(key=lambda t: (-t["support"] * len(t["text"]), t["text"]))
         return sorted(out[:max_templates], key=lambda t: (-len(t["text"]), t["text"]))
 
-    return {"prefixes": side(prompts, False), "suffixes": side(prompts, True)}
+    prompts = [template_edges(p) for p in prompts]
+    return {"version": TEMPLATES_VERSION, "prefixes": side(prompts, False), "suffixes": side(prompts, True)}
 
 
 def clip_chars(prompt: str, spec: dict) -> str:

@@ -21,6 +21,8 @@ MULTI = {"kind": "multi", "cost_lambdas": {"0.25": 0.4, "0.5": 0.1, "1.0": 0.0}}
 
 def _spec_rules(prompt: str, spec: dict, tok) -> list[int]:
     """The tokenizer contract written from docs/contracts.md alone (not the runtime's functions)."""
+    if (spec.get("templates") or {}).get("version", 1) >= 2:
+        prompt = prompt.replace("\r\n", "\n").replace("\r", "\n").strip(" \t\n\r\f\v")
     for t in (spec.get("templates") or {}).get("prefixes", []):
         if prompt.startswith(t["text"]):
             prompt = t["text"][:t["keep"]] + prompt[len(t["text"]):]
@@ -105,6 +107,7 @@ def test_vectors_cover_templates_and_follow_the_contract(tmp_path, monkeypatch):
     head, vectors = read_conformance(bundle)
     prefix = templates["prefixes"][0]["text"]
     assert sum(v["prompt"].startswith(prefix) for v in vectors) >= 2
+    assert sum(v["prompt"].lstrip(" \t\r").startswith(prefix) and v["prompt"] != v["prompt"].strip() for v in vectors) >= 2
     tok = load_tokenizer(TOKENIZER)
     for v in vectors:
         assert _spec_rules(v["prompt"], meta_spec, tok) == v["input_ids"]

@@ -198,6 +198,19 @@ def test_unknown_schema_version_fails(tmp_path):
         Router.load(path)
 
 
+@pytest.mark.parametrize("version, loads", [(1, True), (2, True), (3, False), ("2", False), (True, False)])
+def test_templates_version_is_one_this_runtime_knows(tmp_path, version, loads):
+    path, _ = tiny_bundle(tmp_path / "b")
+    config = json.loads((path / "router.json").read_text())
+    config["tokenizer"]["templates"] = {"version": version, "prefixes": [{"text": "Q: ", "keep": 1}], "suffixes": []}
+    (path / "router.json").write_text(json.dumps(config))
+    if loads:
+        assert Router.load(path, verify=False).scores(["Q: hi"]).shape == (1, 2)
+    else:
+        with pytest.raises(DataError, match=f"tokenizer.templates.version {version!r} is not known"):
+            Router.load(path, verify=False)
+
+
 # -- scores --------------------------------------------------------------------------------------
 
 def test_scores_are_the_graph_probabilities(router, bundle, tok):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.tokenization import compact_templates, encode, learn_templates, load_tokenizer, make_spec
+from pipeline.tokenization import compact_templates, encode, learn_templates, load_tokenizer, make_spec, template_edges
 from tests.tiny import PACKAGED
 
 SHOTS = "The following are multiple choice questions (with answers) about anatomy.\n\n" + "\n\n".join(
@@ -26,7 +26,7 @@ def test_learns_shared_prefix_and_suffix_but_not_short_or_rare_ones():
     assert t["prefixes"][0]["support"] == 40  # the rare prompt shares only the shots: not this prefix
     # "Write a short poem about the number " is shared by 40 prompts but shorter than min_chars
     assert all(not p["text"].startswith("Write") for p in t["prefixes"])
-    assert learn_templates(_templated(10)) == {"prefixes": [], "suffixes": []}  # below min_support
+    assert learn_templates(_templated(10)) == {"version": 2, "prefixes": [], "suffixes": []}  # below min_support
 
 
 def test_compaction_keeps_the_varying_middle_and_a_template_marker():
@@ -48,3 +48,32 @@ def test_templated_prompts_get_distinct_token_ids_only_with_templates():
     assert np.array_equal(ids[0], ids[1])  # head + tail are all template: the question is cut away
     ids, _ = encode(tok, prompts[:2], plain | {"templates": learn_templates(prompts)})
     assert not np.array_equal(ids[0], ids[1])
+
+
+def test_template_edges_unify_line_breaks_and_drop_ascii_whitespace_at_the_ends_only():
+    assert template_edges(" \t\r\nA\r\n\rB  C\r\n\v\f") == "A\n\nB  C"
+    assert template_edges("\u00a0A\ufeff") == "\u00a0A\ufeff"  # not ASCII: kept (JavaScript's trim() would drop it)
+    assert template_edges(" \n ") == ""
+
+
+def test_a_client_adding_whitespace_or_windows_line_breaks_still_has_its_template_recognised():
+    prompts = _templated(30)
+    spec = make_spec(32) | {"templates": learn_templates(prompts)}
+    clean = compact_templates(prompts[3], spec)
+    assert len(clean) < 150
+    variants = [prompts[3] + "\n", "  " + prompts[3] + " \n\n", prompts[3].replace("\n", "\r\n"),
+                "\r\n" + prompts[3].replace("\n", "\r") + "\t"]
+    assert [compact_templates(v, spec) for v in variants] == [clean] * len(variants)
+    tok = load_tokenizer(PACKAGED)
+    ids, _ = encode(tok, [prompts[3]] + variants, spec)
+    assert all(np.array_equal(ids[0], row) for row in ids[1:])
+    # Templates without a version (bundles written before version 2) keep matching exactly, as they were trained.
+    old = {"templates": {k: v for k, v in spec["templates"].items() if k != "version"}}
+    assert compact_templates(prompts[3], old) == clean
+    assert compact_templates(prompts[3] + "\n", old).endswith(CLOSE + "\n")  # its suffix is not recognised
+
+
+def test_templates_are_learned_through_the_same_edges():
+    # Training prompts that carry a trailing newline and Windows line breaks give the templates clean prompts match.
+    messy = [p.replace("\n", "\r\n") + "\r\n" for p in _templated(30)]
+    assert learn_templates(messy) == learn_templates(_templated(30))

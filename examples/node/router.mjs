@@ -25,10 +25,16 @@ function sha256(file) {
   return createHash("sha256").update(readFileSync(file)).digest("hex");
 }
 
-// Step 1: learned template prefixes / suffixes shortened to `keep` code points.
+// Step 1: learned template prefixes / suffixes shortened to `keep` code points. Templates of version 2
+// are matched on the prompt with \r\n and \r as \n and no ASCII whitespace at either end.
+export function templateEdges(prompt) {
+  return prompt.replace(/\r\n?/g, "\n").replace(/^[ \t\n\r\f\v]+|[ \t\n\r\f\v]+$/g, "");
+}
+
 export function compactTemplates(prompt, spec) {
   const templates = spec.templates;
   if (!templates) return prompt;
+  if ((templates.version ?? 1) >= 2) prompt = templateEdges(prompt);
   let head = "", body = prompt, tail = "";
   for (const t of templates.prefixes || []) {
     if (body.startsWith(t.text)) {
@@ -116,6 +122,8 @@ export class Router {
     const config = JSON.parse(readFileSync(join(path, "router.json"), "utf8"));
     if (config.schema_version !== 2) throw new Error(`schema_version ${config.schema_version} is not supported (2)`);
     if (!["pair", "multi"].includes(config.decision?.kind)) throw new Error(`unknown decision kind`);
+    const templatesVersion = config.tokenizer?.templates?.version ?? 1;
+    if (![1, 2].includes(templatesVersion)) throw new Error(`tokenizer.templates.version ${templatesVersion} is not supported (1, 2)`);
     if (verify) {
       for (const [name, digest] of Object.entries(config.files || {})) {
         if (sha256(inside(path, name)) !== digest) throw new Error(`${name}: sha256 mismatch`);
