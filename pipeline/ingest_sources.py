@@ -10,13 +10,10 @@ process that made it was killed.
 """
 from __future__ import annotations
 
-import bz2
 import codecs
 import contextlib
-import gzip
 import hashlib
 import json
-import lzma
 import os
 import shutil
 import tempfile
@@ -28,14 +25,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .common import DataError, arrow_table, data_root
+from .compression import BAD_STREAM, compression_of, is_bad_stream, open_input, without_compression
 from .ingest_columns import is_json_ext
 from .ingest_layouts import CONVERSATION, MESSAGES
 
 _TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
 _BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-# `datasets` reads these itself (by the suffix); every raw read here goes through `open_input`.
-_COMPRESSIONS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-_BAD_STREAM = (EOFError, gzip.BadGzipFile, lzma.LZMAError)  # and OSError, which bz2 raises
+# `datasets` reads compressed files itself (by the suffix); every raw read here goes through `open_input`.
 
 
 @dataclass
@@ -55,18 +51,9 @@ class Source:
 def default_name(source: str) -> str:
     """The dataset name an input gets when none is given: the file name without its type and compression
     suffixes (data.jsonl.gz → data), or a hub dataset's last path part."""
-    name = source.removeprefix("hf:").rstrip("/").split("/")[-1]
-    for suffixes in (_COMPRESSIONS, _BUILDERS):
-        stem, dot, suffix = name.rpartition(".")
-        if dot and stem and f".{suffix.lower()}" in suffixes:
-            name = stem
-    return name or "data"
-
-
-def open_input(path: Path, mode: str = "rt", **kwargs):
-    """A local input opened for reading, through its decompressor when its name ends in .gz, .bz2 or .xz."""
-    opener = _COMPRESSIONS.get(path.suffix.lower(), open)
-    return opener(path, mode, **kwargs, **({} if "b" in mode else {"encoding": "utf-8-sig"}))
+    name = without_compression(source.removeprefix("hf:").rstrip("/").split("/")[-1])
+    stem, dot, suffix = name.rpartition(".")
+    return (stem if dot and stem and f".{suffix.lower()}" in _BUILDERS else name) or "data"
 
 
 def resolve_source(source: str, split: str) -> Source:
@@ -74,8 +61,8 @@ def resolve_source(source: str, split: str) -> Source:
     if source.startswith("hf:"):
         return Source(source, None, source[3:], split)
     path = Path(source)
-    compressed = path.suffix.lower() in _COMPRESSIONS
-    builder = _BUILDERS.get(path.with_suffix("").suffix.lower() if compressed else path.suffix.lower())
+    compressed = compression_of(path) is not None
+    builder = _BUILDERS.get(Path(without_compression(path.name)).suffix.lower())
     if builder is None or (compressed and builder == "parquet"):
         what = "".join(path.suffixes[-2:]) if compressed else path.suffix
         raise DataError(f"unsupported file type {what or '(none)'!r}: use .csv, .jsonl, .json (each may be "
@@ -91,7 +78,7 @@ def hash_input(src: Source) -> str:
     """sha256 of the input bytes (as stored); text formats are checked to be UTF-8 on the same pass, or on
     a second, decompressing pass when the file is compressed."""
     h = hashlib.sha256()
-    compressed = src.path.suffix.lower() in _COMPRESSIONS
+    compressed = compression_of(src.path) is not None
     decoder = codecs.getincrementaldecoder("utf-8")() if src.builder != "parquet" else None
     try:
         with open(src.path, "rb") as f:
@@ -108,8 +95,8 @@ def hash_input(src: Source) -> str:
     except UnicodeDecodeError:
         raise DataError(f"not valid UTF-8 text (line {_first_bad_line(src.path)}); re-save the file as UTF-8",
                         file=src.path) from None
-    except _BAD_STREAM + (OSError,) as e:
-        if compressed and not (isinstance(e, OSError) and e.errno):  # a read error has an errno, bad data not
+    except BAD_STREAM + (OSError,) as e:
+        if compressed and is_bad_stream(e):
             raise DataError(f"cannot decompress as {src.path.suffix}: {e}", file=src.path) from None
         raise DataError(f"cannot read file: {e.strerror or e}", file=src.path) from None
     return h.hexdigest()

@@ -21,6 +21,7 @@ from . import routing
 from .bundle_contract import (MAX_JSON_DEPTH, MAX_ROUTER_JSON_BYTES, bundle_digest, check_router_json,
                               check_schema_version, file_sha256, is_finite_number)
 from .chat import NotText, chat_prompt
+from .compression import BAD_STREAM, compression_of, is_bad_stream, open_input, without_compression
 from .tokenization import RouterTokenizer, encode, encode_one, load_tokenizer
 
 
@@ -306,17 +307,27 @@ def prompt_from_messages(messages) -> str:
 
 def read_prompt_records(path: str | Path) -> Iterator[dict]:
     """The records of a JSONL file of {"prompt": ..., ...} objects, one per non-blank line, in order, or
-    (a `.csv` file) its rows, which need a `prompt` column (`prompt_id` is kept too; other columns are not).
+    (a `.csv` file) its rows, which need a `prompt` column (`prompt_id` is kept too; other columns are not);
+    either may be compressed (.gz, .bz2, .xz).
 
     A JSONL record may give OpenAI-style `messages` instead of `prompt` (as a request to `serve` may): its
     `prompt` is then `prompt_from_messages(messages)`. UTF-8 (a leading BOM is skipped). A line that is
     not valid UTF-8 or JSON, or not an object with exactly one of a string `prompt` or usable `messages`,
     is a RouterError naming the file and the line.
     """
-    if Path(path).suffix.lower() == ".csv":
-        yield from _csv_prompt_records(path)
-        return
-    with open(path, "rb") as src:
+    try:
+        if Path(without_compression(str(path))).suffix.lower() == ".csv":
+            yield from _csv_prompt_records(path)
+        else:
+            yield from _jsonl_prompt_records(path)
+    except BAD_STREAM + (OSError,) as e:
+        if not (compression_of(path) and is_bad_stream(e)):
+            raise
+        raise router_error(f"cannot decompress as {compression_of(path)}: {e}", file=path) from None
+
+
+def _jsonl_prompt_records(path: str | Path) -> Iterator[dict]:
+    with open_input(path, "rb") as src:
         for lineno, raw in enumerate(src, 1):
             try:
                 text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -347,7 +358,7 @@ def read_prompt_records(path: str | Path) -> Iterator[dict]:
 def _csv_prompt_records(path: str | Path) -> Iterator[dict]:
     import csv
 
-    with open(path, encoding="utf-8-sig", newline="") as src:
+    with open_input(path, newline="") as src:
         try:
             rows = csv.DictReader(src)
             if "prompt" not in (rows.fieldnames or []):

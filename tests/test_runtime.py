@@ -1,8 +1,11 @@
 """The torch-free runtime: shared tokenization, bundle loading and verification, routing, score_file."""
 from __future__ import annotations
 
+import bz2
 import csv
+import gzip
 import json
+import lzma
 import threading
 from pathlib import Path
 
@@ -463,6 +466,26 @@ def test_score_file_takes_every_routing_setting_route_takes(bundle, tmp_path):
         routes(bundle[0], cost_weight=1.0)
     with pytest.raises(DataError, match="give strong_fraction or threshold, not both"):
         routes(bundle[0], strong_fraction=0.5, threshold=0.5)
+
+
+def test_score_file_reads_compressed_inputs_like_plain_ones(bundle, tmp_path):
+    jsonl = "".join(json.dumps({"prompt": q, "prompt_id": f"p{i}"}) + "\n" for i, q in enumerate(PROMPTS)).encode()
+    rows = "prompt,prompt_id\n" + "".join(f'"{q}",p{i}\n' for i, q in enumerate(PROMPTS))
+    (tmp_path / "in.jsonl").write_bytes(jsonl)
+    (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(jsonl))
+    (tmp_path / "in.csv.bz2").write_bytes(bz2.compress(rows.encode()))
+    (tmp_path / "in.jsonl.xz").write_bytes(lzma.compress(jsonl))
+    outs = {}
+    for name in ("in.jsonl", "in.jsonl.gz", "in.csv.bz2", "in.jsonl.xz"):
+        assert score_file(bundle[0], tmp_path / name, tmp_path / f"{name}.out") == len(PROMPTS)
+        outs[name] = (tmp_path / f"{name}.out").read_text()
+    assert len(set(outs.values())) == 1
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(jsonl * 50)[:200])
+    (tmp_path / "plain.jsonl.gz").write_bytes(jsonl)
+    for name, reason in (("cut.jsonl.gz", "cannot decompress as .gz"), ("plain.jsonl.gz", "Not a gzipped file")):
+        with pytest.raises(DataError, match=reason) as e:
+            score_file(bundle[0], tmp_path / name, tmp_path / "x.out")
+        assert str(tmp_path / name) in str(e.value) and not (tmp_path / "x.out").exists()
 
 
 # -- command line --------------------------------------------------------------------------------

@@ -98,8 +98,8 @@ def test_route_with_training_stack_blocked(tmp_path):
     assert out["loaded"] == ["numpy", "onnxruntime", "tokenizers"]
     assert out["extra"] == []  # not even the pipeline's own plumbing on the serving path
     # The whole runtime: the modules mlflow_model ships and the slim install needs.
-    assert out["pipeline"] == ["pipeline", "pipeline.bundle_contract", "pipeline.chat", "pipeline.routing",
-                               "pipeline.runtime", "pipeline.tokenization"]
+    assert out["pipeline"] == ["pipeline", "pipeline.bundle_contract", "pipeline.chat", "pipeline.compression",
+                               "pipeline.routing", "pipeline.runtime", "pipeline.tokenization"]
 
 
 def test_blocker_really_blocks():
