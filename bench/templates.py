@@ -23,9 +23,12 @@ import pandas as pd
 from pipeline.config import load_config
 from pipeline.data import prepare
 from pipeline.evaluate import evaluate
+from pipeline.export import export
 from pipeline.ingest import ingest
 from pipeline.label import label
+from pipeline.metrics import apgr
 from pipeline.module import pair_score
+from pipeline.runtime import Router
 from pipeline.train import load_trained, predict, train
 
 HERE = Path(__file__).parent
@@ -62,12 +65,31 @@ def run_arm(file: Path, templates: bool, seed: int) -> dict:
     thresholds = trained.meta["decision"]["thresholds"]
     realised = {k: float(np.mean(score >= t)) for k, t in thresholds.items()}
     templates_found = (trained.meta["tokenizer"].get("templates") or {})
-    return {"templates": templates, "seed": seed, "apgr": result["routers"]["router (student)"]["apgr"],
+    served = served_apgr(name, [prep.prompts[i] for i in test], prep.target[test], prep.pair) if templates else {}
+    return {**served, "templates": templates, "seed": seed, "apgr": result["routers"]["router (student)"]["apgr"],
             "teacher": result["routers"]["teacher"]["apgr"], "tfidf_lr": result["routers"]["tfidf_lr"]["apgr"],
             "distinct_scores": int(len(np.unique(np.round(score, 6)))), "n_test": int(len(test)),
             "max_share_error": max(abs(v - float(k)) for k, v in realised.items()),
             "unreachable": trained.meta["decision"].get("unreachable_fractions", {}),
             "n_prefixes": len(templates_found.get("prefixes", [])), "n_suffixes": len(templates_found.get("suffixes", []))}
+
+
+def client_form(prompt: str) -> str:
+    """The prompt as a client may send it: Windows line breaks and a trailing newline."""
+    return prompt.replace("\n", "\r\n") + "\r\n"
+
+
+def served_apgr(name: str, prompts: list[str], target: np.ndarray, pair: tuple[int, int]) -> dict:
+    """Test APGR of the exported bundle (int8) on the prompts as they are, as `client_form` sends them,
+    and as it sends them under the exact template matching of templates version 1."""
+    r = Router.load(export(name))
+    weak, strong = target[:, pair[0]], target[:, pair[1]]
+    out = {"served": apgr(r.routing_score(r.scores(prompts)), weak, strong)}
+    client = [client_form(p) for p in prompts]
+    out["served_client"] = apgr(r.routing_score(r.scores(client)), weak, strong)
+    r.spec = {**r.spec, "templates": {k: v for k, v in r.spec["templates"].items() if k != "version"}}
+    out["served_client_v1"] = apgr(r.routing_score(r.scores(client)), weak, strong)
+    return out
 
 
 def main() -> None:
@@ -93,6 +115,12 @@ def main() -> None:
         lines.append(f"| {'on' if r['templates'] else 'off'} | {r['seed']} | {r['apgr']:.3f} | {r['teacher']:.3f} | "
                      f"{r['tfidf_lr']:.3f} | {r['distinct_scores']} / {r['n_test']} | {r['max_share_error']:.3f} | "
                      f"{', '.join(r['unreachable']) or '-'} | {r['n_prefixes']} / {r['n_suffixes']} |")
+    lines += ["", "The bundle as served (int8, `Router`), test APGR with templates on: prompts as they are, as a "
+              "client sends them (Windows line breaks and a trailing newline), and so sent under templates "
+              "version 1 (exact matching, before `template_edges`):", "",
+              "| seed | as they are | client form | client form, version 1 matching |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['seed']} | {r['served']:.3f} | {r['served_client']:.3f} | {r['served_client_v1']:.3f} |"
+              for r in results if r["templates"]]
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "templates.md").write_text("\n".join(lines) + "\n")
     (HERE / "results" / "templates.json").write_text(json.dumps(results, indent=1))
