@@ -78,7 +78,8 @@ def ingest(
                                                ".parquet file, or a hub dataset as hf:org/name; several are merged "
                                                "into one dataset."),
     layout: Optional[str] = typer.Option(None, help="pairwise | wide | long; detected from the columns when omitted."),
-    name: Optional[str] = typer.Option(None, help="Dataset name under data/processed/ (default: the (first) file's name without its type and compression suffixes)."),
+    name: Optional[str] = typer.Option(None, help="Dataset name under data/processed/ (default: the (first) file's "
+                                                  "name without its type and compression suffixes)."),
     models: Optional[str] = typer.Option(None, help="Wide layout: comma-separated model columns to use."),
     split: str = typer.Option("train", help="Hub datasets: which split to read."),
     split_column: Optional[str] = SplitColumnOpt,

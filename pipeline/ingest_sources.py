@@ -30,8 +30,8 @@ from .ingest_columns import is_json_ext
 from .ingest_layouts import CONVERSATION, MESSAGES
 
 _TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
-_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # `datasets` reads compressed files itself (by the suffix); every raw read here goes through `open_input`.
+_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 @dataclass

@@ -223,6 +223,19 @@ def special_ids(tok: Tokenizer) -> tuple[int, int, int]:
     return first("[CLS]", "<s>", "<cls>"), first("[SEP]", "</s>", "<sep>"), first("[PAD]", "<pad>")
 
 
+TEMPLATES_VERSION = 2  # 2: prompts are matched (and read on) after `template_edges`
+_EDGE_SPACE = " \t\n\r\f\v"  # ASCII only: str.strip() and JavaScript's trim() differ beyond it
+_LINE_BREAK = re.compile(r"\r\n?")
+
+
+def template_edges(prompt: str) -> str:
+    """The prompt with \\r\\n and \\r line breaks as \\n and no ASCII whitespace at either end: what templates
+    (version 2) are learned on and matched against, so a client that adds a trailing newline or sends
+    Windows line breaks still has its template recognised. Token-neutral for tokenizers that split on
+    whitespace."""
+    return _LINE_BREAK.sub("\n", prompt).strip(_EDGE_SPACE)
+
+
 def compact_templates(prompt: str, spec: dict) -> str:
     """The prompt with a learned shared prefix and suffix shortened to their first / last few characters.
 
@@ -253,18 +266,6 @@ def compact_templates(prompt: str, spec: dict) -> str:
 
 
 _INDEXES: dict[int, tuple] = {}
-TEMPLATES_VERSION = 2  # 2: prompts are matched (and read on) after `template_edges`
-_EDGE_SPACE = " \t\n\r\f\v"  # ASCII only: str.strip() and JavaScript's trim() differ beyond it
-_LINE_BREAK = re.compile(r"\r\n?")
-
-
-def template_edges(prompt: str) -> str:
-    """The prompt with \\r\\n and \\r line breaks as \\n and no ASCII whitespace at either end: what templates
-    (version 2) are learned on and matched against, so a client that adds a trailing newline or sends
-    Windows line breaks still has its template recognised. Token-neutral for tokenizers that split on
-    whitespace."""
-    return _LINE_BREAK.sub("\n", prompt).strip(_EDGE_SPACE)
-
 
 
 def _template_index(templates: dict) -> tuple:

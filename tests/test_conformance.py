@@ -107,7 +107,8 @@ def test_vectors_cover_templates_and_follow_the_contract(tmp_path, monkeypatch):
     head, vectors = read_conformance(bundle)
     prefix = templates["prefixes"][0]["text"]
     assert sum(v["prompt"].startswith(prefix) for v in vectors) >= 2
-    assert sum(v["prompt"].lstrip(" \t\r").startswith(prefix) and v["prompt"] != v["prompt"].strip() for v in vectors) >= 2
+    padded = [v["prompt"] for v in vectors if v["prompt"] != v["prompt"].strip()]
+    assert sum(p.lstrip(" \t\r").startswith(prefix) for p in padded) >= 2  # whitespace around a template
     tok = load_tokenizer(TOKENIZER)
     for v in vectors:
         assert _spec_rules(v["prompt"], meta_spec, tok) == v["input_ids"]

@@ -123,7 +123,9 @@ export class Router {
     if (config.schema_version !== 2) throw new Error(`schema_version ${config.schema_version} is not supported (2)`);
     if (!["pair", "multi"].includes(config.decision?.kind)) throw new Error(`unknown decision kind`);
     const templatesVersion = config.tokenizer?.templates?.version ?? 1;
-    if (![1, 2].includes(templatesVersion)) throw new Error(`tokenizer.templates.version ${templatesVersion} is not supported (1, 2)`);
+    if (![1, 2].includes(templatesVersion)) {
+      throw new Error(`tokenizer.templates.version ${templatesVersion} is not supported (1, 2)`);
+    }
     if (verify) {
       for (const [name, digest] of Object.entries(config.files || {})) {
         if (sha256(inside(path, name)) !== digest) throw new Error(`${name}: sha256 mismatch`);
