@@ -159,17 +159,25 @@ def evaluate(name: str, bundle: Path | None = None) -> dict:
         both_tr = prep.mask[train][:, [weak, strong]].all(1)
         both_te = prep.mask[test][:, [weak, strong]].all(1)
         tr, te = train[both_tr], test[both_te]
-        table = baseline_table(
-            {"prompts": [prep.prompts[r] for r in tr], "weak": prep.target[tr, weak], "strong": prep.target[tr, strong]},
-            {"prompts": [prep.prompts[r] for r in te], "weak": prep.target[te, weak], "strong": prep.target[te, strong]},
-            embeddings=(prep.teacher_emb[tr], prep.teacher_emb[te]),
-        )
-        from .metrics import routing_metrics
-
-        routers = {label: routing_metrics(pair_score(p[both_te], prep.pair), prep.target[te, weak],
-                                          prep.target[te, strong]) for label, p in probs.items()}
         result["pair"] = {"weak": prep.models[weak], "strong": prep.models[strong], "n": int(len(te))}
-        result["routers"] = routers | table
+        if len(tr) and len(te):
+            table = baseline_table(
+                {"prompts": [prep.prompts[r] for r in tr], "weak": prep.target[tr, weak],
+                 "strong": prep.target[tr, strong]},
+                {"prompts": [prep.prompts[r] for r in te], "weak": prep.target[te, weak],
+                 "strong": prep.target[te, strong]},
+                embeddings=(prep.teacher_emb[tr], prep.teacher_emb[te]),
+            )
+            from .metrics import routing_metrics
+
+            routers = {label: routing_metrics(pair_score(p[both_te], prep.pair), prep.target[te, weak],
+                                              prep.target[te, strong]) for label, p in probs.items()}
+            result["routers"] = routers | table
+        else:  # sparse votes, or a named pair that never met: the other sections still say how the router does
+            empty = " or ".join(split for split, rows in (("train", tr), ("test", te)) if not len(rows))
+            result["pair"]["skipped"] = (f"no {empty} prompt has outcomes of both "
+                                         f"{prep.models[weak]} and {prep.models[strong]}, so there is no APGR "
+                                         "(-s label.weak=A -s label.strong=B names a pair that shares prompts)")
     battle_probs = probs
     if len(prep.models) > 2:
         decision = router.config["decision"] if bundle is not None else trained.meta["decision"]
@@ -188,6 +196,8 @@ def evaluate(name: str, bundle: Path | None = None) -> dict:
 def _print(result: dict) -> None:
     from rich.table import Table
 
+    if "skipped" in result.get("pair", {}):
+        console.print(f"[yellow]note:[/] {result['pair']['skipped']}")
     if "routers" in result:
         pair = result["pair"]
         table = Table(title=f"{result['name']}: test split, {pair['n']} prompts, {pair['weak']} → {pair['strong']}")

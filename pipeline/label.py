@@ -13,7 +13,8 @@ Per prompt and model, `target` in [0, 1]:
 
 Per dataset: Bradley-Terry strengths for pairwise data (ties count half a win each way), tiers
 (models ranked by strength, or by mean target without battles, cut into `tiers` equal groups:
-weak, mid1..., strong), and the routing pair (`weak`/`strong`, or the lowest and highest ranked).
+weak, mid1..., strong), and the routing pair (`weak`/`strong`, or the lowest and highest ranked that
+were both observed on enough train prompts, `_pair`).
 The ranking reads the train split only (all prompts when it is empty): which models make the pair is
 part of what every router is scored on, and must not come from test outcomes.
 Per prompt: `difficulty` = 1 - mean target over observed models, and the Hybrid-LLM soft label
@@ -36,7 +37,8 @@ from .baselines import observed_rates
 from .config import TEST_FRACTION, VAL_FRACTION, Config, LabelConfig, load_config
 from .ingest import list_column, list_matrix
 
-LABEL_VERSION = 4  # bump when labels for the same dataset and options change
+LABEL_VERSION = 5  # bump when labels for the same dataset and options change
+MIN_PAIR_PROMPTS = 20  # train prompts on which both models of the default routing pair are observed
 JUDGE_SCALE = (1.0, 10.0)
 SMALL_SPLIT = 200  # fewer validation or test prompts than this and the label stage says its numbers are noisy
 
@@ -185,11 +187,18 @@ def _priced(costs: Mapping[str, float | None] | None, models: list[str]) -> bool
     return bool(costs) and all(costs.get(m) is not None for m in models)
 
 
-def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig,
-          costs: Mapping[str, float | None] | None = None) -> tuple[int, int]:
-    """The routing pair: the strongest model, and the weakest one or, when every model has a cost, the
-    cheapest one (the weakest of equally cheap ones). A weakest model that costs more than a better one
-    would make every weak call pay more for less."""
+def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig, costs: Mapping[str, float | None] | None = None,
+          shared: np.ndarray | None = None) -> tuple[int, int, str]:
+    """The routing pair and why it is that pair: the strongest model, and the weakest one or, when every
+    model has a cost, the cheapest one (the weakest of equally cheap ones). A weakest model that costs
+    more than a better one would make every weak call pay more for less.
+
+    `shared` [m, m] counts the prompts (train split) on which both models are observed. In sparse data
+    (votes between many models) the extremes of the ranking are often rare models that never met, and
+    the pair's APGR would have no prompts to be measured on. So the pair must share MIN_PAIR_PROMPTS of
+    them: the strongest model with the weakest (cheapest) partner that does, else the next strongest;
+    when no pair does, the pair that shares the most. A model named by label.weak / label.strong is kept.
+    """
     for chosen in (cfg.weak, cfg.strong):
         if chosen is not None and chosen not in models:
             raise ConfigError(f"label pair model {chosen!r} is not in the dataset (models: {', '.join(models)})")
@@ -197,14 +206,26 @@ def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig,
     strong = models.index(cfg.strong) if cfg.strong is not None else None
     if weak is not None and weak == strong:
         raise ConfigError(f"label.weak and label.strong are the same model {cfg.weak!r}")
-    order = [int(j) for j in np.argsort(rank, kind="stable")]
-    if strong is None:
-        strong = next(j for j in reversed(order) if j != weak)
-    if weak is None:
-        rest = [j for j in order if j != strong]
-        # `rest` runs weakest first and min keeps the first of equal keys: the weakest of equally cheap ones
-        weak = min(rest, key=lambda j: costs[models[j]]) if _priced(costs, models) else rest[0]
-    return weak, strong
+    if weak is not None and strong is not None:
+        return weak, strong, "as named"
+    order = [int(j) for j in np.argsort(rank, kind="stable")]  # weakest first
+    priced = _priced(costs, models)
+    # Stable sort: the weakest of equally cheap ones first.
+    partners = sorted(order, key=lambda j: costs[models[j]]) if priced else order
+    pairs = [(w, s) for s in ([strong] if strong is not None else reversed(order))
+             for w in ([weak] if weak is not None else partners) if w != s]
+    count = (lambda w, s: int(shared[w, s])) if shared is not None else (lambda w, s: MIN_PAIR_PROMPTS)
+    w, s = next(((w, s) for w, s in pairs if count(w, s) >= MIN_PAIR_PROMPTS),
+                max(pairs, key=lambda p: count(*p)))  # max keeps the first of equal counts
+    first = pairs[0]
+    if weak is not None or strong is not None:
+        why = "as named"
+    else:
+        why = "the cheapest -> the strongest model" if priced else "the weakest -> the strongest model"
+    if (w, s) != first:
+        why += (f" that share {MIN_PAIR_PROMPTS}+ train prompts" if count(w, s) >= MIN_PAIR_PROMPTS
+                else f" sharing the most train prompts ({count(w, s)}; none share {MIN_PAIR_PROMPTS})")
+    return w, s, why
 
 
 def bundle_label_config(options: Mapping | None) -> LabelConfig | None:
@@ -273,7 +294,8 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
         if reference is not None:
             target[:, reference] = np.where(mask[:, reference], 0.5, 0.0)
     tiers = _tiers(rank, models, cfg.tiers)
-    weak, strong = _pair(rank, models, cfg, manifest.get("costs"))
+    seen = mask[ranked].astype(np.int64)
+    weak, strong, why = _pair(rank, models, cfg, manifest.get("costs"), shared=seen.T @ seen)
 
     n_obs = mask.sum(axis=1)
     difficulty = 1.0 - target.sum(axis=1) / np.maximum(n_obs, 1)
@@ -302,7 +324,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
         "split_rule": manifest.get("split_rule") or "hash", "split_by": split_by(manifest),
         "per_model": per_model, "strengths": strengths, "tiers": tiers,
         "reference": None if reference is None else models[reference],
-        "pair": {"weak": models[weak], "strong": models[strong]}, "balance": balance,
+        "pair": {"weak": models[weak], "strong": models[strong]}, "pair_rule": why, "balance": balance,
         "outcome_kind": manifest["outcome_kind"], "scale": scale,
         "dropped": manifest.get("dropped", {}), "costs": manifest.get("costs", {}),
         "options": options, "content_hash": content_hash,
@@ -359,14 +381,8 @@ def print_stats(stats: dict) -> None:
                       "the others' are their scores against it")
     if stats["balance"]:
         b = stats["balance"]
-        opts = stats.get("options") or {}
-        if opts.get("weak") or opts.get("strong"):
-            why = "as named"
-        elif _priced(stats["costs"], stats["models"]):
-            why = "the cheapest -> the strongest model"
-        else:
-            why = "the weakest -> the strongest model"
-        console.print(f"pair {pair['weak']} -> {pair['strong']} ({why}; -s label.weak=A -s label.strong=B to choose) "
+        console.print(f"pair {pair['weak']} -> {pair['strong']} ({stats['pair_rule']}; -s label.weak=A -s label.strong=B to "
+                      "choose) "
                       f"on {b['n']:,} prompts: both right {b['both_right']:.1%}, "
                       f"both wrong {b['both_wrong']:.1%}, strong only {b['strong_only']:.1%}, "
                       f"weak only {b['weak_only']:.1%}; soft label mean {b['soft_label_mean']:.3f}")

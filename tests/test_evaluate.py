@@ -156,16 +156,19 @@ def test_evaluate_on_the_three_model_demo_writes_and_logs_the_multi_section(tmp_
         assert torch.allclose(single(ids, torch.ones_like(ids)), ensemble.members[0](ids, torch.ones_like(ids)))
 
 
-def _tiny_pipeline(tmp_path, monkeypatch, data_file, name):
+def _tiny_pipeline(tmp_path, monkeypatch, data_file, name, label_overrides=()):
     """ingest → label → train (tiny teacher and student) → export into models/NAME/bundle."""
     from pipeline.common import model_dir
     from pipeline.config import load_config
     from pipeline.export import export
+    from pipeline.label import label
     from pipeline.train import train
     from tests.tiny import labeled_with_tiny_teacher
 
     teacher = labeled_with_tiny_teacher(monkeypatch, tmp_path, data_file, name)
-    cfg = load_config(overrides=[f"teacher.path={teacher}", "teacher.epochs=3", "teacher.head_hidden=16",
+    if label_overrides:
+        label(name, load_config(overrides=list(label_overrides)).label)
+    cfg = load_config(overrides=[*label_overrides, f"teacher.path={teacher}", "teacher.epochs=3", "teacher.head_hidden=16",
                                  "student.dim=16", "student.hidden=16", "student.max_tokens=16", "student.heads=2",
                                  "train.max_epochs=3", "train.batch_size=64", "export.latency_decisions=10"])
     train(name, cfg)
@@ -200,6 +203,28 @@ def test_pairwise_bundle_serves_the_win_predictions_evaluate_scores(tmp_path, mo
         right += (p > 0.5) == (row.score_a > 0.5)
     assert result["win_accuracy"]["n_battles"] >= len(battles)
     assert result["win_accuracy"]["router (int8 bundle)"] == pytest.approx(right / len(battles))
+
+
+def test_a_pair_that_never_met_skips_apgr_with_a_note_and_scores_the_rest(tmp_path, monkeypatch, capsys):
+    """Sparse votes where the named pair shares no prompt: evaluate says there is no APGR (it raised
+    "no prompts to evaluate" after the bundle was written) and still scores N models and win prediction."""
+    import pandas as pd
+
+    from pipeline.evaluate import evaluate
+
+    rng = np.random.default_rng(0)
+    rows = [{"prompt": f"{a} meets {b}: question {i} about {rng.choice(['maths', 'poems', 'code'])}",
+             "model_a": a, "model_b": b, "winner": rng.choice(["model_a", "model_b", "tie"])}
+            for a, b in (("w", "x"), ("x", "y"), ("y", "s")) for i in range(150)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "sparse.parquet")
+    bundle = _tiny_pipeline(tmp_path, monkeypatch, tmp_path / "sparse.parquet", "sparse",
+                            label_overrides=("label.weak=w", "label.strong=s"))
+    capsys.readouterr()
+    result = evaluate("sparse", bundle=bundle)
+    assert result["pair"]["n"] == 0 and "routers" not in result
+    assert "no train or test prompt has outcomes of both w and s, so there is no APGR" in result["pair"]["skipped"]
+    assert "so there is no APGR" in " ".join(capsys.readouterr().err.split())
+    assert result["win_accuracy"]["n_battles"] > 0 and result["multi"]["quality"]["router (int8 bundle)"] > 0
 
 
 def test_evaluate_refuses_a_bundle_trained_on_other_data(tmp_path, monkeypatch, demo_files):

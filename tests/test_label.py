@@ -264,6 +264,37 @@ def test_with_costs_the_default_weak_model_is_the_cheapest(data_dir, tmp_path, c
     assert label("priced", LabelConfig(weak="worst"))["pair"] == {"weak": "worst", "strong": "best"}
 
 
+def _votes(tmp_path, name, meetings):
+    """A pairwise file: for (a, b, n, p_a), n prompts of their own on which a beats b with chance p_a."""
+    rng, rows = np.random.default_rng(0), []
+    for a, b, n, p_a in meetings:
+        rows += [{"prompt": f"{a} meets {b}, question {i}", "model_a": a, "model_b": b,
+                  "winner": "model_a" if rng.random() < p_a else "model_b"} for i in range(n)]
+    pd.DataFrame(rows).to_parquet(tmp_path / f"{name}.parquet")
+    ingest(str(tmp_path / f"{name}.parquet"))
+
+
+def test_in_sparse_votes_the_default_pair_shares_enough_train_prompts(data_dir, tmp_path, capsys):
+    # The extremes of the ranking are rare models that never met: a pair of them has no prompt to be
+    # measured on. The strongest model that has a partner sharing 20+ train prompts is taken instead.
+    _votes(tmp_path, "sparse", [("rare_weak", "mid1", 12, 0.1), ("mid1", "mid2", 400, 0.35),
+                                ("mid2", "rare_strong", 12, 0.1)])
+    stats = label("sparse")
+    order = sorted(stats["strengths"], key=stats["strengths"].get)
+    assert order == ["rare_weak", "mid1", "mid2", "rare_strong"]
+    assert stats["pair"] == {"weak": "mid1", "strong": "mid2"}
+    assert stats["pair_rule"] == "the weakest -> the strongest model that share 20+ train prompts"
+    assert "that share 20+ train prompts" in " ".join(capsys.readouterr().err.split())
+    # A named model is kept, and its partner found by the same rule; a named pair is kept as it is.
+    assert label("sparse", LabelConfig(strong="rare_strong"))["pair"] == {"weak": "mid2", "strong": "rare_strong"}
+    assert label("sparse", LabelConfig(weak="rare_weak", strong="rare_strong"))["pair_rule"] == "as named"
+    # When no pair shares 20, the pair sharing the most.
+    _votes(tmp_path, "thin", [("a", "b", 3, 0.2), ("b", "c", 15, 0.3), ("c", "d", 3, 0.2)])
+    stats = label("thin")
+    assert stats["pair"] == {"weak": "b", "strong": "c"}
+    assert "sharing the most train prompts" in stats["pair_rule"]
+
+
 def test_the_pair_is_ranked_on_train_prompts_only(data_dir, tmp_path):
     # x wins on the 10 train prompts, y on 40 test prompts: over all prompts y would rank higher.
     train = [p for p in (f"p{i}" for i in range(400)) if split_of(p) == "train"][:10]
