@@ -173,6 +173,10 @@ def evaluate(name: str, bundle: Path | None = None) -> dict:
             routers = {label: routing_metrics(pair_score(p[both_te], prep.pair), prep.target[te, weak],
                                               prep.target[te, strong]) for label, p in probs.items()}
             result["routers"] = routers | table
+            if not np.isfinite(routers[router_label]["apgr"]):
+                result["pair"]["note"] = (f"{prep.models[weak]} and {prep.models[strong]} have the same mean "
+                                          "outcome on these test prompts, so APGR (a share of the gap between "
+                                          "them) is undefined")
         else:  # sparse votes, or a named pair that never met: the other sections still say how the router does
             empty = " or ".join(split for split, rows in (("train", tr), ("test", te)) if not len(rows))
             result["pair"]["skipped"] = (f"no {empty} prompt has outcomes of both "
@@ -196,8 +200,9 @@ def evaluate(name: str, bundle: Path | None = None) -> dict:
 def _print(result: dict) -> None:
     from rich.table import Table
 
-    if "skipped" in result.get("pair", {}):
-        console.print(f"[yellow]note:[/] {result['pair']['skipped']}")
+    for why in ("skipped", "note"):
+        if why in result.get("pair", {}):
+            console.print(f"[yellow]note:[/] {result['pair'][why]}")
     if "routers" in result:
         pair = result["pair"]
         table = Table(title=f"{result['name']}: test split, {pair['n']} prompts, {pair['weak']} → {pair['strong']}")

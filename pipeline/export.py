@@ -275,8 +275,11 @@ def _apgr_pair(p32: np.ndarray, p8: np.ndarray, outcomes: np.ndarray, decision: 
     def score(p):
         return pair_score(p[rows], weak, strong)
 
-    return {"apgr_n": int(rows.sum()), "apgr_fp32": float(apgr(score(p32), q_weak, q_strong)),
-            "apgr_int8": float(apgr(score(p8), q_weak, q_strong))}
+    fp32, int8 = apgr(score(p32), q_weak, q_strong), apgr(score(p8), q_weak, q_strong)
+    if not (np.isfinite(fp32) and np.isfinite(int8)):  # the same mean outcome: no gap to recover
+        return {"apgr_n": int(rows.sum()), "apgr_skipped": f"{decision['weak']} and {decision['strong']} have the "
+                "same mean outcome on the held-out prompts, so APGR is undefined; the agreement part decides"}
+    return {"apgr_n": int(rows.sum()), "apgr_fp32": float(fp32), "apgr_int8": float(int8)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -386,5 +386,8 @@ def print_stats(stats: dict) -> None:
                       f"on {b['n']:,} prompts: both right {b['both_right']:.1%}, "
                       f"both wrong {b['both_wrong']:.1%}, strong only {b['strong_only']:.1%}, "
                       f"weak only {b['weak_only']:.1%}; soft label mean {b['soft_label_mean']:.3f}")
+        if b["strong_only"] + b["weak_only"] < 1e-12:
+            console.print(f"[yellow]note:[/] {pair['weak']} and {pair['strong']} have the same outcome on every "
+                          "prompt both answered: routing between them cannot change quality (APGR is undefined)")
     if stats["dropped"]:
         console.print("dropped at ingest: " + ", ".join(f"{r} {c:,}" for r, c in stats["dropped"].items()))

@@ -1,6 +1,8 @@
 """Evaluation stage: per-battle win prediction against the global Bradley-Terry ranking."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -225,6 +227,24 @@ def test_a_pair_that_never_met_skips_apgr_with_a_note_and_scores_the_rest(tmp_pa
     assert "no train or test prompt has outcomes of both w and s, so there is no APGR" in result["pair"]["skipped"]
     assert "so there is no APGR" in " ".join(capsys.readouterr().err.split())
     assert result["win_accuracy"]["n_battles"] > 0 and result["multi"]["quality"]["router (int8 bundle)"] > 0
+
+
+def test_a_pair_with_the_same_outcome_everywhere_exports_and_says_apgr_is_undefined(tmp_path, monkeypatch, capsys):
+    """Both models right on every prompt: nothing to route on. Export used to fail its parity gate on
+    "APGR nan vs nan"; now the bundle is written, and label and evaluate say why there is no APGR."""
+    import pandas as pd
+
+    from pipeline.evaluate import evaluate
+
+    pd.DataFrame({"prompt": [f"question {i} about {['maths', 'poems'][i % 2]}" for i in range(300)],
+                  "a": True, "b": True}).to_csv(tmp_path / "same.csv", index=False)
+    bundle = _tiny_pipeline(tmp_path, monkeypatch, tmp_path / "same.csv", "same")
+    parity = json.loads((bundle / "router.json").read_text())["metrics"]["parity"]
+    assert "undefined" in parity["apgr_skipped"]
+    result = evaluate("same", bundle=bundle)
+    assert "same mean outcome on these test prompts" in result["pair"]["note"]
+    assert np.isnan(result["routers"]["router (int8 bundle)"]["apgr"])
+    assert "routing between them cannot change quality" in " ".join(capsys.readouterr().err.split())
 
 
 def test_evaluate_refuses_a_bundle_trained_on_other_data(tmp_path, monkeypatch, demo_files):

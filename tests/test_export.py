@@ -13,8 +13,8 @@ from torch import nn
 from pipeline.common import GateError
 from pipeline.config import ExportConfig, StudentConfig, load_config
 from pipeline.encoders import build_student
-from pipeline.export import (QUANT_RECIPES, export_module, int8_failures, log_bundle, onnx_logits, quantize,
-                             to_onnx)
+from pipeline.export import (QUANT_RECIPES, export_module, int8_failures, int8_parity, log_bundle, onnx_logits,
+                             quantize, to_onnx)
 from pipeline.runtime import Router
 from pipeline.tokenization import encode, load_tokenizer
 
@@ -181,6 +181,19 @@ def test_int8_failures_names_each_broken_bound():
     failures = int8_failures(report, ExportConfig())
     assert len(failures) == 2 and "0.9700 at threshold@0.5" in failures[0] and "0.5800" in failures[1]
     assert int8_failures({**report, "int8_agreement": {"t": 0.995}, "apgr_int8": 0.605}, ExportConfig()) == []
+
+
+def test_with_no_gap_between_the_pair_the_apgr_part_of_the_gate_stands_aside():
+    # Both models right on every held-out prompt: APGR is undefined (nan for fp32 and int8 alike), which
+    # failed the gate ("nan vs nan differs by more than 0.01") for a bundle whose int8 graph was fine.
+    rng = np.random.default_rng(0)
+    l32 = rng.normal(size=(50, 2))
+    meta = {"models": [{"name": "w", "index": 0, "cost": 1.0}, {"name": "s", "index": 1, "cost": 2.0}],
+            "decision": {"kind": "pair", "weak": "w", "strong": "s", "thresholds": {"0.5": 0.5}}}
+    same = int8_parity(l32, l32 + 1e-4, meta, np.ones((50, 2)))
+    assert "apgr_fp32" not in same and "undefined" in same["apgr_skipped"] and int8_failures(same, ExportConfig()) == []
+    gap = int8_parity(l32, l32 + 1e-4, meta, np.stack([np.zeros(50), np.ones(50)], 1))
+    assert np.isfinite(gap["apgr_fp32"]) and "apgr_skipped" not in gap
 
 
 def test_export_by_name_gates_logs_and_registers(tmp_path, monkeypatch):
