@@ -37,7 +37,7 @@ from .baselines import observed_rates
 from .config import TEST_FRACTION, VAL_FRACTION, Config, LabelConfig, load_config
 from .ingest import list_column, list_matrix
 
-LABEL_VERSION = 5  # bump when labels for the same dataset and options change
+LABEL_VERSION = 6  # bump when labels for the same dataset and options change
 MIN_PAIR_PROMPTS = 20  # train prompts on which both models of the default routing pair are observed
 JUDGE_SCALE = (1.0, 10.0)
 SMALL_SPLIT = 200  # fewer validation or test prompts than this and the label stage says its numbers are noisy
@@ -59,14 +59,19 @@ def _splits(prompt_ids: list[str], test_fraction: float, val_fraction: float) ->
     return np.where(test, "test", np.where(val, "val", "train"))
 
 
-def _dataset_splits(table: pa.Table, cfg: LabelConfig) -> np.ndarray:
+def _dataset_splits(table: pa.Table, cfg: LabelConfig) -> tuple[np.ndarray, bool]:
     """The dataset's own `split` column where ingest wrote one (null: train or val by the hash rule,
-    never test), else the hash rule."""
+    never test), else the hash rule; and whether validation was drawn from the column's train prompts.
+    A user split with no val prompts (train and test only, the usual shape) gets them that way, by the
+    hash rule, instead of a training that cannot start."""
     ids = table.column("prompt_id").to_pylist()
     if "split" not in table.column_names:
-        return _splits(ids, cfg.test_fraction, cfg.val_fraction)
+        return _splits(ids, cfg.test_fraction, cfg.val_fraction), False
     hashed = _splits(ids, 0.0, cfg.val_fraction)
-    return np.array([h if g is None else g for g, h in zip(table.column("split").to_pylist(), hashed)])
+    given = table.column("split").to_pylist()
+    val_from_train = "val" not in given and "train" in given
+    return np.array([h if g is None or (val_from_train and g == "train") else g
+                     for g, h in zip(given, hashed)]), val_from_train
 
 
 SPLIT_RULES = {"hash": "prompt hash", "column": "column {split_column!r}", "test_data": "test file {test_data[source]}"}
@@ -269,7 +274,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     mask = list_matrix(table, "mask", bool)
     target, scale = _normalise(outcome, mask, manifest, cfg, where / "dataset")
 
-    split = _dataset_splits(table, cfg)
+    split, val_from_train = _dataset_splits(table, cfg)
     ranked = split == "train" if (split == "train").any() else np.ones(len(split), bool)
     observed = mask.sum(axis=0)
     mean_target = target.sum(axis=0) / np.maximum(observed, 1)
@@ -321,7 +326,8 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     stats = {
         "name": name, "models": models, "n_prompts": int(len(ids)),
         "splits": {s: int((split == s).sum()) for s in ("train", "val", "test")},
-        "split_rule": manifest.get("split_rule") or "hash", "split_by": split_by(manifest),
+        "split_rule": manifest.get("split_rule") or "hash", "split_by": split_by(manifest)
+        + (", val drawn from its train prompts by prompt hash" if val_from_train else ""),
         "per_model": per_model, "strengths": strengths, "tiers": tiers,
         "reference": None if reference is None else models[reference],
         "pair": {"weak": models[weak], "strong": models[strong]}, "pair_rule": why, "balance": balance,

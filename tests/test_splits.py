@@ -57,6 +57,22 @@ def test_split_column_is_the_split_in_every_layout(layout, data_dir, demo_files,
     assert stats["splits"] == split.value_counts().to_dict()
 
 
+def test_a_split_column_of_train_and_test_only_draws_val_from_its_train_prompts(data_dir, demo_files, tmp_path, cli):
+    # The usual shape of a user's split; validation used to be empty and training stopped on it.
+    raw = read(demo_files["wide"]).assign(fold=lambda df: df.prompt.map(lambda p: "test" if fold(p) == "test\t"
+                                                                        else "train"))
+    path = write(raw, tmp_path / "two.csv")
+    assert cli("ingest", path, "--name", "two", "--split-column", "fold")[0] == 0
+    stats = label("two")
+    assert stats["split_by"] == "column 'fold', val drawn from its train prompts by prompt hash"
+    split = label_splits("two")
+    given = split.index.map(lambda p: "test" if fold(p) == "test\t" else "train")
+    assert (split[given == "test"] == "test").all()  # the user's test prompts, all and only them
+    hashed = split.index.map(lambda p: split_of(p, 0.0, 0.1))
+    assert (split[given == "train"] == hashed[given == "train"]).all()  # the hash rule picks val among train
+    assert 0.05 < stats["splits"]["val"] / (stats["splits"]["train"] + stats["splits"]["val"]) < 0.15
+
+
 @pytest.mark.parametrize("suffix, value, shown", [(".csv", "holdout", "value 'holdout'"),
                                                   (".csv", "", "missing value"),
                                                   (".jsonl", None, "missing value"),
