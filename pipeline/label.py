@@ -192,8 +192,8 @@ def _priced(costs: Mapping[str, float | None] | None, models: list[str]) -> bool
     return bool(costs) and all(costs.get(m) is not None for m in models)
 
 
-def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig, costs: Mapping[str, float | None] | None = None,
-          shared: np.ndarray | None = None) -> tuple[int, int, str]:
+def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig, costs: Mapping[str, float | None] | None,
+          shared: np.ndarray) -> tuple[int, int, str]:
     """The routing pair and why it is that pair: the strongest model, and the weakest one or, when every
     model has a cost, the cheapest one (the weakest of equally cheap ones). A weakest model that costs
     more than a better one would make every weak call pay more for less.
@@ -219,17 +219,15 @@ def _pair(rank: np.ndarray, models: list[str], cfg: LabelConfig, costs: Mapping[
     partners = sorted(order, key=lambda j: costs[models[j]]) if priced else order
     pairs = [(w, s) for s in ([strong] if strong is not None else reversed(order))
              for w in ([weak] if weak is not None else partners) if w != s]
-    count = (lambda w, s: int(shared[w, s])) if shared is not None else (lambda w, s: MIN_PAIR_PROMPTS)
-    w, s = next(((w, s) for w, s in pairs if count(w, s) >= MIN_PAIR_PROMPTS),
-                max(pairs, key=lambda p: count(*p)))  # max keeps the first of equal counts
-    first = pairs[0]
+    w, s = next(((w, s) for w, s in pairs if shared[w, s] >= MIN_PAIR_PROMPTS),
+                max(pairs, key=lambda p: shared[p]))  # max keeps the first of equal counts
     if weak is not None or strong is not None:
         why = "as named"
     else:
         why = "the cheapest -> the strongest model" if priced else "the weakest -> the strongest model"
-    if (w, s) != first:
-        why += (f" that share {MIN_PAIR_PROMPTS}+ train prompts" if count(w, s) >= MIN_PAIR_PROMPTS
-                else f" sharing the most train prompts ({count(w, s)}; none share {MIN_PAIR_PROMPTS})")
+    if (w, s) != pairs[0]:
+        why += (f" that share {MIN_PAIR_PROMPTS}+ train prompts" if shared[w, s] >= MIN_PAIR_PROMPTS
+                else f" sharing the most train prompts ({shared[w, s]}; none share {MIN_PAIR_PROMPTS})")
     return w, s, why
 
 
@@ -387,9 +385,8 @@ def print_stats(stats: dict) -> None:
                       "the others' are their scores against it")
     if stats["balance"]:
         b = stats["balance"]
-        console.print(f"pair {pair['weak']} -> {pair['strong']} ({stats['pair_rule']}; -s label.weak=A -s label.strong=B to "
-                      "choose) "
-                      f"on {b['n']:,} prompts: both right {b['both_right']:.1%}, "
+        console.print(f"pair {pair['weak']} -> {pair['strong']} ({stats['pair_rule']}; -s label.weak=A "
+                      f"-s label.strong=B to choose) on {b['n']:,} prompts: both right {b['both_right']:.1%}, "
                       f"both wrong {b['both_wrong']:.1%}, strong only {b['strong_only']:.1%}, "
                       f"weak only {b['weak_only']:.1%}; soft label mean {b['soft_label_mean']:.3f}")
         if b["strong_only"] + b["weak_only"] < 1e-12:
