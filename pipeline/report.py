@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from .common import DataError, arrow_table, flatten
 from .multi import BUDGETS
@@ -78,7 +79,9 @@ class _Columns:
         self.target = matrix("target", np.float64)
         self.mask = matrix("mask", bool)
         self.split = np.asarray(table.column("split").to_pylist())
-        self.meta = {c: table.column(c).to_pylist() for c in metadata if c in table.column_names}
+        # Scalar columns only: a nested one (Arena's `openai_moderation` record) would print as dict text.
+        self.meta = {c: table.column(c).to_pylist() for c in metadata if c in table.column_names
+                     and not pa.types.is_nested(table.column(c).type)}
 
 
 def _model_costs(router_json: Mapping) -> np.ndarray:

@@ -340,7 +340,8 @@ def test_report_on_arena_battles_skips_the_simulation_and_says_why(env, tmp_path
 
 def test_breakdown_groups_by_the_files_own_categorical_columns(env, tmp_path):
     """Whatever a file calls its groups (`task` here) the breakdown uses them, from the ingest's metadata
-    columns; a column with a value per prompt (free text, ids) is no grouping and gets no table."""
+    columns; a column with a value per prompt (free text, ids) is no grouping and gets no table, nor does a
+    nested one (a record per prompt, as Arena's moderation flags), whose values would print as dict text."""
     import json
 
     import pandas as pd
@@ -352,15 +353,16 @@ def test_breakdown_groups_by_the_files_own_categorical_columns(env, tmp_path):
     df = pd.read_csv(env["wide"])
     df["task"] = [f"task-{i % 3}" for i in range(len(df))]
     df["note"] = [f"written by annotator {i}" for i in range(len(df))]
-    data = tmp_path / "tasked.csv"
-    df.to_csv(data, index=False)
+    df["moderation"] = [{"flagged": i % 2 == 0} for i in range(len(df))]
+    data = tmp_path / "tasked.parquet"
+    df.to_parquet(data, index=False)
     ingest(str(data), name="tasked")
     label("tasked")
     bundle = _demo_bundle(tmp_path / "b" / "bundle", ["small-7b", "large-70b"], [None, None], PAIR_DECISION,
                           env["teacher"])
     md = report(bundle, "tasked", out=tmp_path / "r")
     breakdown = json.loads((md.parent / "report.json").read_text())["breakdown"]
-    assert "task" in breakdown and "note" not in breakdown
+    assert "task" in breakdown and "note" not in breakdown and "moderation" not in breakdown
     assert {r["group"] for r in breakdown["task"]} == {"task-0", "task-1", "task-2"}
     assert "### by `task`" in md.read_text() and "### by `note`" not in md.read_text()
 
