@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 
 OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-# What a damaged or mislabelled stream raises while reading, besides an OSError without an errno (bz2's).
-BAD_STREAM = (EOFError, gzip.BadGzipFile, lzma.LZMAError)
+# What reading a file through `open_input` raises: OSError, or, for a damaged or mislabelled stream, one
+# of the decompressors' own errors (bz2's is an OSError without an errno).
+READ_ERRORS = (OSError, EOFError, lzma.LZMAError)
 
 
 def compression_of(path: str | os.PathLike) -> str | None:
@@ -31,6 +32,10 @@ def open_input(path: str | os.PathLike, mode: str = "rt", **kwargs):
     return opener(path, mode, **kwargs, **({} if "b" in mode else {"encoding": "utf-8-sig"}))
 
 
-def is_bad_stream(e: BaseException) -> bool:
-    """True for an error that says the compressed data is damaged (not that the file could not be read)."""
-    return isinstance(e, BAD_STREAM) or (isinstance(e, OSError) and not e.errno)
+def decompress_failure(path: str | os.PathLike, e: BaseException) -> str | None:
+    """"cannot decompress as .gz: ..." when `e`, raised reading `path`, says its compressed data is
+    damaged; None for a plain file or an error of the file itself (that has an errno)."""
+    suffix = compression_of(path)
+    if suffix and not (isinstance(e, OSError) and e.errno):
+        return f"cannot decompress as {suffix}: {e}"
+    return None

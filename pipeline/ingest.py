@@ -70,7 +70,7 @@ from .ingest_canonical import build_dataset, list_column, list_matrix
 from .ingest_layouts import LAYOUTS, detect_layout
 from .ingest_merge import add_test_data, merge_inputs
 from .ingest_output import load_changed_inputs, print_summary, write_processed
-from .ingest_sources import resolve_source
+from .ingest_sources import default_name, resolve_source
 
 __all__ = ["ingest", "detect_layout", "list_column", "list_matrix", "SCHEMA_VERSION", "INGEST_VERSION"]
 
@@ -103,7 +103,7 @@ def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Opti
     srcs = [resolve_source(s, split) for s in sources]
     if test_data is not None:
         srcs.append(resolve_source(test_data, "test"))
-    name = name or srcs[0].stem
+    name = name or default_name(srcs[0].text)
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid dataset name {name!r}")
     check_name(name)

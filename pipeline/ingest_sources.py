@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .common import DataError, arrow_table, data_root
-from .compression import BAD_STREAM, compression_of, is_bad_stream, open_input, without_compression
+from .compression import READ_ERRORS, compression_of, decompress_failure, open_input, without_compression
 from .ingest_columns import is_json_ext
 from .ingest_layouts import CONVERSATION, MESSAGES
 
@@ -42,10 +42,6 @@ class Source:
     path: Optional[Path]  # local file, None for a hub dataset
     builder: str  # csv | json | parquet | hub id
     split: str
-
-    @property
-    def stem(self) -> str:
-        return default_name(self.text)
 
 
 def default_name(source: str) -> str:
@@ -95,10 +91,9 @@ def hash_input(src: Source) -> str:
     except UnicodeDecodeError:
         raise DataError(f"not valid UTF-8 text (line {_first_bad_line(src.path)}); re-save the file as UTF-8",
                         file=src.path) from None
-    except BAD_STREAM + (OSError,) as e:
-        if compressed and is_bad_stream(e):
-            raise DataError(f"cannot decompress as {src.path.suffix}: {e}", file=src.path) from None
-        raise DataError(f"cannot read file: {e.strerror or e}", file=src.path) from None
+    except READ_ERRORS as e:
+        failure = decompress_failure(src.path, e) or f"cannot read file: {getattr(e, 'strerror', None) or e}"
+        raise DataError(failure, file=src.path) from None
     return h.hexdigest()
 
 

@@ -21,7 +21,7 @@ from . import routing
 from .bundle_contract import (MAX_JSON_DEPTH, MAX_ROUTER_JSON_BYTES, bundle_digest, check_router_json,
                               check_schema_version, file_sha256, is_finite_number)
 from .chat import NotText, chat_prompt
-from .compression import BAD_STREAM, compression_of, is_bad_stream, open_input, without_compression
+from .compression import READ_ERRORS, decompress_failure, open_input, without_compression
 from .tokenization import RouterTokenizer, encode, encode_one, load_tokenizer
 
 
@@ -320,10 +320,11 @@ def read_prompt_records(path: str | Path) -> Iterator[dict]:
             yield from _csv_prompt_records(path)
         else:
             yield from _jsonl_prompt_records(path)
-    except BAD_STREAM + (OSError,) as e:
-        if not (compression_of(path) and is_bad_stream(e)):
+    except READ_ERRORS as e:
+        failure = decompress_failure(path, e)
+        if failure is None:
             raise
-        raise router_error(f"cannot decompress as {compression_of(path)}: {e}", file=path) from None
+        raise router_error(failure, file=path) from None
 
 
 def _jsonl_prompt_records(path: str | Path) -> Iterator[dict]:
