@@ -13,6 +13,8 @@ BUDGET_MS ?= 1.0
 SHARED ?= ../shared/data
 CONFIG ?=
 CFG := $(if $(CONFIG),--config $(CONFIG))
+# How ingest reads DATA, e.g. INGEST_ARGS="--rename question=prompt,model_name=model,label=score --layout long".
+INGEST_ARGS ?=
 
 .PHONY: setup all demo-data ingest label train evaluate export latency tune report test \
         lock bench-quality bench-curve bench-templates bench-latency bench-tune bench-scale bench-scale-gpu mlflow-ui clean bench-serve serve node-conformance retrain
@@ -33,13 +35,13 @@ $(DEMO)/demo_wide.csv: | setup
 	$(PRE) demo-data --out $(DEMO)
 
 all: setup $(if $(filter $(DEMO)/%,$(DATA)),$(DEMO)/demo_wide.csv)  ## the whole pipeline (DATA=file or hf:org/name, CONFIG=yaml)
-	$(PRE) run $(DATA) --name $(NAME) $(CFG) --trials $(TRIALS) --budget-ms $(BUDGET_MS)
+	$(PRE) run $(DATA) --name $(NAME) $(CFG) --trials $(TRIALS) --budget-ms $(BUDGET_MS) $(INGEST_ARGS)
 
 demo-data: setup  ## write the synthetic demo set in all three layouts
 	$(PRE) demo-data --out $(DEMO)
 
 ingest: setup
-	$(PRE) ingest $(DATA) --name $(NAME)
+	$(PRE) ingest $(DATA) --name $(NAME) $(INGEST_ARGS)
 label: setup
 	$(PRE) label $(NAME) $(CFG)
 train: setup
@@ -95,7 +97,7 @@ MARGIN ?= 0.01
 MODELS ?= $(or $(PREROUTER_MODELS_DIR),models)
 retrain: setup  ## DATA=file(s) CHAMPION=alias-or-path: pipeline, compare, promote the challenger if it is not worse
 	$(if $(word 2,$(NAME)),$(error several DATA files: name the dataset with NAME=))
-	$(PRE) ingest $(DATA) --name $(NAME)
+	$(PRE) ingest $(DATA) --name $(NAME) $(INGEST_ARGS)
 	$(PRE) label $(NAME) $(CFG)
 	$(PRE) train $(NAME) $(CFG)
 	$(PRE) export $(NAME) $(CFG) --out $(MODELS)/$(NAME)/bundle

@@ -24,6 +24,10 @@ SplitColumnOpt = typer.Option(None, "--split-column", help="Column whose train /
                                                              "(instead of the prompt-hash rule).")
 TestDataOpt = typer.Option(None, "--test-data", help="A second file, same layout and models, whose prompts are the "
                                                      "test split; the main file's are split into train/val.")
+LayoutOpt = typer.Option(None, "--layout", help="pairwise | wide | long; detected from the columns when omitted.")
+ModelsOpt = typer.Option(None, "--models", help="Wide layout: comma-separated model columns to use.")
+RenameOpt = typer.Option(None, "--rename", help="Comma-separated OLD=NEW column renames applied as the file is read "
+                                                "(e.g. question=prompt,model_name=model,label=score).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see pipeline/configs/default.yaml).")
 # The routing settings `route` and `score` take (Router.check_settings says which a bundle uses).
 StrongFractionOpt = typer.Option(None, min=0.0, max=1.0, help="Pair: target share of strong calls.")
@@ -44,6 +48,14 @@ def _valid_name(name: str) -> None:
     from .common import check_name
 
     check_name(name)
+
+
+def _input_options(models: Optional[str], rename: Optional[str]) -> dict:
+    """The --models and --rename texts as ingest's `models` and `rename` arguments."""
+    from .ingest_sources import parse_rename
+
+    return {"models": [m.strip() for m in models.split(",") if m.strip()] if models else None,
+            "rename": parse_rename(rename)}
 
 
 def _config(config: Optional[Path], overrides: Optional[List[str]]):
@@ -77,10 +89,11 @@ def ingest(
     data: List[str] = typer.Argument(..., help="A .csv, .jsonl/.json (each may be .gz/.bz2/.xz compressed) or "
                                                ".parquet file, or a hub dataset as hf:org/name; several are merged "
                                                "into one dataset."),
-    layout: Optional[str] = typer.Option(None, help="pairwise | wide | long; detected from the columns when omitted."),
+    layout: Optional[str] = LayoutOpt,
     name: Optional[str] = typer.Option(None, help="Dataset name under data/processed/ (default: the (first) file's "
                                                   "name without its type and compression suffixes)."),
-    models: Optional[str] = typer.Option(None, help="Wide layout: comma-separated model columns to use."),
+    models: Optional[str] = ModelsOpt,
+    rename: Optional[str] = RenameOpt,
     split: str = typer.Option("train", help="Hub datasets: which split to read."),
     split_column: Optional[str] = SplitColumnOpt,
     test_data: Optional[str] = TestDataOpt,
@@ -91,9 +104,8 @@ def ingest(
 
     if name is not None:
         _valid_name(name)
-    chosen = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    run_ingest(data[0] if len(data) == 1 else data, layout=layout, name=name, models=chosen, split=split, force=force,
-               split_column=split_column, test_data=test_data)
+    run_ingest(data[0] if len(data) == 1 else data, layout=layout, name=name, split=split, force=force,
+               split_column=split_column, test_data=test_data, **_input_options(models, rename))
 
 
 @app.command()
@@ -252,6 +264,9 @@ def run(
     name: Optional[str] = typer.Option(None, help="Dataset/model name (default: the file stem)."),
     trials: int = typer.Option(0, min=0, help="Optuna trials before the final training (0: defaults)."),
     budget_ms: float = typer.Option(1.0, help="Latency gate: p99 budget in milliseconds."),
+    layout: Optional[str] = LayoutOpt,
+    models: Optional[str] = ModelsOpt,
+    rename: Optional[str] = RenameOpt,
     split_column: Optional[str] = SplitColumnOpt,
     test_data: Optional[str] = TestDataOpt,
     config: Optional[Path] = ConfigOpt,
@@ -264,7 +279,7 @@ def run(
     if name is not None:
         _valid_name(name)
     run_all(data, out=out, name=name, trials=trials, budget_ms=budget_ms, config=_config(config, overrides),
-            split_column=split_column, test_data=test_data)
+            layout=layout, split_column=split_column, test_data=test_data, **_input_options(models, rename))
 
 
 @app.command()

@@ -45,7 +45,10 @@ label's hash rule for train/val.
 Either way the dataset gets a `split` column (null where the hash rule decides) and the manifest says
 which rule applies (`split_rule`).
 
-Columns are never renamed silently: a name that appears twice in the header is an error naming it. A
+Columns are never renamed silently: a name that appears twice in the header is an error naming it. A file
+whose columns have other names (`question`, `model_name`, `label`...) is read with `rename={old: new}` (CLI
+`--rename question=prompt,model_name=model`), applied to every input before anything else; renaming a column
+that is not there, or to a name another column already has, is an error. A
 model whose outcomes are 0-1 but for a few cells (at most 5%, with at least 20 in range) is an error naming
 the column, row and value, since label would otherwise rescale every target to fit that cell; real scales
 (1-10 judges, any range most values use) are left to label.
@@ -70,9 +73,9 @@ from .ingest_canonical import build_dataset, list_column, list_matrix
 from .ingest_layouts import LAYOUTS, detect_layout
 from .ingest_merge import add_test_data, merge_inputs
 from .ingest_output import load_changed_inputs, print_summary, write_processed
-from .ingest_sources import default_name, resolve_source
+from .ingest_sources import default_name, parse_rename, resolve_source
 
-__all__ = ["ingest", "detect_layout", "list_column", "list_matrix", "SCHEMA_VERSION", "INGEST_VERSION"]
+__all__ = ["ingest", "detect_layout", "parse_rename", "list_column", "list_matrix", "SCHEMA_VERSION", "INGEST_VERSION"]
 
 SCHEMA_VERSION = 1
 INGEST_VERSION = 3  # bump when the output for the same input changes, so old artifacts are redone
@@ -80,14 +83,16 @@ INGEST_VERSION = 3  # bump when the output for the same input changes, so old ar
 
 def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Optional[str] = None,
            models: Optional[list[str]] = None, split: str = "train", force: bool = False,
-           split_column: Optional[str] = None, test_data: Optional[str] = None) -> Path:
+           split_column: Optional[str] = None, test_data: Optional[str] = None,
+           rename: Optional[dict[str, str]] = None) -> Path:
     """Read `source` into data/processed/NAME/ (dataset/, battles/ for pairwise, manifest.json).
 
     `source` may be several files / hub ids: each is read and cleaned alone (its own layout, drops and
     duplicate merge, or `layout` for all), then `merge_inputs` joins them; the manifest's `sources` lists
     every input with its hash, layout and row counts. `split_column`: the input column whose train / val /
     test values are the split (in every file). `test_data`: a second file, in the (first) main file's
-    layout, whose prompts are the test split (a hub id reads its `test` split). The manifest's
+    layout, whose prompts are the test split (a hub id reads its `test` split). `rename` ({old: new}) renames
+    columns of every input as it is read; the other options use the new names. The manifest's
     `content_hash` covers every input in order and the options, so unchanged inputs skip the work.
     """
     sources = [source] if isinstance(source, str) else list(source)
@@ -100,9 +105,9 @@ def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Opti
     if len(set(sources)) != len(sources):
         raise ConfigError(f"an input is given twice: {', '.join(sources)}")
     n_main = len(sources)
-    srcs = [resolve_source(s, split) for s in sources]
+    srcs = [resolve_source(s, split, rename) for s in sources]
     if test_data is not None:
-        srcs.append(resolve_source(test_data, "test"))
+        srcs.append(resolve_source(test_data, "test", rename))
     name = name or default_name(srcs[0].text)
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid dataset name {name!r}")
@@ -114,6 +119,8 @@ def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Opti
     options = {"layout": layout, "models": models, "split": split if hub else None, "ingest_version": INGEST_VERSION}
     if split_column is not None:
         options["split_column"] = split_column
+    if rename:  # only when given, so manifests from before the option still match
+        options["rename"] = dict(rename)
     where = [s.path if s.path is not None else s.text for s in srcs]
 
     def content_hash(hashes: list[str]) -> str:

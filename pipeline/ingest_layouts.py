@@ -67,7 +67,8 @@ def require_columns(table: pa.Table, columns, layout: str, path, or_else: str = 
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise DataError(f"missing required column {missing[0]!r}{or_else} for the {layout} layout "
-                        f"(columns: {', '.join(table.column_names)})", file=path)
+                        f"(columns: {', '.join(table.column_names)}); --rename OLD={missing[0]} gives a column that "
+                        "name", file=path)
 
 
 def prompt_stand_in(columns: list[str], layout: str) -> Optional[str]:
@@ -214,7 +215,8 @@ def _wide(table: pa.Table, drops: Drops, where, models: Optional[list[str]]) -> 
         found = f"only {models[0]!r}" if models else "none"
         raise DataError(f"need at least two model outcome columns, found {found}; numeric or boolean columns "
                         f"are models unless id-like (columns: {', '.join(table.column_names)}); "
-                        "name them with --models a,b", file=where)
+                        "name them with --models a,b. One row per prompt and model is the long layout: its "
+                        "columns prompt, model, score (--rename OLD=NEW names them)", file=where)
     n = table.num_rows
     values = np.empty((n, len(models)))
     costs = np.full((n, len(models)), np.nan)

@@ -17,19 +17,19 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .common import DataError, arrow_table, data_root
+from .common import ConfigError, DataError, arrow_table, data_root
 from .compression import READ_ERRORS, compression_of, decompress_failure, open_input, without_compression
 from .ingest_columns import is_json_ext
 from .ingest_layouts import CONVERSATION, MESSAGES
 
-_TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner")  # never typed as numbers
+_TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner", CONVERSATION, MESSAGES)  # never typed as numbers
 # `datasets` reads compressed files itself (by the suffix); every raw read here goes through `open_input`.
 _BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -42,6 +42,25 @@ class Source:
     path: Optional[Path]  # local file, None for a hub dataset
     builder: str  # csv | json | parquet | hub id
     split: str
+    rename: dict[str, str] = field(default_factory=dict)  # the user's column names -> the layout's names
+
+
+def parse_rename(text: Optional[str]) -> dict[str, str]:
+    """`--rename "question=prompt,model_name=model"` as {old: new}; a malformed pair is a ConfigError."""
+    rename: dict[str, str] = {}
+    for pair in (text or "").split(","):
+        if not pair.strip():
+            continue
+        old, eq, new = (part.strip() for part in pair.partition("="))
+        if not eq or not old or not new:
+            raise ConfigError(f"--rename takes OLD=NEW pairs separated by commas, not {pair.strip()!r}")
+        if old in rename:
+            raise ConfigError(f"--rename names column {old!r} twice")
+        rename[old] = new
+    news = list(rename.values())
+    if twice := sorted({n for n in news if news.count(n) > 1}):
+        raise ConfigError(f"--rename gives two columns the name {twice[0]!r}")
+    return rename
 
 
 def default_name(source: str) -> str:
@@ -52,10 +71,12 @@ def default_name(source: str) -> str:
     return (stem if dot and stem and f".{suffix.lower()}" in _BUILDERS else name) or "data"
 
 
-def resolve_source(source: str, split: str) -> Source:
-    """`source` (a file path or hf:org/name) checked to be a file of a known type that exists and is not empty."""
+def resolve_source(source: str, split: str, rename: Optional[dict[str, str]] = None) -> Source:
+    """`source` (a file path or hf:org/name) checked to be a file of a known type that exists and is not empty;
+    `rename` ({old: new}) is applied to its columns as it is read."""
+    rename = dict(rename or {})
     if source.startswith("hf:"):
-        return Source(source, None, source[3:], split)
+        return Source(source, None, source[3:], split, rename)
     path = Path(source)
     compressed = compression_of(path) is not None
     builder = _BUILDERS.get(Path(without_compression(path.name)).suffix.lower())
@@ -67,7 +88,7 @@ def resolve_source(source: str, split: str) -> Source:
         raise DataError("file not found", file=path)
     if path.stat().st_size == 0:
         raise DataError("the file is empty", file=path)
-    return Source(source, path, builder, split)
+    return Source(source, path, builder, split, rename)
 
 
 def hash_input(src: Source) -> str:
@@ -153,7 +174,7 @@ def load_table(src: Source) -> Iterator[tuple[pa.Table, str]]:
             offline = (f"; without the network only a dataset already in the local `datasets` cache loads{retries}, "
                        "or pass a downloaded file instead" if isinstance(e, ConnectionError) else "")
             raise DataError(f"cannot load hub dataset split {src.split!r}: {e}{offline}", file=src.text) from None
-        yield arrow_table(ds), ds._fingerprint
+        yield _renamed(arrow_table(ds), src), ds._fingerprint
         return
     duplicated = _duplicated_columns(src)
     if duplicated:
@@ -164,6 +185,7 @@ def load_table(src: Source) -> Iterator[tuple[pa.Table, str]]:
     root.mkdir(parents=True, exist_ok=True)
     _remove_dead_caches(root)
     cache = Path(tempfile.mkdtemp(prefix=f".ingest-cache-{os.getpid()}-", dir=root))
+    text_columns = _source_names(_TEXT_COLUMNS, src.rename)  # as the file names them
     try:
         kwargs = {}
         if src.builder == "csv":
@@ -194,21 +216,42 @@ def load_table(src: Source) -> Iterator[tuple[pa.Table, str]]:
                             + f": {type(cause).__name__}: {cause}", file=src.path) from None
         table = arrow_table(ds)
         if src.builder == "json":
-            table = _exact_json_text(table, Path(data_file))
+            table = _exact_json_text(table, Path(data_file), text_columns)
         if src.builder == "csv":
-            table = pa.table({c: table.column(c) if c in _TEXT_COLUMNS else _infer_type(table.column(c))
+            table = pa.table({c: table.column(c) if c in text_columns else _infer_type(table.column(c))
                               for c in table.column_names})
-        yield table, ""
+        yield _renamed(table, src), ""
     finally:
         shutil.rmtree(cache, ignore_errors=True)
 
 
-def _exact_json_text(table: pa.Table, data_file: Path) -> pa.Table:
+def _source_names(names, rename: dict[str, str]) -> tuple[str, ...]:
+    """The file's names of the layout's columns `names`, given the user's `rename` ({old: new})."""
+    return tuple(old for old, new in rename.items() if new in names) + tuple(n for n in names if n not in rename)
+
+
+def _renamed(table: pa.Table, src: Source) -> pa.Table:
+    """`table` with the user's `--rename` applied; a column it names that is not there, or a new name that is
+    already taken, is a DataError listing the columns."""
+    if not src.rename:
+        return table
+    columns = table.column_names
+    listed = f"(columns: {', '.join(columns)})"
+    for old, new in src.rename.items():
+        if old not in columns:
+            raise DataError(f"--rename {old}={new}: there is no column {old!r} {listed}", file=src.path or src.text)
+        if new in columns and new not in src.rename:
+            raise DataError(f"--rename {old}={new}: the file already has a column {new!r}; rename that one too "
+                            f"{listed}", file=src.path or src.text)
+    return table.rename_columns([src.rename.get(c, c) for c in columns])
+
+
+def _exact_json_text(table: pa.Table, data_file: Path, text_columns: tuple[str, ...]) -> pa.Table:
     """`datasets` keeps a JSON column of mixed types JSON-encoded (`arrow.json`), but stores a string that
     parses as JSON unchanged: the prompt "0" comes back as the number 0, "[1, 2]" as a list. Text columns
-    of that kind are read again from the file, every value encoded, so strings stay strings."""
-    mixed = [c for c in (*_TEXT_COLUMNS, CONVERSATION, MESSAGES)
-             if c in table.column_names and is_json_ext(table.column(c).type)]
+    of that kind (`text_columns`, as the file names them) are read again from the file, every value encoded,
+    so strings stay strings."""
+    mixed = [c for c in text_columns if c in table.column_names and is_json_ext(table.column(c).type)]
     if not mixed:
         return table
     values: dict[str, list] = {c: [] for c in mixed}

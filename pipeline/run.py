@@ -95,9 +95,11 @@ def _ensure_registered(name: str, bundle: Path) -> None:
 
 def run(data: str, out: Path | None = None, name: str | None = None, trials: int = 0,
         budget_ms: float = 1.0, config: Config | None = None, split_column: str | None = None,
-        test_data: str | None = None) -> Path:
+        test_data: str | None = None, layout: str | None = None, models: list[str] | None = None,
+        rename: dict[str, str] | None = None) -> Path:
     """Run every stage on `data`; returns the bundle directory. Evaluate and report are skipped, with one
-    line saying so, when the test split is empty (e.g. a `split_column` holding only train and val)."""
+    line saying so, when the test split is empty (e.g. a `split_column` holding only train and val).
+    `layout`, `models`, `rename`, `split_column` and `test_data` are ingest's options."""
     import mlflow
 
     from .evaluate import evaluate
@@ -128,7 +130,8 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
             parent_id = parent.info.run_id
             mlflow.set_tags({"dataset": name, "source": data, "prerouter.host": HOST, "prerouter.pid": os.getpid(),
                              "prerouter.pid_start": process_start(os.getpid()) or ""})
-            stage("ingest", ingest, data, name=name, split_column=split_column, test_data=test_data)
+            stage("ingest", ingest, data, name=name, layout=layout, models=models, rename=rename,
+                  split_column=split_column, test_data=test_data)
             stage("label", label, name, cfg.label)
             if trials > 0:
                 from .tune import tune

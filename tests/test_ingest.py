@@ -400,6 +400,77 @@ def test_an_unreachable_hub_dataset_is_one_error_saying_what_works_offline(data_
     assert code == 2 and "Unknown split 'dev'" in out and "HF_HUB_OFFLINE" not in out
 
 
+# --- other column names: --rename ---------------------------------------------------------------
+
+
+# The long layout as EmbedLLM-style files name it; the questions are digits, which a CSV column would be typed as.
+OTHER_NAMES = pd.DataFrame({"question": ["12", "12", "7", "7", "40", "40"], "model_name": list("ababab"),
+                            "label": [1, 0, 0, 1, 1, 1], "category": list("xxyyzz")})
+RENAME = "question=prompt, model_name=model,label=score"
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_rename_reads_columns_of_other_names_as_the_layout_names_them(data_dir, tmp_path, cli, suffix):
+    code, out = cli("ingest", write(OTHER_NAMES, tmp_path / f"o{suffix}"), "--name", "o")
+    assert code == 2 and "missing required column 'prompt'" in out and "--rename OLD=prompt" in out  # says how
+    code, out = cli("ingest", write(OTHER_NAMES, tmp_path / f"o{suffix}"), "--name", "o", "--rename", RENAME)
+    assert code == 0, out
+    canonical = OTHER_NAMES.rename(columns={"question": "prompt", "model_name": "model", "label": "score"})
+    assert cli("ingest", write(canonical, tmp_path / f"c{suffix}"), "--name", "c")[0] == 0
+    renamed, named = load(data_dir / "processed" / "o"), load(data_dir / "processed" / "c")
+    pd.testing.assert_frame_equal(renamed, named)
+    assert sorted(renamed.prompt) == ["12", "40", "7"]  # text, not numbers
+    m = read_json(data_dir / "processed" / "o" / "manifest.json")
+    assert m["layout"] == "long" and m["metadata_columns"] == ["category"]
+    assert m["options"]["rename"] == {"question": "prompt", "model_name": "model", "label": "score"}
+    assert "rename" not in read_json(data_dir / "processed" / "c" / "manifest.json")["options"]
+    code, out = cli("ingest", tmp_path / f"o{suffix}", "--name", "o", "--rename", RENAME.replace(",label=score", ""),
+                    "--layout", "wide", "--models", "label")  # another option: read again, not skipped
+    assert code == 2 and "need at least two model outcome columns" in out
+
+
+def test_rename_applies_to_the_test_file_and_splits_use_the_new_names(data_dir, tmp_path, cli):
+    main = OTHER_NAMES.assign(fold=["train", "train", "val", "val", "test", "test"])
+    path = write(main.rename(columns={"fold": "part"}), tmp_path / "m.jsonl")
+    code, out = cli("ingest", path, "--rename", RENAME + ",part=fold", "--split-column", "fold")
+    assert code == 0, out
+    assert dict(zip(load(data_dir / "processed" / "m").prompt, load(data_dir / "processed" / "m").split)) == \
+        {"12": "train", "7": "val", "40": "test"}
+    test = pd.DataFrame({"question": ["99", "99"], "model_name": ["a", "b"], "label": [0, 1]})
+    code, out = cli("ingest", write(OTHER_NAMES, tmp_path / "t.csv"), "--test-data", write(test, tmp_path / "x.csv"),
+                    "--rename", RENAME)
+    assert code == 0, out
+    ds = load(data_dir / "processed" / "t")
+    assert ds.set_index("prompt").split["99"] == "test" and len(ds) == 4
+
+
+@pytest.mark.parametrize("rename, shown", [
+    ("question", "--rename takes OLD=NEW pairs separated by commas, not 'question'"),
+    ("question=", "--rename takes OLD=NEW pairs"),
+    ("question=prompt,question=text", "--rename names column 'question' twice"),
+    ("question=prompt,category=prompt", "--rename gives two columns the name 'prompt'"),
+    ("questions=prompt", "--rename questions=prompt: there is no column 'questions' (columns: question, model_name"),
+    ("question=category", "--rename question=category: the file already has a column 'category'; rename that one"),
+])
+def test_a_bad_rename_is_one_line_and_writes_nothing(data_dir, tmp_path, cli, rename, shown):
+    code, out = cli("ingest", write(OTHER_NAMES, tmp_path / "o.csv"), "--rename", rename)
+    assert code == 2 and shown in out and out.strip().count("\n") == 0, out
+    assert nothing_written(data_dir)
+
+
+def test_run_passes_the_input_options_to_ingest(data_dir, tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("PREROUTER_MLRUNS_DIR", str(tmp_path / "mlruns"))
+    monkeypatch.setenv("PREROUTER_MODELS_DIR", str(tmp_path / "models"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = write(OTHER_NAMES, tmp_path / "o.csv")
+    code, out = cli("run", path, "--rename", "questions=prompt")
+    assert code == 2 and "there is no column 'questions'" in out, out[-2000:]
+    code, out = cli("run", path, "--rename", RENAME, "--layout", "wide")
+    assert code == 2 and "need at least two model outcome columns, found only 'score'" in out, out[-2000:]
+    code, out = cli("run", path, "--rename", RENAME, "--layout", "wide", "--models", "nope,score")
+    assert code == 2 and "missing required column 'nope'" in out, out[-2000:]
+
+
 # --- skip on unchanged ---------------------------------------------------------------------------
 
 
