@@ -4,6 +4,7 @@ Stage modules are imported inside each command so that `prerouter route` never p
 """
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -364,6 +365,16 @@ def _print_error(message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(text)}", soft_wrap=True)
 
 
+# Errors of the machine, not of prerouter or the data: one line naming the path instead of a traceback.
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE}
+_MACHINE_HINTS = {
+    errno.ENOSPC: "; free disk space, or point PREROUTER_DATA_DIR / PREROUTER_MODELS_DIR / PREROUTER_MLRUNS_DIR "
+                  "at a larger disk",
+    errno.EDQUOT: "; the disk quota is used up",
+    errno.EROFS: "; the file system is read-only: point the PREROUTER_*_DIR variables or --out elsewhere",
+}
+
+
 def main() -> None:
     """Console entry point: user-facing errors become a red line and their exit code, not a traceback."""
     try:
@@ -376,6 +387,12 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as e:
         sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno not in _MACHINE_ERRNOS:  # any other OSError may be a defect: its traceback helps
+            raise
+        what = f"{e.filename}: {e.strerror}" if e.filename else str(e.strerror or e)
+        _print_error(what + _MACHINE_HINTS.get(e.errno, ""))
+        sys.exit(1)
     except Exception as e:
         if isinstance(e, _usage_errors()):  # a missing argument, an unknown option: click's message, exit 2
             e.show()

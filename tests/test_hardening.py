@@ -2,6 +2,7 @@
 without saying so: each is now one error line (exit 2) before any work (#12)."""
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -263,6 +264,37 @@ def _binary_rows(n: int = 100, seed: int = 0) -> list[tuple[str, int, int]]:
 
     rng = random.Random(seed)
     return [(f"prompt {i}", rng.randint(0, 1), rng.randint(0, 1)) for i in range(n)]
+
+
+@pytest.mark.parametrize("code, says", [
+    (errno.ENOSPC, "No space left on device; free disk space, or point PREROUTER_DATA_DIR"),
+    (errno.EROFS, "Read-only file system; the file system is read-only: point the PREROUTER_*_DIR variables"),
+    (errno.EACCES, "Permission denied"),
+])
+def test_a_full_disk_or_refused_write_is_one_line_exit_1_and_leaves_nothing(code, says, data_dir, demo_files, cli,
+                                                                           monkeypatch):
+    import pipeline.ingest_output as ingest_output
+
+    def no_room(table, path):
+        raise OSError(code, os.strerror(code), str(path / "data-00000-of-00001.arrow"))
+
+    monkeypatch.setattr(ingest_output, "_save", no_room)
+    status, out = cli("ingest", demo_files["long"], "--name", "full")
+    assert status == 1 and out.strip().count("\n") == 0, out
+    assert "error:" in out and "Traceback" not in out and f"data-00000-of-00001.arrow: {says}" in out
+    assert not (data_dir / "processed" / "full").exists()
+    assert not [p for p in (data_dir / "processed").iterdir() if "full" in p.name]  # no temporary folder left
+
+
+def test_an_oserror_that_is_not_the_machines_keeps_its_traceback(data_dir, demo_files, cli, monkeypatch):
+    import pipeline.ingest_output as ingest_output
+
+    def missing(table, path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr(ingest_output, "_save", missing)
+    with pytest.raises(FileNotFoundError):
+        cli("ingest", demo_files["long"], "--name", "gone")
 
 
 def test_duplicated_column_names_are_an_error_naming_them(data_dir, tmp_path):
