@@ -102,6 +102,7 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
     `layout`, `models`, `rename`, `split_column` and `test_data` are ingest's options."""
     import mlflow
 
+    from .encoders import tokenizer_file
     from .evaluate import evaluate
     from .export import check_bundle_dir, export
     from .ingest import ingest
@@ -111,6 +112,7 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
 
     cfg = config or load_config()
     check_machine(cfg.train)
+    tokenizer_file(cfg.teacher.path)  # a hub teacher that cannot be fetched fails now, not after ingest and label
     name = check_name(name or default_name(data))
     out = check_bundle_dir(check_output_path(Path(out) if out else model_dir(name) / "bundle"))  # before any work
     setup_mlflow()

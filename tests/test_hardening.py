@@ -110,6 +110,18 @@ def test_tune_and_run_check_the_machine_before_reading_data(data_dir, monkeypatc
         run(str(tmp_path / "missing.csv"), config=cfg)
 
 
+def test_run_with_a_hub_teacher_it_cannot_fetch_fails_before_reading_data(data_dir, demo_files, monkeypatch, tmp_path):
+    from pipeline.run import run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here either way; offline fails at once
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    monkeypatch.setenv("PREROUTER_MODELS_DIR", str(tmp_path / "models"))
+    cfg = load_config(None, ["teacher.path=no-such-org/no-such-encoder"])
+    with pytest.raises(ConfigError, match="teacher.path='no-such-org/no-such-encoder' cannot be loaded"):
+        run(str(demo_files["wide"]), config=cfg)
+    assert not (data_dir / "processed").exists() and not (tmp_path / "models").exists()
+
+
 # ------------------------------------------------------------------ YAML that expands exponentially
 
 BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
