@@ -7,7 +7,8 @@ never with per-row Python objects for the whole file.
 
 Layouts, detected from the columns (`layout=` overrides):
 
-- pairwise: `prompt, model_a, model_b` and either `winner` (model_a | model_b | tie | tie (bothbad))
+- pairwise: `prompt, model_a, model_b` and either `winner` (model_a | model_b | tie | tie (bothbad), also
+  spelt both_bad, tie (both bad) or tie_bothbad; any case)
   or the Chatbot-Arena-55k 0/1 columns `winner_model_a, winner_model_b, winner_tie` (there the
   prompt is a JSON list of turns, joined with blank lines). Without a `prompt` column, the user turns
   of `conversation_a` are the prompt (MT-Bench human judgments, Arena conversations), or those of

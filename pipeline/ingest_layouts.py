@@ -18,6 +18,8 @@ from .ingest_columns import as_float, category_codes
 
 LAYOUTS = ("pairwise", "wide", "long")
 WINNERS = {"model_a": (1.0, False), "model_b": (0.0, False), "tie": (0.5, False), "tie (bothbad)": (0.5, True)}
+# Other spellings of a tie where both answers were bad: the same outcome, never a guess at an unknown one.
+WINNER_SPELLINGS = {"both_bad": "tie (bothbad)", "tie (both bad)": "tie (bothbad)", "tie_bothbad": "tie (bothbad)"}
 ARENA_FLAGS = ("winner_model_a", "winner_model_b", "winner_tie")
 # Per-side answers are not prompt metadata. Without a `prompt` column, the user turns of a chat stand for
 # it: `conversation_a` (MT-Bench human judgments, Chatbot Arena conversations) or `messages` (chat-format sets).
@@ -128,16 +130,18 @@ def _pairwise(table: pa.Table, drops: Drops, where) -> Observations:
         bothbad = np.zeros(n, bool)
     else:
         codes, values = category_codes(table.column("winner"))
-        unknown = [v for v in values if v.lower() not in WINNERS]
+        known = [WINNERS.get(WINNER_SPELLINGS.get(v.lower(), v.lower())) for v in values]
+        unknown = [v for v, k in zip(values, known) if k is None]
         if unknown:  # report the earliest row with an unknown value, and that value first
             first = np.flatnonzero(np.isin(codes, [values.index(v) for v in unknown]))[0]
             value = values[codes[first]]
             rest = [v for v in unknown if v != value]
             others = f"; other unknown values: {', '.join(map(repr, rest[:5]))}" if rest else ""
-            raise DataError(f"unknown winner value {value!r} (expected one of {', '.join(WINNERS)}{others})",
+            raise DataError(f"unknown winner value {value!r} (expected one of {', '.join(WINNERS)}, "
+                            f"or {', '.join(WINNER_SPELLINGS)} for the last{others})",
                             file=where, row=int(first) + 1)
         drops.add(codes < 0, "missing winner")
-        known = [WINNERS[v.lower()] for v in values] + [(np.nan, False)]
+        known += [(np.nan, False)]
         score_a = np.array([k[0] for k in known])[codes]
         bothbad = np.array([k[1] for k in known])[codes]
     cost_a = as_float(table.column("cost_a"))[0] if "cost_a" in table.column_names else None

@@ -185,6 +185,17 @@ def test_default_name_drops_type_and_compression_suffixes(source, name):
     assert default_name(source) == name
 
 
+@pytest.mark.parametrize("spelling", ["both_bad", "Tie (both bad)", "TIE_BOTHBAD"])
+def test_other_spellings_of_a_both_bad_tie_are_that_tie(data_dir, demo_files, tmp_path, spelling):
+    raw = pq.read_table(demo_files["pairwise"]).to_pandas()
+    respelt = raw.assign(winner=raw.winner.replace("tie (bothbad)", spelling))
+    assert (respelt.winner == spelling).sum() > 10
+    canonical = load(ingest(str(demo_files["pairwise"]), name="canonical"), "battles")
+    other = load(ingest(str(write(respelt, tmp_path / "respelt.parquet"))), "battles")
+    pd.testing.assert_frame_equal(other, canonical)
+    assert other.bothbad.sum() == (respelt.winner == spelling).sum()
+
+
 def test_arena_55k_variant(data_dir, tmp_path):
     arena = pd.DataFrame({
         "id": [11, 12, 13, 14],
