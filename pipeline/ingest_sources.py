@@ -201,6 +201,11 @@ def load_table(src: Source) -> Iterator[tuple[pa.Table, str]]:
             if head.empty:
                 raise DataError("the file has a header but no rows", file=src.path)
             header = list(head.columns)
+            other = next((sep for sep in (";", "\t") if len(header) == 1 and sep in header[0]), None)
+            if other:
+                raise DataError(f"the header is one column, {header[0]!r}: the file looks {other!r}-separated; "
+                                "prerouter reads comma-separated CSV (re-save it with commas, or as .jsonl/.parquet)",
+                                file=src.path)
             kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
                           keep_default_na=False, na_values=[""])
         data_file = (_json_array_as_lines(src.path, cache) if src.builder == "json" else None) or src.path

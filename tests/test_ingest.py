@@ -515,6 +515,8 @@ def nothing_written(data_dir):
 
 BAD_FILES = {
     "missing_column.csv": ("prompt,model_a,model_b\nhi,a,b\n", "missing required column 'winner'", None),
+    "semicolons.csv": ("prompt;a;b\nhi;1;0\nyo;0;1\n", "the file looks ';'-separated", None),
+    "tabs.csv": ("prompt\ta\tb\nhi\t1\t0\n", "the file looks '\\t'-separated", None),
     "unknown_winner.csv": ("prompt,model_a,model_b,winner\nhi,a,b,model_a\nyo,a,b,A\n",
                            "unknown winner value 'A'", 2),
     "arena_flags.csv": ("prompt,model_a,model_b,winner_model_a,winner_model_b,winner_tie\n"
