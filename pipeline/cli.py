@@ -189,12 +189,20 @@ def route(
     strong_fraction: Optional[float] = StrongFractionOpt,
     threshold: Optional[float] = ThresholdOpt,
     cost_weight: Optional[float] = CostWeightOpt,
+    show_scores: bool = typer.Option(False, "--scores", help="Print one JSON line instead: the routed model, each "
+                                                             "model's probability and (pairs) the routing score."),
 ):
     """Print the model a prompt is routed to."""
     from .runtime import Router
 
     router = Router.load(bundle)
-    print(router.route(prompt, strong_fraction=strong_fraction, threshold=threshold, cost_weight=cost_weight))
+    if not show_scores:
+        print(router.route(prompt, strong_fraction=strong_fraction, threshold=threshold, cost_weight=cost_weight))
+        return
+    import json
+
+    p = router.score_one(prompt)
+    print(json.dumps(router.describe(p, router.choose(p, strong_fraction, threshold, cost_weight)), ensure_ascii=False))
 
 
 @app.command()

@@ -280,6 +280,14 @@ class Router:
         p = self.score_one(prompt)
         return self.models[int(self.choose(p, strong_fraction, threshold, cost_weight))]
 
+    def describe(self, p: np.ndarray, choice: int) -> dict:
+        """One prompt's outcome as written by `score` (and `route --scores`): `scores` ({model: probability}
+        from its row `p`), `route` (the model `choice` indexes) and, for pair routers, `score`."""
+        described = {"scores": dict(zip(self.models, map(float, p))), "route": self.models[int(choice)]}
+        if self.decision["kind"] == "pair":
+            described["score"] = float(self.routing_score(p))
+        return described
+
     def decide(self, prompts: list[str], strong_fraction: float | None = None, threshold: float | None = None,
                cost_weight: float | None = None, batch_size: int = 64) -> list[str]:
         """`route` for many prompts at once."""
@@ -408,13 +416,9 @@ def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | 
     def flush(records: list[tuple[int, dict]], out) -> None:
         p = router.scores([r["prompt"] for _, r in records], batch_size)
         chosen = router.choose(p, strong_fraction, threshold, cost_weight)
-        pair = router.decision["kind"] == "pair"
         for (index, rec), row, c in zip(records, p, chosen):
             line = {"prompt_id": rec["prompt_id"]} if "prompt_id" in rec else {}
-            line.update(index=index, scores=dict(zip(router.models, map(float, row))),
-                        route=router.models[int(c)])
-            if pair:
-                line["score"] = float(router.routing_score(row))
+            line.update(index=index, **router.describe(row, c))
             try:
                 data = json.dumps(line, ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate: its \uXXXX escape is valid JSON and UTF-8

@@ -509,6 +509,18 @@ def test_cli_route_and_score(bundle, cli, tmp_path):
     assert [json.loads(x)["route"] for x in dst.read_text().splitlines()] == ["strong", "strong"]
     code, out = cli("score", path, "--input", src, "--output", dst, "--cost-weight", "1")
     assert code == 2 and "cost_weight does not apply" in out
+    prompt = "Prove Fermat's little theorem."
+    src.write_text(json.dumps({"prompt": prompt}) + "\n")
+    for setting in (["--threshold", "0"], ["--strong-fraction", "0"]):
+        code, out = cli("route", path, prompt, "--scores", *setting)
+        assert code == 0, out
+        shown = json.loads(out)
+        assert cli("score", path, "--input", src, "--output", dst, *setting)[0] == 0
+        scored = json.loads(dst.read_text())
+        # what `score` writes: one prompt, no padding, so the same graph input and the same numbers
+        assert shown == {k: scored[k] for k in ("scores", "route", "score")}
+        assert shown["route"] == r.route(prompt, **{setting[0][2:].replace("-", "_"): float(setting[1])})
+        assert shown["scores"] == pytest.approx(dict(zip(r.models, r.score_one(prompt))))
 
 
 def test_cli_refuses_altered_bundle(tmp_path, cli):
