@@ -27,8 +27,8 @@ TestDataOpt = typer.Option(None, "--test-data", help="A second file, same layout
                                                      "test split; the main file's are split into train/val.")
 LayoutOpt = typer.Option(None, "--layout", help="pairwise | wide | long; detected from the columns when omitted.")
 ModelsOpt = typer.Option(None, "--models", help="Wide layout: comma-separated model columns to use.")
-RenameOpt = typer.Option(None, "--rename", help="Comma-separated OLD=NEW column renames applied as the file is read "
-                                                "(e.g. question=prompt,model_name=model,label=score).")
+RenameOpt = typer.Option(None, "--rename", help="Comma-separated OLD=NEW column renames applied as a data file is "
+                                                "read (e.g. question=prompt,model_name=model,label=score).")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see pipeline/configs/default.yaml).")
 # The routing settings `route` and `score` take (Router.check_settings says which a bundle uses).
 StrongFractionOpt = typer.Option(None, min=0.0, max=1.0, help="Pair: target share of strong calls.")
@@ -51,12 +51,17 @@ def _valid_name(name: str) -> None:
     check_name(name)
 
 
-def _input_options(models: Optional[str], rename: Optional[str]) -> dict:
-    """The --models and --rename texts as ingest's `models` and `rename` arguments."""
+def _renames(rename: Optional[str]) -> dict[str, str]:
+    """The --rename text as ingest's `rename` argument ({old: new})."""
     from .ingest_sources import parse_rename
 
+    return parse_rename(rename)
+
+
+def _input_options(models: Optional[str], rename: Optional[str]) -> dict:
+    """The --models and --rename texts as ingest's `models` and `rename` arguments."""
     return {"models": [m.strip() for m in models.split(",") if m.strip()] if models else None,
-            "rename": parse_rename(rename)}
+            "rename": _renames(rename)}
 
 
 def _config(config: Optional[Path], overrides: Optional[List[str]]):
@@ -258,12 +263,13 @@ def report(
     data: str = typer.Option(..., help="Labeled dataset name, or a data file to ingest + label first."),
     out: Optional[Path] = typer.Option(None, help="Report folder (default BUNDLE/../report)."),
     profile: Optional[Path] = typer.Option(None, help="YAML model profile for the router/cascade/ensemble simulation."),
+    rename: Optional[str] = RenameOpt,
 ):
     """Cost–quality curves, AIQ, calibration drift and router vs cascade vs ensemble, as Markdown + PNGs."""
     from .report import report as run_report
 
     _writable(out)
-    run_report(bundle, data=data, out=out, profile=profile)
+    run_report(bundle, data=data, out=out, profile=profile, rename=_renames(rename))
 
 
 @app.command()
@@ -306,6 +312,7 @@ def compare(
     seed: int = typer.Option(0, help="Bootstrap seed."),
     allow_missing_champion: bool = typer.Option(False, help="A registry champion that does not exist yet "
                                                             "means promote (the first retrain)."),
+    rename: Optional[str] = RenameOpt,
 ):
     """Champion vs challenger on the same labeled prompts; exit 0 promote, 1 keep the champion, 2 bad input."""
     from .compare import compare as run_compare
@@ -318,7 +325,7 @@ def compare(
             console.print(f"[green]promote[/]: {champion} does not exist yet, so the challenger is the first champion")
             sys.exit(0)
     result = run_compare(champion, challenger, data, margin=margin, out=out, metric=metric, resamples=resamples,
-                         seed=seed)
+                         seed=seed, rename=_renames(rename))
     sys.exit(0 if result["verdict"] == "promote" else 1)  # typer.Exit would be swallowed (standalone_mode=False)
 
 

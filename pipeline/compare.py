@@ -79,7 +79,8 @@ def paired_bootstrap(champion: Callable[[np.ndarray], float], challenger: Callab
 
 
 @contextlib.contextmanager
-def _labeled(data: str, label_options: Mapping | None) -> Iterator[tuple[object, dict, bool, str]]:
+def _labeled(data: str, label_options: Mapping | None,
+             rename: Mapping[str, str] | None = None) -> Iterator[tuple[object, dict, bool, str]]:
     """(labels Dataset, label stats, whole file held out?, dataset name) for a dataset name or a file.
 
     A file (or hf: id) is ingested and labeled under a temporary name, removed afterwards; every one of
@@ -95,7 +96,7 @@ def _labeled(data: str, label_options: Mapping | None) -> Iterator[tuple[object,
 
         name = f"_compare-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            ingest(data, name=name)
+            ingest(data, name=name, rename=dict(rename or {}))
             label(name, label_cfg())
             ds, stats = load_labels(name)
             yield ds, stats, True, name
@@ -238,8 +239,9 @@ def _win_section(name: str, ids: list[str], logits: dict, names: list[str], data
 
 def compare(champion: str | Path, challenger: str | Path, data: str, margin: float = DEFAULT_MARGIN,
             out: Path | None = None, metric: str = "auto", resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-            log: bool = True) -> dict:
+            log: bool = True, rename: Mapping[str, str] | None = None) -> dict:
     """Score `data` with both bundles and decide; returns the result (its "verdict" is promote or keep).
+    A data file is read with ingest's `rename`.
 
     `champion` / `challenger`: bundle folders or `models:/prerouter-NAME@ALIAS` URIs. Bad input
     (unreadable bundle, no shared models, no held-out prompts) is a DataError / ConfigError (exit 2)."""
@@ -256,7 +258,7 @@ def compare(champion: str | Path, challenger: str | Path, data: str, margin: flo
 
         routers = {"champion": Router.load(c_path), "challenger": Router.load(h_path)}
         label_options = routers["champion"].config.get("training_config", {}).get("label")
-        with _labeled(data, label_options) as (ds, stats, held_out, name):
+        with _labeled(data, label_options, rename) as (ds, stats, held_out, name):
             result = _compare(routers, ds, stats, held_out, name, data, margin, metric, resamples, seed)
     result["champion"], result["challenger"] = str(champion), str(challenger)
     out = Path(out) if out else models_root() / "compare" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")

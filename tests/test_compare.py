@@ -116,6 +116,24 @@ def test_a_shuffled_label_challenger_is_refused_on_a_held_out_file(env, cli, tmp
     assert not any(p.name.startswith("_compare") for p in processed_dir("x").parent.iterdir())  # temp name removed
 
 
+def test_a_held_out_file_with_other_column_names_is_read_with_rename(env, cli, tmp_path):
+    import pandas as pd
+
+    held = pd.read_csv(env["held_out"])
+    renamed = tmp_path / "renamed.csv"
+    held.rename(columns={"prompt": "question", "large-70b": "big"}).to_csv(renamed, index=False)
+    code, out = cli("compare", env["good"], env["shuffled"], "--data", renamed, "--out", tmp_path / "a",
+                    "--resamples", 300)
+    assert code == 2 and "--rename OLD=prompt" in out, out
+    code, out = cli("compare", env["good"], env["shuffled"], "--data", renamed, "--out", tmp_path / "a",
+                    "--resamples", 300, "--rename", "question=prompt,big=large-70b")
+    assert code == 1, out
+    assert cli("compare", env["good"], env["shuffled"], "--data", env["held_out"], "--out", tmp_path / "b",
+               "--resamples", 300)[0] == 1
+    a, b = (json.loads((tmp_path / d / "compare.json").read_text()) for d in "ab")
+    assert a["n_prompts"] == b["n_prompts"] and a["pair"] == b["pair"] and a["multi"] == b["multi"]
+
+
 def test_bundles_with_different_models_are_compared_on_the_shared_ones(env, cli, tmp_path):
     code, out = cli("compare", env["good"], env["two"], "--data", "demo", "--out", tmp_path, "--resamples", 200)
     assert code in (0, 1), out

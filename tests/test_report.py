@@ -240,6 +240,13 @@ def test_report_from_a_data_file_on_a_pair_bundle(env, tmp_path):
     assert "on `demo_wide`" in text and "## Pair routing" in text and "cost vs quality" not in text
     assert "always small-7b" in text and "strong fraction = " in text  # pair economics: fraction sweep
     assert _is_real_png(md.parent / "economics.png")
+    import pandas as pd
+
+    renamed = tmp_path / "demo_wide.csv"  # the same file with other names, so the same dataset name
+    pd.read_csv(env["wide"]).rename(columns={"prompt": "text", "small-7b": "small"}).to_csv(renamed, index=False)
+    again = report(bundle, str(renamed), out=tmp_path / "r2", rename={"text": "prompt", "small": "small-7b"})
+    first, second = (json.loads((d.parent / "report.json").read_text()) for d in (md, again))
+    assert second["pair"] == first["pair"]
 
 
 def test_a_report_over_unknown_costs_says_so_in_its_text_and_figure(env, tmp_path, monkeypatch):
