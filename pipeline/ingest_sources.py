@@ -57,6 +57,14 @@ def parse_rename(text: Optional[str]) -> dict[str, str]:
         if old in rename:
             raise ConfigError(f"--rename names column {old!r} twice")
         rename[old] = new
+    return check_rename(rename)
+
+
+def check_rename(rename: Optional[dict[str, str]]) -> dict[str, str]:
+    """`rename` ({old: new}, or None for none) with every name a non-empty string and no new name twice."""
+    rename = dict(rename or {})
+    if not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in rename.items()):
+        raise ConfigError(f"rename maps column names to column names, got {rename!r}")
     news = list(rename.values())
     if twice := sorted({n for n in news if news.count(n) > 1}):
         raise ConfigError(f"--rename gives two columns the name {twice[0]!r}")
@@ -74,7 +82,7 @@ def default_name(source: str) -> str:
 def resolve_source(source: str, split: str, rename: Optional[dict[str, str]] = None) -> Source:
     """`source` (a file path or hf:org/name) checked to be a file of a known type that exists and is not empty;
     `rename` ({old: new}) is applied to its columns as it is read."""
-    rename = dict(rename or {})
+    rename = check_rename(rename)
     if source.startswith("hf:"):
         return Source(source, None, source[3:], split, rename)
     path = Path(source)

@@ -469,6 +469,17 @@ def test_a_bad_rename_is_one_line_and_writes_nothing(data_dir, tmp_path, cli, re
     assert nothing_written(data_dir)
 
 
+def test_a_bad_rename_from_python_is_a_config_error(data_dir, tmp_path):
+    from pipeline.common import ConfigError
+
+    path = str(write(OTHER_NAMES, tmp_path / "o.csv"))
+    for rename, shown in (({"question": "prompt", "category": "prompt"}, "two columns the name 'prompt'"),
+                          ({"question": 3}, "maps column names to column names")):
+        with pytest.raises(ConfigError, match=shown):
+            ingest(path, rename=rename)
+    assert nothing_written(data_dir)
+
+
 def test_run_passes_the_input_options_to_ingest(data_dir, tmp_path, cli, monkeypatch):
     monkeypatch.setenv("PREROUTER_MLRUNS_DIR", str(tmp_path / "mlruns"))
     monkeypatch.setenv("PREROUTER_MODELS_DIR", str(tmp_path / "models"))
