@@ -55,6 +55,21 @@ def test_an_informative_group_is_chosen_and_recorded(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["teacher"]  # the folds' heads are not kept
 
 
+def test_a_better_group_that_loses_the_bootstrap_is_passed_over_and_the_line_says_why(tmp_path, capsys, monkeypatch):
+    import pipeline.select as select
+
+    prep = _prep(n=1500)
+    prep.group_columns = {"topic": prep.group_columns["topic"]}
+    monkeypatch.setattr(select, "bootstrap_win_rate", lambda *args: 0.5)  # as if the gain were noise
+    cfg = load_config(overrides=["teacher.epochs=10", "teacher.dropout=0", "train.patience=10"])
+    _, resolved, record = choose_group_by(prep, cfg, tmp_path)
+    assert record["candidates"]["topic"] > record["candidates"][NO_GROUP]  # better out of fold...
+    assert record["group_by"] is None and record["win_rate"] == {"topic": 0.5}  # ...but not kept
+    line = " ".join(capsys.readouterr().err.split())
+    assert "cross-validation: none" in line
+    assert f"topic wins 50% of {select.BOOTSTRAP} paired resamples, under the 90% needed" in line
+
+
 def test_without_a_categorical_column_nothing_is_cross_validated(tmp_path):
     prep = _prep(n=600)
     prep.group_columns = {}
