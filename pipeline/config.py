@@ -228,7 +228,37 @@ class TrainConfig(_Section):
 
 def check_machine(cfg: "TrainConfig") -> None:
     """Fail with one line when this machine lacks what train.accelerator / train.devices ask for (a GPU,
-    enough of them), before any data is read. Imports torch only for accelerators other than cpu/auto."""
+    enough of them), or Lightning refuses train.strategy here (FSDP without a GPU, DeepSpeed not installed),
+    before any data is read. Imports torch only for accelerators other than cpu/auto, Lightning only for a
+    strategy other than auto."""
+    _check_devices(cfg)
+    if cfg.strategy != "auto":
+        _check_strategy(cfg)
+
+
+def _check_strategy(cfg: "TrainConfig") -> None:
+    """Lightning's own checks of the hardware settings: the Trainer `train` would build is built (nothing
+    is launched), and what it refuses becomes a ConfigError."""
+    import logging
+
+    import lightning.pytorch as pl
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # "GPU available: ..." lines
+    level, quiet.level = quiet.level, logging.WARNING
+    try:
+        pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+                   precision=cfg.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False)
+    except (MisconfigurationException, ValueError, ImportError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"train.strategy={cfg.strategy} with train.accelerator={cfg.accelerator}, "
+                          f"devices={cfg.devices}: Lightning refuses it on this machine ({first})") from None
+    finally:
+        quiet.setLevel(level)
+
+
+def _check_devices(cfg: "TrainConfig") -> None:
     accelerator = cfg.accelerator
     if accelerator in ("cpu", "auto"):
         return

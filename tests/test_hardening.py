@@ -96,6 +96,25 @@ def test_cli_train_with_a_gpu_accelerator_and_no_gpu_fails_before_the_data(data_
     assert code == 2 and "no CUDA GPU" in out and "missing-dataset" not in out
 
 
+@pytest.mark.parametrize("strategy, says", [("fsdp", "requires a GPU accelerator"),
+                                             ("deepspeed", "must have DeepSpeed installed")])
+def test_a_strategy_lightning_refuses_here_fails_before_the_data(strategy, says, data_dir, cli):
+    import importlib.util
+
+    if strategy == "deepspeed" and importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here")
+    with pytest.raises(ConfigError, match=f"train.strategy={strategy} .*Lightning refuses it on this machine.*{says}"):
+        check_machine(load_config(None, [f"train.strategy={strategy}"]).train)
+    code, out = cli("train", "missing-dataset", "-s", f"train.strategy={strategy}")
+    assert code == 2 and says in out and "missing-dataset" not in out and out.strip().count("\n") == 0, out
+
+
+def test_strategies_lightning_accepts_here_pass_the_check():
+    for overrides in (["train.strategy=ddp_spawn", "train.devices=2"], ["train.strategy=ddp"],
+                      ["train.strategy=ddp_find_unused_parameters_true", "train.precision=bf16-mixed"]):
+        check_machine(load_config(None, overrides).train)
+
+
 def test_tune_and_run_check_the_machine_before_reading_data(data_dir, monkeypatch, tmp_path):
     import torch
 
