@@ -316,16 +316,20 @@ def prompt_from_messages(messages) -> str:
 def read_prompt_records(path: str | Path) -> Iterator[dict]:
     """The records of a JSONL file of {"prompt": ..., ...} objects, one per non-blank line, in order, or
     (a `.csv` file) its rows, which need a `prompt` column (`prompt_id` is kept too; other columns are not);
-    either may be compressed (.gz, .bz2, .xz).
+    either may be compressed (.gz, .bz2, .xz). A `.parquet` file's rows are read like JSONL records from its
+    `prompt` or `messages` and `prompt_id` columns (with pyarrow installed).
 
     A JSONL record may give OpenAI-style `messages` instead of `prompt` (as a request to `serve` may): its
     `prompt` is then `prompt_from_messages(messages)`. UTF-8 (a leading BOM is skipped). A line that is
     not valid UTF-8 or JSON, or not an object with exactly one of a string `prompt` or usable `messages`,
     is a RouterError naming the file and the line.
     """
+    suffix = Path(without_compression(str(path))).suffix.lower()
     try:
-        if Path(without_compression(str(path))).suffix.lower() == ".csv":
+        if suffix == ".csv":
             yield from _csv_prompt_records(path)
+        elif suffix == ".parquet":
+            yield from _parquet_prompt_records(path)
         else:
             yield from _jsonl_prompt_records(path)
     except READ_ERRORS as e:
@@ -351,17 +355,47 @@ def _jsonl_prompt_records(path: str | Path) -> Iterator[dict]:
                 raise router_error(f"not valid JSON: {e}", file=path, row=lineno) from None
             except RecursionError:
                 raise router_error("not valid JSON: nested too deeply", file=path, row=lineno) from None
-            if not isinstance(rec, dict) or ("prompt" in rec) == ("messages" in rec):
-                raise router_error("each line must be an object with a string `prompt` or a `messages` list, "
-                                   "not both", file=path, row=lineno)
-            if "messages" in rec:
-                try:
-                    rec = {**rec, "prompt": prompt_from_messages(rec["messages"])}
-                except RouterError as e:
-                    raise router_error(e.reason, file=path, row=lineno) from None
-            elif not isinstance(rec["prompt"], str):
-                raise router_error("`prompt` must be a string", file=path, row=lineno)
-            yield rec
+            yield _prompt_record(rec, path, lineno)
+
+
+def _prompt_record(rec, path: str | Path, row: int) -> dict:
+    """A JSON or parquet record checked to hold exactly one of a string `prompt` or usable `messages`; with
+    `messages`, its `prompt` is `prompt_from_messages(messages)`."""
+    if not isinstance(rec, dict) or ("prompt" in rec) == ("messages" in rec):
+        raise router_error("each record must be an object with a string `prompt` or a `messages` list, "
+                           "not both", file=path, row=row)
+    if "messages" in rec:
+        try:
+            return {**rec, "prompt": prompt_from_messages(rec["messages"])}
+        except RouterError as e:
+            raise router_error(e.reason, file=path, row=row) from None
+    if not isinstance(rec["prompt"], str):
+        raise router_error("`prompt` must be a string", file=path, row=row)
+    return rec
+
+
+def _parquet_prompt_records(path: str | Path) -> Iterator[dict]:
+    """The rows of a parquet file's `prompt` (or `messages`) and `prompt_id` columns, in order (needs pyarrow,
+    which the runtime alone does not install)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise router_error("reading .parquet needs pyarrow (pip install pyarrow); or give the prompts as .jsonl or "
+                           ".csv", file=path) from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise router_error(f"not a readable parquet file: {e}", file=path) from None
+    names = parquet.schema_arrow.names
+    columns = [c for c in ("prompt", "messages", "prompt_id") if c in names]
+    if "prompt" not in columns and "messages" not in columns:
+        raise router_error(f"no `prompt` column (columns: {', '.join(names)})", file=path)
+    row = 0
+    for batch in parquet.iter_batches(columns=columns, batch_size=4096):
+        for rec in batch.to_pylist():
+            row += 1
+            yield _prompt_record({k: v for k, v in rec.items() if v is not None}, path, row)
 
 
 def _csv_prompt_records(path: str | Path) -> Iterator[dict]:

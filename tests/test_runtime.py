@@ -434,6 +434,36 @@ def test_score_file_reads_csv_like_jsonl(bundle, tmp_path):
     assert e.value.row == 3 and not (tmp_path / "c.jsonl").exists()
 
 
+def test_score_file_reads_parquet_like_jsonl(bundle, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    prompts = ["first, with a comma", 'a "quoted"\nsecond line', "café 日本"] * 2000  # several read batches
+    ids = [f"p{i}" for i in range(len(prompts))]
+    src, jsonl = tmp_path / "in.parquet", tmp_path / "in.jsonl"
+    pq.write_table(pa.table({"topic": ["t"] * len(prompts), "prompt": prompts, "prompt_id": ids}), src,
+                   row_group_size=1000)
+    jsonl.write_text("".join(json.dumps({"prompt": q, "prompt_id": i}) + "\n" for q, i in zip(prompts, ids)))
+    assert score_file(bundle[0], src, tmp_path / "a.jsonl") == score_file(bundle[0], jsonl, tmp_path / "b.jsonl") == 6000
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    chats = [[{"role": "system", "content": "terse"}, {"role": "user", "content": "Prove it."}]]
+    pq.write_table(pa.table({"messages": chats}), src)
+    jsonl.write_text(json.dumps({"prompt": "Prove it."}) + "\n")  # the user turn, as the serving rule reads it
+    score_file(bundle[0], src, tmp_path / "c.jsonl")
+    score_file(bundle[0], jsonl, tmp_path / "d.jsonl")
+    assert (tmp_path / "c.jsonl").read_text() == (tmp_path / "d.jsonl").read_text()
+    pq.write_table(pa.table({"text": ["hello"]}), src)
+    with pytest.raises(DataError, match=r"no `prompt` column \(columns: text\)"):
+        score_file(bundle[0], src, tmp_path / "e.jsonl")
+    pq.write_table(pa.table({"prompt": ["ok", None]}), src)
+    with pytest.raises(DataError, match="a string `prompt` or a `messages` list") as e:
+        score_file(bundle[0], src, tmp_path / "e.jsonl")
+    assert e.value.row == 2 and not (tmp_path / "e.jsonl").exists()
+    src.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable parquet file"):
+        score_file(bundle[0], src, tmp_path / "e.jsonl")
+
+
 def test_score_file_reads_chat_messages_by_the_serving_rule(bundle, tmp_path):
     chats = [[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Prove it."}],
              [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
