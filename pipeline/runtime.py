@@ -316,8 +316,9 @@ def prompt_from_messages(messages) -> str:
 def read_prompt_records(path: str | Path) -> Iterator[dict]:
     """The records of a JSONL file of {"prompt": ..., ...} objects, one per non-blank line, in order, or
     (a `.csv` file) its rows, which need a `prompt` column (`prompt_id` is kept too; other columns are not);
-    either may be compressed (.gz, .bz2, .xz). A `.parquet` file's rows are read like JSONL records from its
-    `prompt` or `messages` and `prompt_id` columns (with pyarrow installed).
+    either may be compressed (.gz, .bz2, .xz). A `.json` file holding one array of such records, and a
+    `.parquet` file's rows (its `prompt` or `messages` and `prompt_id` columns; needs pyarrow), are read as
+    JSONL records are.
 
     A JSONL record may give OpenAI-style `messages` instead of `prompt` (as a request to `serve` may): its
     `prompt` is then `prompt_from_messages(messages)`. UTF-8 (a leading BOM is skipped). A line that is
@@ -330,6 +331,8 @@ def read_prompt_records(path: str | Path) -> Iterator[dict]:
             yield from _csv_prompt_records(path)
         elif suffix == ".parquet":
             yield from _parquet_prompt_records(path)
+        elif suffix == ".json" and _starts_with_array(path):
+            yield from _json_array_prompt_records(path)
         else:
             yield from _jsonl_prompt_records(path)
     except READ_ERRORS as e:
@@ -356,6 +359,27 @@ def _jsonl_prompt_records(path: str | Path) -> Iterator[dict]:
             except RecursionError:
                 raise router_error("not valid JSON: nested too deeply", file=path, row=lineno) from None
             yield _prompt_record(rec, path, lineno)
+
+
+def _starts_with_array(path: str | Path) -> bool:
+    with open_input(path, "rb") as src:
+        return src.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+def _json_array_prompt_records(path: str | Path) -> Iterator[dict]:
+    """The records of a whole-document JSON array (`.json`), each read like a JSONL line; `row` is its 1-based
+    position in the array."""
+    with open_input(path, "rb") as src:
+        try:
+            records = json.loads(src.read().decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise router_error(f"not valid UTF-8 (byte 0x{e.object[e.start]:02x})", file=path) from None
+        except ValueError as e:
+            raise router_error(f"not valid JSON: {e}", file=path) from None
+        except RecursionError:
+            raise router_error("not valid JSON: nested too deeply", file=path) from None
+    for row, rec in enumerate(records, 1):
+        yield _prompt_record(rec, path, row)
 
 
 def _prompt_record(rec, path: str | Path, row: int) -> dict:

@@ -464,6 +464,25 @@ def test_score_file_reads_parquet_like_jsonl(bundle, tmp_path):
         score_file(bundle[0], src, tmp_path / "e.jsonl")
 
 
+def test_score_file_reads_a_json_array_like_jsonl(bundle, tmp_path):
+    records = [{"prompt": "hello", "prompt_id": 1}, {"messages": [{"role": "user", "content": "integrate x^2"}]}]
+    array, jsonl = tmp_path / "in.json", tmp_path / "in.jsonl"
+    array.write_text("\ufeff " + json.dumps(records, indent=2), encoding="utf-8")
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert score_file(bundle[0], array, tmp_path / "a.jsonl") == score_file(bundle[0], jsonl, tmp_path / "b.jsonl") == 2
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    array.write_text(json.dumps([{"prompt": "ok"}, {"prompt": 3}]))
+    with pytest.raises(DataError, match="`prompt` must be a string") as e:
+        score_file(bundle[0], array, tmp_path / "c.jsonl")
+    assert e.value.row == 2
+    array.write_text('[{"prompt": "ok"},')
+    with pytest.raises(DataError, match="not valid JSON"):
+        score_file(bundle[0], array, tmp_path / "c.jsonl")
+    lines = tmp_path / "lines.json"  # a .json file of JSON lines still reads as lines
+    lines.write_text(jsonl.read_text())
+    assert score_file(bundle[0], lines, tmp_path / "d.jsonl") == 2
+
+
 def test_score_file_reads_chat_messages_by_the_serving_rule(bundle, tmp_path):
     chats = [[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Prove it."}],
              [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
