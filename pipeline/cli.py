@@ -214,7 +214,8 @@ def route(
 def score(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
     input: Path = typer.Option(..., "--input", help="JSONL with a `prompt` (or OpenAI-style `messages`) field per "
-                               "line, or CSV with a `prompt` column (.gz/.bz2/.xz compressed too), or parquet."),
+                               "line, a JSON array of such objects, or CSV with a `prompt` column (each "
+                               ".gz/.bz2/.xz compressed too), or parquet."),
     output: Path = typer.Option(..., "--output", help="JSONL written with per-model scores and the routed model."),
     strong_fraction: Optional[float] = StrongFractionOpt,
     threshold: Optional[float] = ThresholdOpt,
