@@ -443,8 +443,8 @@ def _csv_prompt_records(path: str | Path) -> Iterator[dict]:
 def score_file(bundle: str | Path, input_jsonl: str | Path, output_jsonl: str | Path,
                strong_fraction: float | None = None, batch_size: int = 64, threshold: float | None = None,
                cost_weight: float | None = None) -> int:
-    """Score a JSONL file of {"prompt": ... or "messages": [...], ["prompt_id": ...]} lines (or a CSV file
-    with a `prompt` column); returns the number of lines written.
+    """Score a JSONL file of {"prompt": ... or "messages": [...], ["prompt_id": ...]} lines (or a CSV, JSON-array
+    or parquet file: `read_prompt_records`); returns the number of lines written.
 
     Each output line: `prompt_id` (when given), `index` (0-based record number), `scores`
     ({model: probability}), `route` (the model `Router.decide` picks with these settings) and, for pair
