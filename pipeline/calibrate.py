@@ -115,7 +115,7 @@ def read_prompts(path: Path) -> list[str]:
             raise DataError(f"no `prompt` column (columns: {', '.join(map(str, frame.columns))})", file=path)
         prompts = [p for p in frame["prompt"].tolist() if isinstance(p, str)]
     else:
-        from .runtime import read_prompt_records
+        from .prompt_files import read_prompt_records
 
         prompts = [rec["prompt"] for rec in read_prompt_records(path)]  # what `prerouter score` reads
     if len(prompts) < 2:

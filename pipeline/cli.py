@@ -222,7 +222,7 @@ def score(
     cost_weight: Optional[float] = CostWeightOpt,
 ):
     """Score a file of prompts with a bundle."""
-    from .runtime import score_file
+    from .prompt_files import score_file
 
     _writable(output, "file", "--output")
     score_file(bundle, input, output, strong_fraction=strong_fraction, threshold=threshold, cost_weight=cost_weight)

@@ -10,7 +10,7 @@ folder as the run's `bundle` artifact and registers it as the version of `prerou
 
 The model is "from code" (MLflow loads no pickle): `router_model.py` builds a `RouterModel` on its own
 folder, which is the bundle. Its code travels in `code/prerouter_runtime/` (runtime.py, tokenization.py,
-bundle_contract.py, routing.py, chat.py, compression.py and this file, which import each other relatively,
+bundle_contract.py, routing.py, chat.py and this file, which import each other relatively,
 under a package name that cannot shadow an installed `pipeline`), and its pip requirements are the runtime's
 alone: numpy, onnxruntime, tokenizers (and MLflow's own). Nothing of the training stack is imported or required.
 
@@ -147,8 +147,7 @@ def save(bundle: str | Path, folder: str | Path) -> Path:
         package.mkdir()
         (package / "__init__.py").write_text(f'"""prerouter\'s runtime, as shipped with an MLflow model."""\n'
                                              f'__version__ = {config.get("pipeline_version")!r}\n')
-        for name in ("runtime.py", "tokenization.py", "bundle_contract.py", "routing.py", "chat.py", "compression.py",
-                     "mlflow_model.py"):
+        for name in ("runtime.py", "tokenization.py", "bundle_contract.py", "routing.py", "chat.py", "mlflow_model.py"):
             shutil.copyfile(here / name, package / name)
         loader = Path(stage) / LOADER
         loader.write_text(LOADER_CODE)

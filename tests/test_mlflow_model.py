@@ -112,7 +112,7 @@ def test_the_model_needs_only_the_runtime(store):
     assert "python_model" not in mlmodel["flavors"]["python_function"]  # from code: no pickle to load
     code = sorted(str(f.relative_to(local / "code")) for f in (local / "code").rglob("*.py"))
     assert code == ["prerouter_runtime/__init__.py", "prerouter_runtime/bundle_contract.py",
-                    "prerouter_runtime/chat.py", "prerouter_runtime/compression.py",
+                    "prerouter_runtime/chat.py",
                     "prerouter_runtime/mlflow_model.py", "prerouter_runtime/routing.py",
                     "prerouter_runtime/runtime.py", "prerouter_runtime/tokenization.py"]
 

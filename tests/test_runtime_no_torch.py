@@ -29,14 +29,16 @@ sys.meta_path.insert(0, Block())
 SCRIPT = BLOCKER + """
 from pathlib import Path
 import pipeline.bundle_contract, pipeline.tokenization  # each of the runtime's modules, on its own
-from pipeline.runtime import Router, RouterError, score_file
+from pipeline.runtime import Router, RouterError
 
 router = Router.load(BUNDLE)
 out = {
     "route": router.route("Explain quicksort in one paragraph."),
     "models": router.models,
     "shape": list(router.scores(["a", "b c"]).shape),
+    "serving": sorted(m for m in sys.modules if m.split(".")[0] == "pipeline"),
 }
+from pipeline.prompt_files import score_file
 
 def error_of(fn):
     try:
@@ -97,9 +99,10 @@ def test_route_with_training_stack_blocked(tmp_path):
     assert all(line["route"] in ("weak", "strong") and 0 <= line["score"] <= 1 for line in out["lines"])
     assert out["loaded"] == ["numpy", "onnxruntime", "tokenizers"]
     assert out["extra"] == []  # not even the pipeline's own plumbing on the serving path
-    # The whole runtime: the modules mlflow_model ships and the slim install needs.
-    assert out["pipeline"] == ["pipeline", "pipeline.bundle_contract", "pipeline.chat", "pipeline.compression",
-                               "pipeline.routing", "pipeline.runtime", "pipeline.tokenization"]
+    # Serving a bundle: the modules mlflow_model ships. Scoring files adds its reader and the decompressors.
+    assert out["serving"] == ["pipeline", "pipeline.bundle_contract", "pipeline.chat", "pipeline.routing",
+                              "pipeline.runtime", "pipeline.tokenization"]
+    assert out["pipeline"] == sorted(out["serving"] + ["pipeline.compression", "pipeline.prompt_files"])
 
 
 def test_blocker_really_blocks():
