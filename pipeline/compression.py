@@ -1,5 +1,6 @@
 """Compressed text inputs (.gz, .bz2, .xz), read with the standard library alone: ingest reads its inputs
-and the torch-free runtime (`prerouter score`, `calibrate`) its prompt files through `open_input`."""
+and the torch-free runtime (`prerouter score`, `calibrate`) its prompt files through `open_input`, and
+both tell one JSON array from JSON lines by `holds_json_array`."""
 from __future__ import annotations
 
 import bz2
@@ -39,3 +40,10 @@ def decompress_failure(path: str | os.PathLike, e: BaseException) -> str | None:
     if suffix and not (isinstance(e, OSError) and e.errno):
         return f"cannot decompress as {suffix}: {e}"
     return None
+
+
+def holds_json_array(path: str | os.PathLike) -> bool:
+    """Whether the (possibly compressed) file starts with "[" after a BOM and blanks: one JSON array of
+    records rather than JSON lines."""
+    with open_input(path, "rb") as f:
+        return f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")

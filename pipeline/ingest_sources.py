@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .common import ConfigError, DataError, arrow_table, data_root
-from .compression import READ_ERRORS, compression_of, decompress_failure, open_input, without_compression
+from .compression import (READ_ERRORS, compression_of, decompress_failure, holds_json_array, open_input,
+                          without_compression)
 from .ingest_columns import is_json_ext
 from .ingest_layouts import CONVERSATION, MESSAGES
 
@@ -306,9 +307,8 @@ def _json_array_as_lines(path: Path, folder: Path) -> Optional[Path]:
     `datasets` re-encodes a JSON array through ujson, which turns NaN and Infinity into null, so an
     infinite score would silently become "not observed" instead of a dropped row as in JSON lines.
     """
-    with open_input(path, "rb") as f:
-        if not f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
-            return None
+    if not holds_json_array(path):
+        return None
     try:
         with open_input(path) as f:
             records = json.loads(f.read())

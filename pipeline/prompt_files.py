@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .compression import READ_ERRORS, decompress_failure, open_input, without_compression
+from .compression import READ_ERRORS, decompress_failure, holds_json_array, open_input, without_compression
 from .runtime import Router, RouterError, prompt_from_messages, router_error
 
 
@@ -32,7 +32,7 @@ def read_prompt_records(path: str | Path) -> Iterator[dict]:
             yield from _csv_prompt_records(path)
         elif suffix == ".parquet":
             yield from _parquet_prompt_records(path)
-        elif suffix == ".json" and _starts_with_array(path):
+        elif suffix == ".json" and holds_json_array(path):
             yield from _json_array_prompt_records(path)
         else:
             yield from _jsonl_prompt_records(path)
@@ -60,11 +60,6 @@ def _jsonl_prompt_records(path: str | Path) -> Iterator[dict]:
             except RecursionError:
                 raise router_error("not valid JSON: nested too deeply", file=path, row=lineno) from None
             yield _prompt_record(rec, path, lineno)
-
-
-def _starts_with_array(path: str | Path) -> bool:
-    with open_input(path, "rb") as src:
-        return src.read(64).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
 
 
 def _json_array_prompt_records(path: str | Path) -> Iterator[dict]:
