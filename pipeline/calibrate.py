@@ -99,25 +99,14 @@ def _psi_label(psi: float) -> str:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """Prompts of a JSONL file (a string `prompt` per line), or of a csv / parquet file's `prompt` column."""
+    """The prompts of a traffic file, read as `prerouter score` reads its input (`read_prompt_records`: JSON
+    lines, a JSON array, csv or parquet, with a `prompt` or `messages`)."""
+    from .prompt_files import read_prompt_records
+
     path = Path(path)
     if not path.is_file():
         raise DataError("prompts file not found", file=path)
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".parquet"):
-        import pandas as pd
-
-        try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False) if suffix == ".csv" else pd.read_parquet(path)
-        except Exception as e:
-            raise DataError(f"cannot read: {e}", file=path) from None
-        if "prompt" not in frame.columns:
-            raise DataError(f"no `prompt` column (columns: {', '.join(map(str, frame.columns))})", file=path)
-        prompts = [p for p in frame["prompt"].tolist() if isinstance(p, str)]
-    else:
-        from .prompt_files import read_prompt_records
-
-        prompts = [rec["prompt"] for rec in read_prompt_records(path)]  # what `prerouter score` reads
+    prompts = [rec["prompt"] for rec in read_prompt_records(path)]
     if len(prompts) < 2:
         raise DataError(f"{len(prompts)} prompt(s): calibration needs a sample of traffic", file=path)
     return prompts

@@ -358,8 +358,9 @@ def pull(
 @app.command()
 def calibrate(
     bundle: str = typer.Argument(..., help="Bundle folder or models:/prerouter-NAME@ALIAS."),
-    prompts: Path = typer.Option(..., "--prompts", help="Unlabeled traffic: JSONL with a `prompt` per line "
-                                                        "(or a csv / parquet `prompt` column)."),
+    prompts: Path = typer.Option(..., "--prompts", help="Unlabeled traffic, in any input `score` reads: JSONL "
+                                                        "with a `prompt` or `messages` per line, a JSON array, "
+                                                        "csv or parquet (text formats also compressed)."),
     out: Path = typer.Option(..., help="New bundle folder (replaced whole; may be BUNDLE itself)."),
     report: Optional[Path] = typer.Option(None, help="Folder for calibration.md / .json (default OUT.calibration)."),
 ):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .compression import READ_ERRORS, decompress_failure, holds_json_array, open_input, without_compression
-from .runtime import Router, RouterError, prompt_from_messages, router_error
+from .runtime import Router, RouterError, prompt_of, router_error
 
 
 def read_prompt_records(path: str | Path) -> Iterator[dict]:
@@ -79,19 +79,13 @@ def _json_array_prompt_records(path: str | Path) -> Iterator[dict]:
 
 
 def _prompt_record(rec, path: str | Path, row: int) -> dict:
-    """A JSON or parquet record checked to hold exactly one of a string `prompt` or usable `messages`; with
-    `messages`, its `prompt` is `prompt_from_messages(messages)`."""
-    if not isinstance(rec, dict) or ("prompt" in rec) == ("messages" in rec):
-        raise router_error("each record must be an object with a string `prompt` or a `messages` list, "
-                           "not both", file=path, row=row)
-    if "messages" in rec:
-        try:
-            return {**rec, "prompt": prompt_from_messages(rec["messages"])}
-        except RouterError as e:
-            raise router_error(e.reason, file=path, row=row) from None
-    if not isinstance(rec["prompt"], str):
-        raise router_error("`prompt` must be a string", file=path, row=row)
-    return rec
+    """A JSON or parquet record with its `prompt` as a request's would be read (`runtime.prompt_of`); its
+    RouterError names the file and the row."""
+    try:
+        prompt = prompt_of(rec)
+    except RouterError as e:
+        raise router_error(e.reason, file=path, row=row) from None
+    return {**rec, "prompt": prompt}
 
 
 def _parquet_prompt_records(path: str | Path) -> Iterator[dict]:

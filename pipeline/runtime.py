@@ -1,5 +1,5 @@
-"""The torch-free runtime: the Router that serves a bundle, its one error type, and the serving rule for
-chat messages (`prompt_from_messages`). Files of prompts and `score_file` are `pipeline.prompt_files`.
+"""The torch-free runtime: the Router that serves a bundle, its one error type, and what a request's prompt is
+(`prompt_of`, `prompt_from_messages`). Files of prompts and `score_file` are `pipeline.prompt_files`.
 
 Tokenization is `pipeline.tokenization`, the rules a bundle must follow `pipeline.bundle_contract`.
 Imports only numpy, onnxruntime, tokenizers and the standard library (through those modules too), so
@@ -308,3 +308,15 @@ def prompt_from_messages(messages) -> str:
     if not prompt:
         raise router_error("messages hold no user text to route on")
     return prompt
+
+
+def prompt_of(record) -> str:
+    """The prompt of a request body or a prompt-file record: exactly one of a string `prompt` or OpenAI-style
+    `messages` (read by `prompt_from_messages`). RouterError otherwise."""
+    if not isinstance(record, dict) or ("prompt" in record) == ("messages" in record):
+        raise router_error("give exactly one of prompt (a string) or messages (OpenAI-style chat messages)")
+    if "messages" in record:
+        return prompt_from_messages(record["messages"])
+    if not isinstance(record["prompt"], str):
+        raise router_error(f"prompt must be a string, got {type(record['prompt']).__name__}")
+    return record["prompt"]

@@ -133,7 +133,7 @@ def create_app(bundle: str | Path | None = None, *, threads: int = 1, quantized:
     from starlette.routing import Route
 
     from . import routing
-    from .runtime import Router, RouterError, prompt_from_messages
+    from .runtime import Router, RouterError, prompt_of
 
     if bundle is None and router is None:
         opts = json.loads(os.environ[ENV])
@@ -196,15 +196,6 @@ def create_app(bundle: str | Path | None = None, *, threads: int = 1, quantized:
         if not isinstance(body, dict):
             raise BadRequest("the body must be a JSON object", 400)
         return body
-
-    def prompt_of(body: dict) -> str:
-        if ("prompt" in body) == ("messages" in body):
-            raise BadRequest("give exactly one of prompt (a string) or messages (OpenAI-style chat messages)")
-        if "prompt" in body:
-            if not isinstance(body["prompt"], str):
-                raise BadRequest(f"prompt must be a string, got {type(body['prompt']).__name__}")
-            return body["prompt"]
-        return prompt_from_messages(body["messages"])
 
     def endpoint(name: str):
         def wrap(fn):

@@ -136,8 +136,21 @@ def test_a_tampered_calibrated_bundle_does_not_verify(env, cli, tmp_path):
         Router.load(out)
 
 
+def test_traffic_is_read_as_score_reads_its_input(env, tmp_path):
+    import pandas as pd
+
+    from pipeline.calibrate import read_prompts
+    from pipeline.prompt_files import read_prompt_records
+
+    prompts = read_prompts(env["traffic"])
+    assert prompts == [r["prompt"] for r in read_prompt_records(env["traffic"])]
+    pd.DataFrame({"prompt": prompts, "other": 1}).to_parquet(tmp_path / "t.parquet")
+    pd.DataFrame({"prompt": prompts}).to_csv(tmp_path / "t.csv.gz", index=False)
+    assert read_prompts(tmp_path / "t.parquet") == read_prompts(tmp_path / "t.csv.gz") == prompts
+
+
 @pytest.mark.parametrize("content, message", [("", "calibration needs a sample"),
-                                              ('{"text": "x"}\n', "string `prompt`")])
+                                              ('{"text": "x"}\n', "exactly one of prompt (a string) or messages")])
 def test_bad_traffic_is_bad_input(env, cli, tmp_path, content, message):
     traffic = tmp_path / "t.jsonl"
     traffic.write_text(content)

@@ -42,9 +42,9 @@ def test_score_file_writes_one_line_per_prompt(bundle, router, tmp_path):
 
 
 @pytest.mark.parametrize("line, reason", [
-    ("{not json", "not valid JSON"), ('{"text": "x"}', "string `prompt` or a `messages` list"),
-    ('["x"]', "string `prompt`"), ('{"prompt": 3}', "`prompt` must be a string"),
-    ('{"prompt": "x", "messages": [{"role": "user", "content": "x"}]}', "not both"),
+    ("{not json", "not valid JSON"), ('{"text": "x"}', "exactly one of prompt"),
+    ('["x"]', "exactly one of prompt"), ('{"prompt": 3}', "prompt must be a string, got int"),
+    ('{"prompt": "x", "messages": [{"role": "user", "content": "x"}]}', "exactly one of prompt"),
     ('{"messages": [{"role": "system", "content": "be brief"}]}', "no user text"),
     ('{"messages": "hi"}', "non-empty list"),
 ])
@@ -155,7 +155,7 @@ def test_score_file_reads_parquet_like_jsonl(bundle, tmp_path):
     with pytest.raises(DataError, match=r"no `prompt` column \(columns: text\)"):
         score_file(bundle[0], src, tmp_path / "e.jsonl")
     pq.write_table(pa.table({"prompt": ["ok", None]}), src)
-    with pytest.raises(DataError, match="a string `prompt` or a `messages` list") as e:
+    with pytest.raises(DataError, match="exactly one of prompt \\(a string\\) or messages") as e:
         score_file(bundle[0], src, tmp_path / "e.jsonl")
     assert e.value.row == 2 and not (tmp_path / "e.jsonl").exists()
     src.write_bytes(b"PAR1 not really")
@@ -171,7 +171,7 @@ def test_score_file_reads_a_json_array_like_jsonl(bundle, tmp_path):
     assert score_file(bundle[0], array, tmp_path / "a.jsonl") == score_file(bundle[0], jsonl, tmp_path / "b.jsonl") == 2
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     array.write_text(json.dumps([{"prompt": "ok"}, {"prompt": 3}]))
-    with pytest.raises(DataError, match="`prompt` must be a string") as e:
+    with pytest.raises(DataError, match="prompt must be a string") as e:
         score_file(bundle[0], array, tmp_path / "c.jsonl")
     assert e.value.row == 2
     array.write_text('[{"prompt": "ok"},')
