@@ -96,7 +96,7 @@ def _labeled(data: str, label_options: Mapping | None,
 
         name = f"_compare-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            ingest(data, name=name, rename=dict(rename or {}))
+            ingest(data, name=name, rename=rename)
             label(name, label_cfg())
             ds, stats = load_labels(name)
             yield ds, stats, True, name

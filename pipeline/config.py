@@ -245,7 +245,8 @@ def _check_strategy(cfg: "TrainConfig") -> None:
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # "GPU available: ..." lines
-    level, quiet.level = quiet.level, logging.WARNING
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
                    precision=cfg.precision, logger=False, enable_checkpointing=False, enable_progress_bar=False,

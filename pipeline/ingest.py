@@ -66,7 +66,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from . import __version__ as PIPELINE_VERSION
 from .common import ConfigError, DataError, check_name, console, processed_dir, sha256_json
@@ -85,7 +85,7 @@ INGEST_VERSION = 3  # bump when the output for the same input changes, so old ar
 def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Optional[str] = None,
            models: Optional[list[str]] = None, split: str = "train", force: bool = False,
            split_column: Optional[str] = None, test_data: Optional[str] = None,
-           rename: Optional[dict[str, str]] = None) -> Path:
+           rename: Optional[Mapping[str, str]] = None) -> Path:
     """Read `source` into data/processed/NAME/ (dataset/, battles/ for pairwise, manifest.json).
 
     `source` may be several files / hub ids: each is read and cleaned alone (its own layout, drops and

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Mapping, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -61,7 +61,7 @@ def parse_rename(text: Optional[str]) -> dict[str, str]:
     return check_rename(rename)
 
 
-def check_rename(rename: Optional[dict[str, str]]) -> dict[str, str]:
+def check_rename(rename: Optional[Mapping[str, str]]) -> dict[str, str]:
     """`rename` ({old: new}, or None for none) with every name a non-empty string and no new name twice."""
     rename = dict(rename or {})
     if not all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in rename.items()):
@@ -80,7 +80,7 @@ def default_name(source: str) -> str:
     return (stem if dot and stem and f".{suffix.lower()}" in _BUILDERS else name) or "data"
 
 
-def resolve_source(source: str, split: str, rename: Optional[dict[str, str]] = None) -> Source:
+def resolve_source(source: str, split: str, rename: Optional[Mapping[str, str]] = None) -> Source:
     """`source` (a file path or hf:org/name) checked to be a file of a known type that exists and is not empty;
     `rename` ({old: new}) is applied to its columns as it is read."""
     rename = check_rename(rename)

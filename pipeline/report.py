@@ -48,7 +48,7 @@ def _load_data(data: str, training_config: Mapping, rename: Mapping[str, str] | 
     if Path(data).is_file() or data.startswith("hf:"):
         from .ingest import ingest
 
-        name = ingest(data, rename=dict(rename or {})).name
+        name = ingest(data, rename=rename).name
         label(name, label_cfg())
     else:
         name = data
