@@ -41,6 +41,9 @@ LABEL_VERSION = 6  # bump when labels for the same dataset and options change
 MIN_PAIR_PROMPTS = 20  # train prompts on which both models of the default routing pair are observed
 JUDGE_SCALE = (1.0, 10.0)
 SMALL_SPLIT = 200  # fewer validation or test prompts than this and the label stage says its numbers are noisy
+# With more models than this, the label table shows the weakest few, the strongest ten and the pair, and says
+# where the rest is (a 150-model table was 150 console lines).
+SHOWN_MODELS, SHOWN_WEAKEST, SHOWN_STRONGEST = 20, 5, 10
 
 
 def split_of(prompt: str, test_fraction: float = TEST_FRACTION, val_fraction: float = VAL_FRACTION) -> str:
@@ -354,6 +357,15 @@ def load_labels(name: str, dataset_dir: Path | None = None):
     return datasets.load_from_disk(str(pinned / "dataset")), read_json(pinned / "label_stats.json")
 
 
+def shown_models(order: list[str], pair: tuple[str, str]) -> list[str]:
+    """The models the label table shows, weakest first: all of them, or (past SHOWN_MODELS) the weakest
+    SHOWN_WEAKEST, the strongest SHOWN_STRONGEST and the routing pair."""
+    if len(order) <= SHOWN_MODELS:
+        return list(order)
+    keep = set(order[:SHOWN_WEAKEST]) | set(order[-SHOWN_STRONGEST:]) | set(pair)
+    return [m for m in order if m in keep]
+
+
 def print_stats(stats: dict) -> None:
     from rich.table import Table
 
@@ -362,7 +374,13 @@ def print_stats(stats: dict) -> None:
     for col in ("model", "n", "rate", "cost", "tier") + (("BT strength",) if stats["strengths"] else ()):
         table.add_column(col, justify="left" if col in ("model", "tier") else "right")
     order = sorted(stats["models"], key=lambda m: (stats["strengths"] or {}).get(m, stats["per_model"][m]["rate"]))
-    for m in order:
+    shown = shown_models(order, (pair["weak"], pair["strong"]))
+    if len(shown) < len(order):
+        table.caption = f"{len(shown)} of {len(order)} models shown; label_stats.json has every one"
+    for i, m in enumerate(shown):
+        skipped = order.index(m) - (order.index(shown[i - 1]) + 1 if i else 0)
+        if skipped:
+            table.add_row(f"… {skipped} more", *[""] * (len(table.columns) - 1))
         cost = stats["costs"].get(m)
         role = " (weak)" if m == pair["weak"] else " (strong)" if m == pair["strong"] else ""
         row = [m + role, f"{stats['per_model'][m]['n']:,}", f"{stats['per_model'][m]['rate']:.3f}",

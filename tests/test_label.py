@@ -66,6 +66,23 @@ def test_small_validation_and_test_splits_are_called_noisy(data_dir, tmp_path, c
     assert "moves by chance" in err
 
 
+@pytest.mark.parametrize("n_models", [20, 40])
+def test_a_long_model_table_shows_its_ends_and_the_pair(data_dir, tmp_path, capsys, n_models):
+    # model m is right on a share m / n_models of the prompts, so the ranking is the model number
+    rows = [(f"prompt {i}", f"m{m:02d}", int(i % n_models < m)) for i in range(400) for m in range(n_models)]
+    stats = label(long_dataset(tmp_path, rows, name=f"many{n_models}"),
+                  LabelConfig(weak="m07", strong="m30" if n_models == 40 else None))
+    shown = [line.split("│")[1].strip() for line in capsys.readouterr().err.splitlines() if line.startswith("│")]
+    names = [name.split(" ")[0] for name in shown]
+    if n_models == 20:  # up to SHOWN_MODELS: every model, weakest first
+        assert names == [f"m{m:02d}" for m in range(20)] and stats["pair"]["weak"] == "m07"
+        return
+    assert names == ["m00", "m01", "m02", "m03", "m04", "…", "m07", "…", "m30", *[f"m{m}" for m in range(31, 40)]]
+    assert shown[5] == "… 2 more" and shown[7] == "… 22 more"
+    assert "m07 (weak)" in shown and "m30 (strong)" in shown
+    assert len(stats["models"]) == 40  # the stats keep every model
+
+
 # --- Bradley-Terry ------------------------------------------------------------------------------
 
 
