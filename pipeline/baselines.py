@@ -184,9 +184,22 @@ def observed_rates(outcomes, mask) -> np.ndarray:
     return np.where(seen, y, 0.0).sum(0) / np.maximum(seen.sum(0), 1)
 
 
+MIN_RANKED_PROMPTS = 20  # a model observed on fewer train prompts ranks below every model observed on this many
+
+
+def ranked_rates(outcomes, mask) -> np.ndarray:
+    """Each model's observed rate as a ranking ([m]): a model observed on fewer than MIN_RANKED_PROMPTS
+    prompts ranks below every model observed on that many (its rate − 2; outcomes lie in [0, 1]), so a model
+    right on its three prompts is not the best single model. Plain rates when no model has that many."""
+    rates = observed_rates(outcomes, mask)
+    enough = np.asarray(mask, bool).sum(0) >= MIN_RANKED_PROMPTS
+    return np.where(enough | ~enough.any(), rates, rates - 2.0)
+
+
 def best_single_scores(train_outcomes, train_mask, n_test: int) -> np.ndarray:
-    """Every test prompt scored with each model's train rate: argmax is the best single model."""
-    return np.tile(observed_rates(train_outcomes, train_mask), (n_test, 1))
+    """Every test prompt scored with each model's train rate, as ranked by `ranked_rates`: argmax is the best
+    single model."""
+    return np.tile(ranked_rates(train_outcomes, train_mask), (n_test, 1))
 
 
 def tfidf_ridge(train_prompts: Sequence[str], train_outcomes, train_mask, test_prompts: Sequence[str],
@@ -207,7 +220,7 @@ def tfidf_ridge(train_prompts: Sequence[str], train_outcomes, train_mask, test_p
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2, dtype=np.float32)
     x_train = vectorizer.fit_transform(train_prompts)
     x_test = vectorizer.transform(test_prompts)
-    out = best_single_scores(y, seen, len(test_prompts))
+    out = np.tile(observed_rates(y, seen), (len(test_prompts), 1))
     for j in range(y.shape[1]):
         rows = np.flatnonzero(seen[:, j])
         if rows.size >= 2:

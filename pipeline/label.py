@@ -33,11 +33,11 @@ import pyarrow.compute as pc
 
 from .common import (ConfigError, DataError, arrow_table, atomic_dir, console, labels_dir, processed_dir, prompt_hash,
                      read_json, sha256_json, write_json)
-from .baselines import observed_rates
+from .baselines import ranked_rates
 from .config import TEST_FRACTION, VAL_FRACTION, Config, LabelConfig, load_config
 from .ingest import list_column, list_matrix
 
-LABEL_VERSION = 6  # bump when labels for the same dataset and options change
+LABEL_VERSION = 7  # bump when labels for the same dataset and options change
 MIN_PAIR_PROMPTS = 20  # train prompts on which both models of the default routing pair are observed
 JUDGE_SCALE = (1.0, 10.0)
 SMALL_SPLIT = 200  # fewer validation or test prompts than this and the label stage says its numbers are noisy
@@ -281,7 +281,7 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     mean_target = target.sum(axis=0) / np.maximum(observed, 1)
     strengths = reference = None
     per_model = {m: {"rate": float(mean_target[j]), "n": int(observed[j])} for j, m in enumerate(models)}
-    rank = observed_rates(target[ranked], mask[ranked])
+    rank = ranked_rates(target[ranked], mask[ranked])
     if manifest["layout"] == "pairwise":
         bt = arrow_table(datasets.load_from_disk(str(src / "battles")))
         a, b = (bt.column(c).to_numpy().astype(np.int64) for c in ("model_a", "model_b"))

@@ -393,10 +393,10 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
             refs, share_of, rel_cost = {"weak": weak, "strong": strong}, strong, None
             share_label, intro = "strong share", f"strong share is the share routed to `{models[strong]}`"
         else:
-            from .baselines import observed_rates
+            from .baselines import ranked_rates
 
             ranked = train if len(train) else test  # chosen on train, as evaluate's best single model is
-            best = int(observed_rates(cols.target[ranked], cols.mask[ranked]).argmax())
+            best = int(ranked_rates(cols.target[ranked], cols.mask[ranked]).argmax())
             cheap = int(np.argmin(costs))
             refs = {f"cheapest ({models[cheap]})": cheap, f"best single ({models[best]})": best}
             share_of, rel_cost = best, relative_costs(costs)

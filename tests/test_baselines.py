@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from pipeline.baselines import (TIE_BREAK, baseline_table, best_single_scores, cluster_accuracy, cluster_router,
-                                cluster_utility, knn_outcomes, knn_scores, length_scores, matrix_factorization,
-                                multi_baselines, nearest_cluster_scores, oracle_scores, random_scores, strong_needed,
-                                tfidf_lr, tfidf_ridge)
+from pipeline.baselines import (MIN_RANKED_PROMPTS, TIE_BREAK, baseline_table, best_single_scores, cluster_accuracy,
+                                cluster_router, cluster_utility, knn_outcomes, knn_scores, length_scores,
+                                matrix_factorization, multi_baselines, nearest_cluster_scores, observed_rates,
+                                oracle_scores, random_scores, ranked_rates, strong_needed, tfidf_lr, tfidf_ridge)
 from pipeline.metrics import apgr
 
 TOPICS_HARD = ["integral of", "prove that", "eigenvalues of", "asymptotic bound on"]
@@ -118,6 +118,20 @@ def synthetic_multi(n, seed, m=3):
 
 def routed(scores, y):
     return float(y[np.arange(len(y)), scores.argmax(1)].mean())
+
+
+def test_a_model_seen_on_few_prompts_is_not_the_best_single_model():
+    rng = np.random.default_rng(0)
+    n = 500
+    y = np.stack([rng.random(n) < 0.6, rng.random(n) < 0.8, np.ones(n), np.ones(n)], 1).astype(float)
+    mask = np.ones(y.shape, bool)
+    mask[3:, 2] = False  # model 2: right on its 3 prompts
+    mask[MIN_RANKED_PROMPTS:, 3] = False  # model 3: right on exactly MIN_RANKED_PROMPTS prompts
+    assert ranked_rates(y, mask).argmax() == 3 and best_single_scores(y, mask, 7)[0].argmax() == 3
+    mask[MIN_RANKED_PROMPTS - 1:, 3] = False  # one fewer: now both are rare, and the 0.8 model is best
+    rank = ranked_rates(y, mask)
+    assert rank.argmax() == 1 and set(np.argsort(rank)[:2]) == {2, 3}  # the rare ones at the bottom
+    assert np.array_equal(ranked_rates(y[:10], mask[:10]), observed_rates(y[:10], mask[:10]))  # none has enough
 
 
 def test_cluster_router_sends_each_cluster_to_its_model():
