@@ -104,6 +104,34 @@ def read_observations(table: pa.Table, layout: str, drops: Drops, where, models:
     return obs
 
 
+def _winner_scores(column, models, a, b, drops: Drops, where) -> tuple[np.ndarray, np.ndarray]:
+    """Model a's score (1, 0.5, 0; NaN missing) and the both-bad flag of each battle from its winner value.
+
+    A winner is a side (model_a, model_b), a tie, or the name of one of the row's two models, as some
+    vote exports write it; a name that is neither of the row's models is an unknown value, never a guess."""
+    codes, values = category_codes(column)
+    known = [WINNERS.get(WINNER_SPELLINGS.get(v.lower(), v.lower()), (np.nan, False)) for v in values]
+    known.append((np.nan, False))  # code -1: missing
+    score_a = np.array([k[0] for k in known])[codes]
+    bothbad = np.array([k[1] for k in known])[codes]
+    names = np.array(models + [None], object)
+    winner = np.array(values + [None], object)[codes]
+    by_name = np.isnan(score_a) & (codes >= 0)  # a value that is no side and no tie: a model's name?
+    is_a, is_b = by_name & (winner == names[a]), by_name & (winner == names[b])
+    score_a[is_a], score_a[is_b] = 1.0, 0.0
+    unknown_rows = np.flatnonzero(by_name & ~is_a & ~is_b)
+    if unknown_rows.size:  # report the earliest row with an unknown value, and that value first
+        first = int(unknown_rows[0])
+        value = winner[first]
+        rest = list(dict.fromkeys(v for v in winner[unknown_rows] if v != value))
+        others = f"; other unknown values: {', '.join(map(repr, rest[:5]))}" if rest else ""
+        raise DataError(f"unknown winner value {value!r} (expected one of {', '.join(WINNERS)}, "
+                        f"{', '.join(WINNER_SPELLINGS)} for the last, or the name of the row's model_a or "
+                        f"model_b{others})", file=where, row=first + 1)
+    drops.add(codes < 0, "missing winner")
+    return score_a, bothbad
+
+
 def _pairwise(table: pa.Table, drops: Drops, where) -> Observations:
     arena = is_arena(table)
     # (the prompt, or the conversation that stands for it, is checked by ingest_canonical.build_dataset)
@@ -129,21 +157,7 @@ def _pairwise(table: pa.Table, drops: Drops, where) -> Observations:
         score_a = np.where(flags[:, 0] == 1, 1.0, np.where(flags[:, 1] == 1, 0.0, 0.5))
         bothbad = np.zeros(n, bool)
     else:
-        codes, values = category_codes(table.column("winner"))
-        known = [WINNERS.get(WINNER_SPELLINGS.get(v.lower(), v.lower())) for v in values]
-        unknown = [v for v, k in zip(values, known) if k is None]
-        if unknown:  # report the earliest row with an unknown value, and that value first
-            first = np.flatnonzero(np.isin(codes, [values.index(v) for v in unknown]))[0]
-            value = values[codes[first]]
-            rest = [v for v in unknown if v != value]
-            others = f"; other unknown values: {', '.join(map(repr, rest[:5]))}" if rest else ""
-            raise DataError(f"unknown winner value {value!r} (expected one of {', '.join(WINNERS)}, "
-                            f"or {', '.join(WINNER_SPELLINGS)} for the last{others})",
-                            file=where, row=int(first) + 1)
-        drops.add(codes < 0, "missing winner")
-        known += [(np.nan, False)]
-        score_a = np.array([k[0] for k in known])[codes]
-        bothbad = np.array([k[1] for k in known])[codes]
+        score_a, bothbad = _winner_scores(table.column("winner"), models, a, b, drops, where)
     cost_a = as_float(table.column("cost_a"))[0] if "cost_a" in table.column_names else None
     cost_b = as_float(table.column("cost_b"))[0] if "cost_b" in table.column_names else None
     rows = np.arange(n, dtype=np.int64)

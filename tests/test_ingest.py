@@ -196,6 +196,25 @@ def test_other_spellings_of_a_both_bad_tie_are_that_tie(data_dir, demo_files, tm
     assert other.bothbad.sum() == (respelt.winner == spelling).sum()
 
 
+def test_a_winner_named_by_its_model_is_that_side(data_dir, demo_files, tmp_path):
+    raw = pq.read_table(demo_files["pairwise"]).to_pandas()
+    side = {"model_a": raw.model_a, "model_b": raw.model_b}
+    named = raw.assign(winner=[side[w][i] if w in side else w for i, w in enumerate(raw.winner)])
+    assert named.winner.isin(named.model_a).sum() > 100 and named.winner.isin(named.model_b).sum() > 100
+    canonical = load(ingest(str(demo_files["pairwise"]), name="canonical"), "battles")
+    other = load(ingest(str(write(named, tmp_path / "named.parquet"))), "battles")
+    pd.testing.assert_frame_equal(other, canonical)
+
+
+def test_a_winner_naming_neither_model_of_its_row_is_an_error(data_dir, tmp_path, cli):
+    path = tmp_path / "votes.csv"
+    path.write_text("prompt,model_a,model_b,winner\nhi,gpt-4,llama,gpt-4\nyo,gpt-4,llama,llama\n"
+                    "zz,llama,mistral,gpt-4\n")  # gpt-4 is a model of the table, but not of row 3
+    code, out = cli("ingest", path)
+    assert code == 2 and f"{path}, row 3: unknown winner value 'gpt-4'" in out and "name of the row's" in out, out
+    assert nothing_written(data_dir)
+
+
 def test_arena_55k_variant(data_dir, tmp_path):
     arena = pd.DataFrame({
         "id": [11, 12, 13, 14],
