@@ -90,7 +90,8 @@ node-conformance: $(BUNDLE)/conformance.jsonl  ## the Node.js client (examples/n
 
 # Retrain in CI: DATA= new file(s), CHAMPION= a bundle folder or models:/prerouter-NAME@ALIAS. Trains a
 # challenger, gates it (parity in export, latency), compares it with the champion on EVAL_DATA (default:
-# the new data's test split) and promotes it; any failing step (a lost comparison, a gate) exits non-zero.
+# the new data's test split; EVAL_ARGS="--rename ... --models ..." reads an EVAL_DATA file) and promotes it;
+# any failing step (a lost comparison, a gate) exits non-zero.
 CHAMPION ?= models:/prerouter-$(NAME)@champion
 EVAL_DATA ?= $(NAME)
 MARGIN ?= 0.01
@@ -103,7 +104,7 @@ retrain: setup  ## DATA=file(s) CHAMPION=alias-or-path: pipeline, compare, promo
 	$(PRE) export $(NAME) $(CFG) --out $(MODELS)/$(NAME)/bundle
 	$(PRE) check-latency $(MODELS)/$(NAME)/bundle --budget-ms $(BUDGET_MS)
 	$(PRE) compare $(CHAMPION) $(MODELS)/$(NAME)/bundle --data $(EVAL_DATA) --margin $(MARGIN) \
-		--out $(MODELS)/$(NAME)/compare $(if $(filter models:/%,$(CHAMPION)),--allow-missing-champion)
+		--out $(MODELS)/$(NAME)/compare $(if $(filter models:/%,$(CHAMPION)),--allow-missing-champion) $(EVAL_ARGS)
 	$(PRE) promote $(NAME) $(MODELS)/$(NAME)/bundle
 
 # The store setup_mlflow logs to (unless MLFLOW_TRACKING_URI names a server): SQLite + artifact folder.

@@ -51,17 +51,12 @@ def _valid_name(name: str) -> None:
     check_name(name)
 
 
-def _renames(rename: Optional[str]) -> dict[str, str]:
-    """The --rename text as ingest's `rename` argument ({old: new})."""
+def _input_options(layout: Optional[str], models: Optional[str], rename: Optional[str]) -> dict:
+    """The --layout, --models and --rename texts as ingest's `layout`, `models` and `rename` arguments."""
     from .ingest_sources import parse_rename
 
-    return parse_rename(rename)
-
-
-def _input_options(models: Optional[str], rename: Optional[str]) -> dict:
-    """The --models and --rename texts as ingest's `models` and `rename` arguments."""
-    return {"models": [m.strip() for m in models.split(",") if m.strip()] if models else None,
-            "rename": _renames(rename)}
+    return {"layout": layout, "models": [m.strip() for m in models.split(",") if m.strip()] if models else None,
+            "rename": parse_rename(rename)}
 
 
 def _config(config: Optional[Path], overrides: Optional[List[str]]):
@@ -110,8 +105,8 @@ def ingest(
 
     if name is not None:
         _valid_name(name)
-    run_ingest(data[0] if len(data) == 1 else data, layout=layout, name=name, split=split, force=force,
-               split_column=split_column, test_data=test_data, **_input_options(models, rename))
+    run_ingest(data[0] if len(data) == 1 else data, name=name, split=split, force=force,
+               split_column=split_column, test_data=test_data, **_input_options(layout, models, rename))
 
 
 @app.command()
@@ -264,13 +259,15 @@ def report(
     data: str = typer.Option(..., help="Labeled dataset name, or a data file to ingest + label first."),
     out: Optional[Path] = typer.Option(None, help="Report folder (default BUNDLE/../report)."),
     profile: Optional[Path] = typer.Option(None, help="YAML model profile for the router/cascade/ensemble simulation."),
+    layout: Optional[str] = LayoutOpt,
+    models: Optional[str] = ModelsOpt,
     rename: Optional[str] = RenameOpt,
 ):
     """Cost–quality curves, AIQ, calibration drift and router vs cascade vs ensemble, as Markdown + PNGs."""
     from .report import report as run_report
 
     _writable(out)
-    run_report(bundle, data=data, out=out, profile=profile, rename=_renames(rename))
+    run_report(bundle, data=data, out=out, profile=profile, read=_input_options(layout, models, rename))
 
 
 @app.command()
@@ -295,7 +292,7 @@ def run(
     if name is not None:
         _valid_name(name)
     run_all(data, out=out, name=name, trials=trials, budget_ms=budget_ms, config=_config(config, overrides),
-            layout=layout, split_column=split_column, test_data=test_data, **_input_options(models, rename))
+            split_column=split_column, test_data=test_data, **_input_options(layout, models, rename))
 
 
 @app.command()
@@ -313,6 +310,8 @@ def compare(
     seed: int = typer.Option(0, help="Bootstrap seed."),
     allow_missing_champion: bool = typer.Option(False, help="A registry champion that does not exist yet "
                                                             "means promote (the first retrain)."),
+    layout: Optional[str] = LayoutOpt,
+    models: Optional[str] = ModelsOpt,
     rename: Optional[str] = RenameOpt,
 ):
     """Champion vs challenger on the same labeled prompts; exit 0 promote, 1 keep the champion, 2 bad input."""
@@ -326,7 +325,7 @@ def compare(
             console.print(f"[green]promote[/]: {champion} does not exist yet, so the challenger is the first champion")
             sys.exit(0)
     result = run_compare(champion, challenger, data, margin=margin, out=out, metric=metric, resamples=resamples,
-                         seed=seed, rename=_renames(rename))
+                         seed=seed, read=_input_options(layout, models, rename))
     sys.exit(0 if result["verdict"] == "promote" else 1)  # typer.Exit would be swallowed (standalone_mode=False)
 
 

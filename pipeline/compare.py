@@ -80,23 +80,24 @@ def paired_bootstrap(champion: Callable[[np.ndarray], float], challenger: Callab
 
 @contextlib.contextmanager
 def _labeled(data: str, label_options: Mapping | None,
-             rename: Mapping[str, str] | None = None) -> Iterator[tuple[object, dict, bool, str]]:
+             read: Mapping | None = None) -> Iterator[tuple[object, dict, bool, str]]:
     """(labels Dataset, label stats, whole file held out?, dataset name) for a dataset name or a file.
 
-    A file (or hf: id) is ingested and labeled under a temporary name, removed afterwards; every one of
-    its prompts is held out. A name uses its test split."""
+    A file (or hf: id) is ingested (with `read`: ingest's layout, models, rename) and labeled under a
+    temporary name, removed afterwards; every one of its prompts is held out. A name uses its test split."""
     from .common import labels_dir, processed_dir
+    from .ingest_sources import read_options
     from .label import bundle_label_config, label, load_labels
 
     def label_cfg():
         return bundle_label_config(label_options)
 
-    if Path(data).is_file() or data.startswith("hf:"):
+    if (options := read_options(data, read)) is not None:
         from .ingest import ingest
 
         name = f"_compare-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            ingest(data, name=name, rename=rename)
+            ingest(data, name=name, **options)
             label(name, label_cfg())
             ds, stats = load_labels(name)
             yield ds, stats, True, name
@@ -239,9 +240,9 @@ def _win_section(name: str, ids: list[str], logits: dict, names: list[str], data
 
 def compare(champion: str | Path, challenger: str | Path, data: str, margin: float = DEFAULT_MARGIN,
             out: Path | None = None, metric: str = "auto", resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
-            log: bool = True, rename: Mapping[str, str] | None = None) -> dict:
+            log: bool = True, read: Mapping | None = None) -> dict:
     """Score `data` with both bundles and decide; returns the result (its "verdict" is promote or keep).
-    A data file is read with ingest's `rename`.
+    A data file is read with `read`, ingest's options ({"layout", "models", "rename"}).
 
     `champion` / `challenger`: bundle folders or `models:/prerouter-NAME@ALIAS` URIs. Bad input
     (unreadable bundle, no shared models, no held-out prompts) is a DataError / ConfigError (exit 2)."""
@@ -258,7 +259,7 @@ def compare(champion: str | Path, challenger: str | Path, data: str, margin: flo
 
         routers = {"champion": Router.load(c_path), "challenger": Router.load(h_path)}
         label_options = routers["champion"].config.get("training_config", {}).get("label")
-        with _labeled(data, label_options, rename) as (ds, stats, held_out, name):
+        with _labeled(data, label_options, read) as (ds, stats, held_out, name):
             result = _compare(routers, ds, stats, held_out, name, data, margin, metric, resamples, seed)
     result["champion"], result["challenger"] = str(champion), str(challenger)
     out = Path(out) if out else models_root() / "compare" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -100,7 +100,7 @@ def read_observations(table: pa.Table, layout: str, drops: Drops, where, models:
     if layout == "pairwise":
         return _pairwise(table, drops, where)
     obs = _long(table, drops, where) if layout == "long" else _wide(table, drops, where, models)
-    _check_outliers(obs, drops.kept[obs.row], layout, where)
+    _check_outliers(obs, drops.kept[obs.row], layout, where, models)
     return obs
 
 
@@ -268,7 +268,7 @@ def _zero_one_but_a_few(values: np.ndarray) -> bool:
         and bool((values[~outside] < 1.0).any())
 
 
-def _check_outliers(obs: Observations, keep: np.ndarray, layout: str, where) -> None:
+def _check_outliers(obs: Observations, keep: np.ndarray, layout: str, where, given_models=None) -> None:
     """A few outcomes outside [0, 1] in a model whose others are 0-1 (`_zero_one_but_a_few`): an error naming
     the column, row and value. Left in, one such cell would make label rescale every target of the dataset."""
     for j, model in enumerate(obs.models):
@@ -282,6 +282,8 @@ def _check_outliers(obs: Observations, keep: np.ndarray, layout: str, where) -> 
         first = int(np.argmin(rows))
         column = repr(model) if layout == "wide" else f"'score' of model {model!r}"
         more = f" ({n_out} such values)" if n_out > 1 else ""
+        not_a_model = (f"; if {model!r} is not a model, name the model columns with --models"
+                       if layout == "wide" and not given_models else "")
         raise DataError(f"column {column}: value {values[outside][first]:g} is outside the 0-1 range of its other "
-                        f"{values.size - n_out:,} values{more}; fix the cell (or drop the row)",
+                        f"{values.size - n_out:,} values{more}; fix the cell (or drop the row){not_a_model}",
                         file=where, row=int(rows[first]) + 1)

@@ -72,6 +72,18 @@ def check_rename(rename: Optional[Mapping[str, str]]) -> dict[str, str]:
     return rename
 
 
+def read_options(data: str, read: Optional[Mapping] = None) -> Optional[dict]:
+    """ingest's options for reading `data` (layout, models, rename) when `data` is a file or hub id; None
+    when it names a dataset already ingested, which is not read again, so options given for it are an error."""
+    read = {k: v for k, v in (read or {}).items() if v}
+    if Path(data).is_file() or data.startswith("hf:"):
+        return read
+    if read:
+        flags = ", ".join(f"--{k}" for k in read)
+        raise ConfigError(f"{flags} read a data file; {data!r} is not a file (a dataset already ingested is used as it is)")
+    return None
+
+
 def default_name(source: str) -> str:
     """The dataset name an input gets when none is given: the file name without its type and compression
     suffixes (data.jsonl.gz → data), or a hub dataset's last path part."""

@@ -36,19 +36,20 @@ PAIR_FRACTIONS = np.linspace(0.0, 1.0, 51)  # operating points of the pair route
 RANDOM_SEEDS = 10  # the random router is averaged over this many seeds
 
 
-def _load_data(data: str, training_config: Mapping, rename: Mapping[str, str] | None = None):
-    """(name, labels Dataset, label stats): a labeled dataset name, or a data file ingested (its columns
-    renamed by `rename`) and labeled here."""
+def _load_data(data: str, training_config: Mapping, read: Mapping | None = None):
+    """(name, labels Dataset, label stats): a labeled dataset name, or a data file ingested (with `read`:
+    ingest's layout, models, rename) and labeled here."""
     from .common import labels_dir, processed_dir
+    from .ingest_sources import read_options
     from .label import bundle_label_config, label, load_labels
 
     def label_cfg():
         return bundle_label_config(training_config.get("label"))
 
-    if Path(data).is_file() or data.startswith("hf:"):
+    if (options := read_options(data, read)) is not None:
         from .ingest import ingest
 
-        name = ingest(data, rename=rename).name
+        name = ingest(data, **options).name
         label(name, label_cfg())
     else:
         name = data
@@ -294,11 +295,11 @@ def _log_mlflow(out: Path, name: str, bundle: Path, numbers: Mapping) -> None:
 
 
 def report(bundle: str | Path, data: str, out: str | Path | None = None,
-           profile: str | Path | Mapping | None = None, rename: Mapping[str, str] | None = None) -> Path:
+           profile: str | Path | Mapping | None = None, read: Mapping | None = None) -> Path:
     """Score `data`'s test split with the bundle and write OUT/report.md (+ PNGs, report.json); returns report.md.
 
-    `data`: a labeled dataset name, or a data file (ingested, with `rename` as ingest's, and labeled with the
-    bundle's label options).
+    `data`: a labeled dataset name, or a data file (ingested with `read`, ingest's options {"layout", "models",
+    "rename"}, and labeled with the bundle's label options).
     `out` defaults to BUNDLE/../report. `profile`: the model profile of the economics simulation.
     """
     from .common import ConfigError, atomic_dir, console, processed_dir, read_json, write_json
@@ -316,7 +317,7 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").is_file())):
         raise ConfigError(f"{out} exists and is not a report folder; choose another --out")
     training_config = rj.get("training_config") or {}
-    name, ds, stats = _load_data(str(data), training_config, rename)
+    name, ds, stats = _load_data(str(data), training_config, read)
     # the ingested file's metadata columns (task, subject, ...): the breakdown's groups
     manifest = processed_dir(name) / "manifest.json"
     metadata = read_json(manifest).get("metadata_columns", []) if manifest.is_file() else []

@@ -134,6 +134,31 @@ def test_a_held_out_file_with_other_column_names_is_read_with_rename(env, cli, t
     assert a["n_prompts"] == b["n_prompts"] and a["pair"] == b["pair"] and a["multi"] == b["multi"]
 
 
+def test_a_held_out_file_is_read_with_models_and_layout(env, cli, tmp_path):
+    import pandas as pd
+
+    held = pd.read_csv(env["held_out"])
+    extra = tmp_path / "extra.csv"  # without costs, an integer column of 0s and 1s reads as a model
+    held = held.drop(columns=[c for c in held.columns if c.endswith("|total_cost")])
+    held.assign(shots=np.where(np.arange(len(held)) % 50 == 0, 5, np.arange(len(held)) % 2)).to_csv(extra, index=False)
+    code, out = cli("compare", env["good"], env["shuffled"], "--data", extra, "--out", tmp_path / "a", "--resamples",
+                    300)
+    assert code == 2 and "column 'shots'" in out and "name the model columns with --models" in out, out
+    code, out = cli("compare", env["good"], env["shuffled"], "--data", extra, "--out", tmp_path / "a", "--resamples",
+                    300, "--layout", "wide", "--models", "small-7b,medium-34b,large-70b")
+    assert code == 1, out
+    assert cli("compare", env["good"], env["shuffled"], "--data", env["held_out"], "--out", tmp_path / "b",
+               "--resamples", 300)[0] == 1
+    a, b = (json.loads((tmp_path / d / "compare.json").read_text()) for d in "ab")
+    assert a["n_prompts"] == b["n_prompts"] and a["pair"] == b["pair"] and a["multi"] == b["multi"]
+
+
+def test_reading_options_for_a_dataset_name_are_an_error(env, cli, tmp_path):
+    code, out = cli("compare", env["good"], env["shuffled"], "--data", "demo", "--out", tmp_path, "--rename", "a=b",
+                    "--models", "x,y")
+    assert code == 2 and "--models, --rename read a data file; 'demo' is not a file" in out, out
+
+
 def test_bundles_with_different_models_are_compared_on_the_shared_ones(env, cli, tmp_path):
     code, out = cli("compare", env["good"], env["two"], "--data", "demo", "--out", tmp_path, "--resamples", 200)
     assert code in (0, 1), out

@@ -244,7 +244,7 @@ def test_report_from_a_data_file_on_a_pair_bundle(env, tmp_path):
 
     renamed = tmp_path / "demo_wide.csv"  # the same file with other names, so the same dataset name
     pd.read_csv(env["wide"]).rename(columns={"prompt": "text", "small-7b": "small"}).to_csv(renamed, index=False)
-    again = report(bundle, str(renamed), out=tmp_path / "r2", rename={"text": "prompt", "small": "small-7b"})
+    again = report(bundle, str(renamed), out=tmp_path / "r2", read={"rename": {"text": "prompt", "small": "small-7b"}})
     first, second = (json.loads((d.parent / "report.json").read_text()) for d in (md, again))
     assert second["pair"] == first["pair"]
 
