@@ -93,7 +93,7 @@ def fit_teacher(prep: Prepared, cfg: Config, workdir: Path) -> EmbeddingRouter:
     module = RouterModule(net, tc.lr, tc.weight_decay, pair=prep.pair, uses_tokens=False,
                           contrast_weight=cfg.train.contrast_weight)
     trainer, ckpt = make_trainer(cfg, workdir / "teacher", max_epochs=tc.epochs)
-    saved, prep.teacher_prob = prep.teacher_prob, None  # the teacher learns from hard labels only
+    prep.teacher_prob = None  # the teacher learns from hard labels only
     trainer.fit(module, datamodule=RouterData(prep, tc.batch_size))
     module.load_state_dict(_best_state(trainer, ckpt))
     net.float().eval()  # float32 whatever train.precision trained it in
@@ -268,7 +268,6 @@ def train(name: str, cfg: Config | None = None, prep: Prepared | None = None, fo
     from lightning.pytorch.loggers import MLFlowLogger
 
     from .common import setup_mlflow
-    from .metrics import apgr  # noqa: F401  (fail early if the metrics module is missing)
 
     cfg = cfg or load_config()
     final = model_dir(name) / CHECKPOINT

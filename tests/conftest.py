@@ -49,3 +49,19 @@ def demo_files(tmp_path_factory) -> dict[str, Path]:
     from pipeline.demo import generate
 
     return generate(tmp_path_factory.mktemp("demo"), n_prompts=600, seed=0)
+
+
+@pytest.fixture(scope="session")
+def pair_bundle(tmp_path_factory):
+    """(folder, graph weights) of a tiny two-model bundle (a random mean-pool graph), for tests that only read it."""
+    from tests.fabricate import tiny_bundle
+
+    return tiny_bundle(tmp_path_factory.mktemp("pair") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def pair_router(pair_bundle):
+    """`pair_bundle` loaded at fp32."""
+    from pipeline.runtime import Router
+
+    return Router.load(pair_bundle[0], quantized=False)

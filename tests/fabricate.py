@@ -1,9 +1,13 @@
-"""Bundles made without training: a bag-of-tokens linear router fitted with numpy, as an ONNX graph.
+"""Bundles made without training, written by the exporter's own writer.
 
-logits = mean over the prompt's tokens of W[token] + b, with W fitted by ridge regression of each
-model's outcome on the mean one-hot token vector (scaled to logits). It reads the prompt through the
-runtime's own `encode`, so it routes real prompts with real signal in milliseconds, and its quality
-can be planted: `negate=True` reverses every decision, `shuffle=True` fits it on shuffled labels.
+`tiny_bundle`: a random mean-pool graph (embedding lookup, masked mean, linear head) whose logits
+`reference_logits` recomputes in numpy, for tests of the runtime and the serving paths.
+
+`bag_bundle`: a bag-of-tokens linear router fitted with numpy. logits = mean over the prompt's tokens of
+W[token] + b, with W fitted by ridge regression of each model's outcome on the mean one-hot token vector
+(scaled to logits). It reads the prompt through the runtime's own `encode`, so it routes real prompts with
+real signal in milliseconds, and its quality can be planted: `negate=True` reverses every decision,
+`shuffle=True` fits it on shuffled labels.
 """
 from __future__ import annotations
 
@@ -11,10 +15,81 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
+from pipeline.export import quantize, write_bundle
+from pipeline.tokenization import make_spec
 from tests.tiny import PACKAGED
 
 TOKENIZER = PACKAGED / "tokenizer.json"
+VOCAB = 30522
+
+
+def mean_pool_graph(path: Path, n_models: int = 2, dim: int = 8, seed: int = 0) -> dict:
+    """A real ONNX router without torch: embedding lookup, masked mean, linear head. Returns its weights."""
+    rng = np.random.default_rng(seed)
+    w = {"emb": rng.normal(size=(VOCAB, dim)).astype(np.float32),
+         "W": rng.normal(size=(dim, n_models)).astype(np.float32),
+         "b": rng.normal(size=(n_models,)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["m", "last"], ["m3"]),
+        helper.make_node("Mul", ["e", "m3"], ["em"]),
+        helper.make_node("ReduceSum", ["em", "one"], ["s"], keepdims=0),
+        helper.make_node("ReduceSum", ["m3", "one"], ["cnt"], keepdims=0),
+        helper.make_node("Max", ["cnt", "floor"], ["cnt1"]),
+        helper.make_node("Div", ["s", "cnt1"], ["mean"]),
+        helper.make_node("MatMul", ["mean", "W"], ["z"]),
+        helper.make_node("Add", ["z", "b"], ["logits"]),
+    ]
+    consts = [numpy_helper.from_array(v, k) for k, v in w.items()] + [
+        numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        numpy_helper.from_array(np.array([1], np.int64), "one"),
+        numpy_helper.from_array(np.array([1.0], np.float32), "floor")]
+    graph = helper.make_graph(
+        nodes, "mean_pool", [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
+                             for n in ("input_ids", "attention_mask")],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_models])], consts)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return w
+
+
+def reference_logits(w: dict, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None].astype(np.float32)
+    mean = (w["emb"][input_ids] * m).sum(1) / np.maximum(m.sum(1), 1.0)
+    return mean @ w["W"] + w["b"]
+
+
+def make_meta(n_models: int = 2, decision: dict | None = None, max_tokens: int = 32,
+              templates: dict | None = None) -> dict:
+    names = ["weak", "strong"] if n_models == 2 else [f"m{i}" for i in range(n_models)]
+    costs = [0.1, 1.0] if n_models == 2 else [float(i + 1) for i in range(n_models)]
+    return {
+        "name": "tiny",
+        "models": [{"name": n, "cost": c, "index": i} for i, (n, c) in enumerate(zip(names, costs))],
+        "tokenizer": {**make_spec(max_tokens), "source": str(TOKENIZER), **({"templates": templates} if templates else {})},
+        "decision": decision or {"kind": "pair", "weak": "weak", "strong": "strong",
+                                 "thresholds": {"0.1": 0.7, "0.5": 0.5, "0.9": 0.3},
+                                 "default_strong_fraction": 0.5},
+        "metrics": {"val_apgr": 0.5}, "data_hash": "abc", "config": {"student": {"family": "static"}},
+    }
+
+
+def tiny_bundle(out: Path, n_models: int = 2, decision: dict | None = None, max_tokens: int = 32,
+                templates: dict | None = None) -> tuple[Path, dict]:
+    """A complete bundle written by the exporter's own writer; returns (bundle dir, graph weights)."""
+    stage = out.parent / f"{out.name}-stage"
+    stage.mkdir(parents=True, exist_ok=True)
+    w = mean_pool_graph(stage / "model.onnx", n_models)
+    quantize(stage / "model.onnx", stage / "model.int8.onnx")
+    return write_bundle(out, stage / "model.onnx", stage / "model.int8.onnx",
+                        make_meta(n_models, decision, max_tokens, templates)), w
+
+
+PROMPTS = ["What is the capital of France?", "", "def f(x):\n    return x ** 2\n" * 20,
+           "Prove that there are infinitely many primes. " * 40, "日本語のテキスト 😀", "a\x00b\x07c"]
 
 
 def _graph(w: np.ndarray, b: np.ndarray, path: Path) -> None:

@@ -2,7 +2,6 @@
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parents[1] / "bench" / "quality.py")

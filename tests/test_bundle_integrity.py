@@ -17,7 +17,7 @@ from pipeline.bundle_contract import MAX_JSON_DEPTH, bundle_digest, canonical_ro
 from pipeline.common import DataError
 from pipeline.runtime import Router
 
-from .test_runtime import tiny_bundle
+from .fabricate import tiny_bundle
 
 REQUIRED = ("schema_version", "models", "tokenizer", "onnx", "decision", "files", "bundle_sha256")
 

@@ -165,7 +165,7 @@ def test_a_calibrated_bundle_ships_vectors_of_its_own_decisions(cli, tmp_path, m
     from pipeline.runtime import Router
 
     from .tiny import read_conformance
-    from .test_runtime import tiny_bundle
+    from .fabricate import tiny_bundle
 
     monkeypatch.setenv("PREROUTER_MLRUNS_DIR", str(tmp_path / "mlruns"))
     bundle, _ = tiny_bundle(tmp_path / "bundle")
@@ -192,8 +192,6 @@ def test_a_calibrated_bundle_ships_vectors_of_its_own_decisions(cli, tmp_path, m
 
 
 def test_calibrating_a_bundle_without_costs_says_its_budgets_are_over_assumed_costs(setup, cli, tmp_path, monkeypatch):
-    from pipeline.ingest import ingest
-    from pipeline.label import label
     from tests.fabricate import bag_bundle, labeled_arrays
 
     monkeypatch.setenv("PREROUTER_DATA_DIR", str(setup["tmp"] / "data"))

@@ -3,7 +3,6 @@ runtime reproduces them, and the rules of docs/contracts.md reproduce the token 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +10,9 @@ import pytest
 from pipeline.bundle_contract import bundle_digest
 from pipeline.routing import sigmoid
 from pipeline.runtime import Router, RouterError
-from pipeline.tokenization import learn_templates, load_tokenizer
+from pipeline.tokenization import learn_templates, load_tokenizer, make_spec
 
-from .test_runtime import TOKENIZER, tiny_bundle
+from .fabricate import TOKENIZER, tiny_bundle
 from .tiny import read_conformance
 
 MULTI = {"kind": "multi", "cost_lambdas": {"0.25": 0.4, "0.5": 0.1, "1.0": 0.0}}
@@ -83,27 +82,13 @@ def test_vectors_are_listed_hashed_and_reproduced(bundles, kind):
     assert len(long["text"]) == router.spec["char_window"] + 1
 
 
-def test_vectors_cover_templates_and_follow_the_contract(tmp_path, monkeypatch):
-    from pipeline import export as export_module
-    from pipeline.tokenization import make_spec
-
+def test_vectors_cover_templates_and_follow_the_contract(tmp_path):
     system = ("You are a careful assistant. Answer the question below with one letter only, and explain "
               "nothing. Think step by step before answering. ")
     prompts = [system + f"Question {i}: what is {i} + {i}?" for i in range(40)]
     templates = learn_templates(prompts)
     assert templates["prefixes"]
-    meta_spec = make_spec(32) | {"templates": templates}
-    real = export_module.write_bundle
-
-    def with_templates(out, fp32, int8, meta, **kw):
-        meta["tokenizer"].update(meta_spec)
-        return real(out, fp32, int8, meta, **kw)
-
-    monkeypatch.setattr(export_module, "write_bundle", with_templates)
-    from . import test_runtime
-
-    monkeypatch.setattr(test_runtime, "write_bundle", with_templates)
-    bundle, _ = tiny_bundle(tmp_path / "tpl")
+    bundle, _ = tiny_bundle(tmp_path / "tpl", templates=templates)
     head, vectors = read_conformance(bundle)
     prefix = templates["prefixes"][0]["text"]
     assert sum(v["prompt"].startswith(prefix) for v in vectors) >= 2
@@ -111,7 +96,7 @@ def test_vectors_cover_templates_and_follow_the_contract(tmp_path, monkeypatch):
     assert sum(p.lstrip(" \t\r").startswith(prefix) for p in padded) >= 2  # whitespace around a template
     tok = load_tokenizer(TOKENIZER)
     for v in vectors:
-        assert _spec_rules(v["prompt"], meta_spec, tok) == v["input_ids"]
+        assert _spec_rules(v["prompt"], make_spec(32) | {"templates": templates}, tok) == v["input_ids"]
 
 
 def test_settings_that_do_not_apply_are_errors(bundles):

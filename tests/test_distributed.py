@@ -58,7 +58,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_and_writes_once(tmp_path, 
                         "PYTHONPATH": str(ROOT)}
     sets = [a for o in overrides + ["train.batch_size=32", "teacher.batch_size=32", "train.strategy=ddp",
                                     "train.devices=2"] for a in ("-s", o)]
-    out = run_two_ranks([sys.executable, "-m", "pipeline", "train", "demo", *sets], env, tmp_path, 240, "ddp training")
+    run_two_ranks([sys.executable, "-m", "pipeline", "train", "demo", *sets], env, tmp_path, 240, "ddp training")
 
     # written once: one checkpoint directory (no second writer's leftovers) holding the weights once
     # (Lightning's own checkpoints are dropped), one MLflow run (beside the one-process run's), the one the

@@ -18,7 +18,7 @@ from pipeline.export import (QUANT_RECIPES, export_module, int8_failures, int8_p
 from pipeline.runtime import Router
 from pipeline.tokenization import encode, load_tokenizer
 
-from .test_runtime import TOKENIZER, VOCAB, make_meta, tiny_bundle
+from .fabricate import TOKENIZER, VOCAB, make_meta, tiny_bundle
 
 torch.set_num_threads(1)
 FAST = ExportConfig(latency_decisions=40)

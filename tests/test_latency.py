@@ -15,7 +15,7 @@ from pipeline.common import GateError
 from pipeline.latency import bucket_ranges, check_latency, prompt_mix
 from pipeline.runtime import Router
 
-from .test_runtime import tiny_bundle
+from .fabricate import tiny_bundle
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.runtime import Router
 
-from .test_runtime import tiny_bundle
+from .fabricate import tiny_bundle
 
 MULTI = {"kind": "multi", "cost_lambdas": {"0.25": 0.4, "0.5": 0.1, "1.0": 0.0}}
 PROMPTS = ["What is the capital of France?", "", "def f(x):\n    return x ** 2\n" * 20,

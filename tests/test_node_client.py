@@ -18,7 +18,7 @@ import pytest
 from pipeline.export import quantize, write_bundle
 from pipeline.tokenization import learn_templates, make_spec
 
-from .test_runtime import make_meta, mean_pool_graph
+from .fabricate import make_meta, mean_pool_graph
 
 NODE_DIR = Path(__file__).parent.parent / "examples" / "node"
 MULTI = {"kind": "multi", "cost_lambdas": {"0.25": 0.4, "0.5": 0.1, "1.0": 0.0}, "default_cost_weight": 0.05}

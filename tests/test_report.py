@@ -134,7 +134,7 @@ PAIR_DECISION = {"kind": "pair", "weak": "small-7b", "strong": "large-70b", "thr
 
 def _demo_bundle(out, models, costs, decision, teacher, train=None):
     from pipeline.export import quantize, write_bundle
-    from tests.test_runtime import make_meta, mean_pool_graph
+    from tests.fabricate import make_meta, mean_pool_graph
 
     stage = out.parent / f"{out.name}-stage"
     stage.mkdir(parents=True)

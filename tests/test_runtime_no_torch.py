@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .test_runtime import tiny_bundle
+from .fabricate import tiny_bundle
 
 # Everything the training side, the CLI and the HTTP service import; none may be needed to route.
 BLOCKED = ("torch", "transformers", "lightning", "pytorch_lightning", "datasets", "sklearn", "mlflow",

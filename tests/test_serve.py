@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.runtime import Router, prompt_from_messages, RouterError
 
-from .test_runtime import tiny_bundle
+from .fabricate import tiny_bundle
 
 ROOT = Path(__file__).parent.parent
 HOST = "127.0.0.1"  # loopback only

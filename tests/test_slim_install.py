@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .test_runtime import tiny_bundle
+from .fabricate import tiny_bundle
 
 ROOT = Path(__file__).parent.parent
 RUNTIME = ("numpy", "onnxruntime", "tokenizers")
