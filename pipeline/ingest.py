@@ -79,7 +79,7 @@ from .ingest_sources import default_name, parse_rename, resolve_source
 __all__ = ["ingest", "detect_layout", "parse_rename", "list_column", "list_matrix", "SCHEMA_VERSION", "INGEST_VERSION"]
 
 SCHEMA_VERSION = 1
-INGEST_VERSION = 3  # bump when the output for the same input changes, so old artifacts are redone
+INGEST_VERSION = 4  # bump when the output for the same input changes, so old artifacts are redone
 
 
 def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Optional[str] = None,

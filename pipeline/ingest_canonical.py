@@ -29,6 +29,15 @@ MODEL_NAMED_SHARE = 0.5  # a metadata column naming a model on this share of pro
 RESERVED = ("prompt_id", "outcome", "mask", "count", "cost", "target", "split", "difficulty", "soft_label")
 
 
+def prompt_key(prompts):
+    """What makes two prompt texts one prompt: the text without surrounding whitespace, `\r\n` line ends
+    read as `\n`. Copies that differ only there (a trailing newline in one export, a file saved on
+    Windows) are one prompt, merged like any duplicate, and the first copy's text stands for them, so a
+    prompt with no such copy keeps its text and id. Otherwise the copies could land on both sides of the
+    split, while the router, whose tokenizer ignores that whitespace, sees one prompt."""
+    return pc.utf8_trim_whitespace(pc.replace_substring(prompts, "\r\n", "\n"))
+
+
 def prompt_ids(prompts: list[str]) -> list[str]:
     """Each prompt's id (`common.prompt_id`)."""
     return [prompt_id(p) for p in prompts]
@@ -77,11 +86,12 @@ def build_dataset(table: pa.Table, layout: Optional[str], models: Optional[list[
     arena = layout == "pairwise" and is_arena(table)
     prompt_col, non_text = as_text(table.column("prompt"), turns_json=arena or chat is not None)
     drops.add(non_text, "non-text prompt")
-    # Prompts are numbered once (C++ hash table), so emptiness and hashing are per unique prompt.
-    uniq = pc.unique(prompt_col)
+    # Prompts are numbered once (C++ hash table) by their key, so emptiness and hashing are per unique prompt.
+    keys = prompt_key(prompt_col)
+    uniq = pc.unique(keys)
     uniq = uniq.filter(pc.is_valid(uniq))
-    pidx = pc.fill_null(pc.index_in(prompt_col, value_set=uniq), -1).to_numpy(zero_copy_only=False).astype(np.int64)
-    empty_uniq = np.asarray(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(uniq)), 0).fill_null(True))
+    pidx = pc.fill_null(pc.index_in(keys, value_set=uniq), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    empty_uniq = np.asarray(pc.equal(pc.utf8_length(uniq), 0).fill_null(True))
     drops.add((pidx < 0) | np.append(empty_uniq, True)[pidx], "empty prompt")
 
     obs = read_observations(table, layout, drops, where, models)
@@ -119,7 +129,7 @@ def build_dataset(table: pa.Table, layout: Optional[str], models: Optional[list[
     row_to_prompt[np.flatnonzero(kept_rows)] = inverse.ravel()
     first_row = np.flatnonzero(kept_rows)[first_row]
     P, M = kept_prompts.size, len(obs.models)
-    prompts = uniq.take(pa.array(kept_prompts))
+    prompts = prompt_col.take(pa.array(first_row))  # the first copy's text
 
     key = row_to_prompt[obs.row[keep]] * M + obs.model[keep]
     value = obs.value[keep]

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .common import DataError, console
-from .ingest_canonical import build_dataset, list_column, list_matrix, prompt_ids
+from .ingest_canonical import build_dataset, list_column, list_matrix, prompt_ids, prompt_key
 
 _LISTS = {"outcome": (pa.float32(), 0.0), "mask": (pa.bool_(), False), "count": (pa.int32(), 0),
           "cost": (pa.float32(), np.nan)}
@@ -31,7 +31,10 @@ def merge_inputs(parts: list[tuple[dict, pa.Table, Optional[pa.Table]]],
     index = {m: j for j, m in enumerate(names)}
     prompts = pa.chunked_array([c for _, d, _ in parts for c in d.column("prompt").cast(pa.string()).chunks],
                                pa.string())
-    uniq = pc.unique(prompts)  # first appearance order
+    keys = prompt_key(prompts)
+    uniq = pc.unique(keys)  # first appearance order
+    _, first = np.unique(pc.index_in(keys, value_set=uniq).to_numpy(zero_copy_only=False), return_index=True)
+    texts = prompts.take(pa.array(first))  # the first copy's text stands for a prompt
     P, M = len(uniq), len(names)
     count = np.zeros((P, M), np.int64)
     total = np.zeros((P, M))
@@ -42,7 +45,7 @@ def merge_inputs(parts: list[tuple[dict, pa.Table, Optional[pa.Table]]],
     first_row = np.zeros(P, np.int64)
     split = np.full(P, None, object)
     for k, (fields, d, _) in enumerate(parts):
-        at = pc.index_in(d.column("prompt"), value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
+        at = pc.index_in(prompt_key(d.column("prompt")), value_set=uniq).to_numpy(zero_copy_only=False).astype(np.int64)
         cols = [index[m] for m in fields["models"]]
         c = list_matrix(d, "count", np.int64)
         count[np.ix_(at, cols)] += c
@@ -64,7 +67,7 @@ def merge_inputs(parts: list[tuple[dict, pa.Table, Optional[pa.Table]]],
                                 f"but {split[at[r]]} in an earlier input: one prompt must stay on one side")
             split[at[unset]] = values[unset]
     mask = count > 0
-    columns = {"prompt_id": pa.array(prompt_ids(uniq.to_pylist()), pa.string()), "prompt": uniq.cast(pa.string()),
+    columns = {"prompt_id": pa.array(prompt_ids(texts.to_pylist()), pa.string()), "prompt": texts.cast(pa.string()),
                "outcome": list_column(np.where(mask, total / np.maximum(count, 1), 0.0), pa.float32()),
                "mask": list_column(mask, pa.bool_()), "count": list_column(count.astype(np.int32), pa.int32())}
     if has_cost:
@@ -132,7 +135,7 @@ def add_test_data(fields: dict, dataset: pa.Table, battles: Optional[pa.Table], 
     missing = [m for m in names if m not in t_names]
     if missing:
         console.print(f"[yellow]note:[/] the test file has no outcome for {', '.join(missing)}")
-    in_both = pc.is_in(t_dataset.column("prompt"), value_set=dataset.column("prompt").combine_chunks())
+    in_both = pc.is_in(prompt_key(t_dataset.column("prompt")), value_set=prompt_key(dataset.column("prompt").combine_chunks()))
     if pc.any(in_both).as_py():
         first = t_dataset.column("prompt").filter(in_both)[0].as_py()
         raise DataError(f"{pc.sum(in_both).as_py()} prompt(s) are in both the main file and the test file "

@@ -215,6 +215,23 @@ def test_a_winner_naming_neither_model_of_its_row_is_an_error(data_dir, tmp_path
     assert nothing_written(data_dir)
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_copies_that_differ_only_in_surrounding_whitespace_are_one_prompt(data_dir, tmp_path, suffix):
+    from pipeline.common import prompt_id
+
+    rows = pd.DataFrame({"prompt": ["Name a bird.", "Name a bird. \n", "  Name a bird.", "Name a\r\nbird.",
+                                    "Name a\nbird.", "Name  a bird.", "name a bird."],
+                         "a": [1, 0, 1, 1, 0, 1, 1], "b": [0, 0, 1, 0, 0, 1, 0]})
+    ds = load(ingest(str(write(rows, tmp_path / f"birds.{suffix}"))))
+    # one prompt per text that differs inside (a line end read as \n, another space, a capital)
+    assert ds.prompt.tolist() == ["Name a bird.", "Name a\r\nbird.", "Name  a bird.", "name a bird."]
+    assert ds.prompt_id.tolist() == [prompt_id(p) for p in ds.prompt]  # the first copy's text and id
+    np.testing.assert_allclose(ds.outcome[0], [2 / 3, 1 / 3])
+    np.testing.assert_array_equal(ds["count"][0], [3, 3])
+    np.testing.assert_allclose(ds.outcome[1], [0.5, 0])
+    np.testing.assert_array_equal(ds["count"][1], [2, 2])
+
+
 def test_arena_55k_variant(data_dir, tmp_path):
     arena = pd.DataFrame({
         "id": [11, 12, 13, 14],

@@ -109,3 +109,19 @@ def test_the_same_input_twice_is_a_mistake(data_dir, cli, halves):
     a, _ = halves
     code, out = cli("ingest", a, a, "--name", "x")
     assert code == 2 and "given twice" in out
+
+
+def test_a_prompt_in_two_inputs_with_a_trailing_newline_in_one_is_one_prompt(data_dir, cli, tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    pd.DataFrame({"prompt": ["Name a bird.", "Add 2 and 2."], "x": [1, 0], "y": [0, 0]}).to_json(a, orient="records", lines=True)
+    pd.DataFrame({"prompt": ["Name a bird.\n"], "x": [0], "y": [1]}).to_json(b, orient="records", lines=True)
+    code, out = cli("ingest", a, b, "--name", "both")
+    assert code == 0, out
+    ids, lists, table, m = _dataset("both")
+    assert sorted(table.column("prompt").to_pylist()) == ["Add 2 and 2.", "Name a bird."] and m["n_prompts"] == 2
+    bird = table.column("prompt").to_pylist().index("Name a bird.")
+    assert list_of(table, "outcome", bird) == [0.5, 0.5] and list_of(table, "count", bird) == [2, 2]
+
+
+def list_of(table, column, row):
+    return [float(v) for v in table.column(column)[row].as_py()]

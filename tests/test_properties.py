@@ -38,7 +38,8 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scope
 FILE_TYPES = ("csv", "jsonl", "json", "parquet")
 LAYOUTS = ("long", "pairwise", "wide")
 MODELS = ("m1", "m2", 7)  # 7: a model named by a number (text in CSV, a mixed-type column in JSON)
-POOL = ("What is 2+2?", "Name a bird, please.", 'Say "hi", then stop; ok')  # duplicates across rows
+# duplicates across rows, also as copies that differ only in surrounding whitespace (one prompt: `prompt_key`)
+POOL = ("What is 2+2?", "Name a bird, please.", 'Say "hi", then stop; ok', "What is 2+2?\n", "  Name a bird, please. ")
 MEGABYTE = "long prompt " * 90_000  # ~1 MB
 ALPHABET = st.characters(codec="utf-8", categories=("L", "N", "P", "Zs"), exclude_characters="\r\x85\u2028\u2029")
 WINNERS = {"model_a": 1.0, "model_b": 0.0, "tie": 0.5, "tie (bothbad)": 0.5}
@@ -274,13 +275,18 @@ def _value(v) -> float:
     return float(v)
 
 
+def _key(prompt: str) -> str:
+    """Texts that are one prompt have one key: ingest's rule (`ingest_canonical.prompt_key`) in plain Python."""
+    return prompt.replace("\r\n", "\n").strip()
+
+
 def expected_observations(case: Case) -> dict[tuple[str, str], list[float]]:
-    """(prompt, model) -> the outcomes of the clean rows: what the dataset must average."""
+    """(prompt key, model) -> the outcomes of the clean rows: what the dataset must average."""
     obs = defaultdict(list)
     for row, s in zip(case.rows, case.status):
         if s != CLEAN:
             continue
-        p = row["prompt"]
+        p = _key(row["prompt"])
         if case.layout == "long":
             obs[p, _name(row["model"])].append(_value(row["score"]))
         elif case.layout == "pairwise":
@@ -319,7 +325,7 @@ def check_dataset(case: Case, code: int, out: str, data_dir: Path, rows_written:
     ds = datasets.load_from_disk(str(out_dir / "dataset")).with_format("numpy")
     outcome, mask, count = (np.stack(list(ds[c])) for c in ("outcome", "mask", "count"))
     prompts = list(ds["prompt"])
-    assert len(ds) == m["n_prompts"] and len(set(prompts)) == len(prompts)
+    assert len(ds) == m["n_prompts"] and len(set(map(_key, prompts))) == len(prompts)
     assert list(ds["prompt_id"]) == [prompt_hash(p)[:16] for p in prompts]
     assert outcome.shape == (len(ds), len(m["models"])) and len(m["models"]) >= 2
     assert np.isfinite(outcome).all() and (mask == (count > 0)).all() and mask.any(axis=1).all() and mask.any(axis=0).all()
@@ -334,7 +340,7 @@ def check_dataset(case: Case, code: int, out: str, data_dir: Path, rows_written:
         assert used == len(clean), (case.status, dropped)
         assert not set(r for first in m["dropped_rows"].values() for r in first) & set(clean)
         expected = expected_observations(case)
-        got = {(p, model): (outcome[i, j], count[i, j]) for i, p in enumerate(prompts)
+        got = {(_key(p), model): (outcome[i, j], count[i, j]) for i, p in enumerate(prompts)
                for j, model in enumerate(m["models"]) if mask[i, j]}
         assert set(got) == set(expected)
         for key, values in expected.items():

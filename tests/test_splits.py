@@ -197,6 +197,10 @@ def test_test_data_errors(data_dir, tmp_path, cli):
                                   "score": [1, 2, 3]}), tmp_path / "overlap.csv")
     code, out = cli("ingest", main, "--test-data", overlap)
     assert code == 2 and str(overlap) in out and "1 prompt(s) are in both" in out and "'say hi'" in out
+    padded = write(pd.DataFrame({"prompt": ["new", "new", "say hi\n"], "model": ["a", "b", "a"], "score": [1, 2, 3]}),
+                   tmp_path / "padded.jsonl")  # the same prompt with a line end: still in both
+    code, out = cli("ingest", main, "--test-data", padded)
+    assert code == 2 and "1 prompt(s) are in both" in out, out
     other_model = write(pd.DataFrame({"prompt": ["new", "new"], "model": ["a", "c"], "score": [1, 2]}),
                         tmp_path / "other.jsonl")
     code, out = cli("ingest", main, "--test-data", other_model)
