@@ -14,8 +14,10 @@ pairwise data the student's logits are per-prompt Bradley-Terry strengths, defin
 prompt, and a rate against whoever a model met is on no scale of theirs; there the table holds each
 cluster's Bradley-Terry strengths (fitted on its train battles, shrunk toward all train battles') and
 the blend is in strength space, `(1 - beta) * logits + beta * weights @ table`, so that P(a beats b)
-stays a function of strength differences only. k,
-tau and beta are chosen on the validation split (`select.val_quality`). Whether to keep a prior at all
+stays a function of strength differences only. k = 1 is one of the candidates: a
+single cluster's table is every train prompt's rates (or strengths), so that blend shrinks a noisy student
+toward the global ranking, which is what a student that adds only noise to "the stronger model wins" needs.
+k, tau and beta are chosen on the validation split (`select.val_quality`). Whether to keep a prior at all
 is judged out of fold: each of 10 folds of the validation prompts gets the setting (or none) best on
 the other nine, and beta = 0 (no prior) stays unless those predictions route validation better than
 none in at least 90% of paired bootstrap resamples, as for group smoothing. (Testing the best of the
@@ -34,7 +36,7 @@ from .routing import logit, sigmoid
 from .select import (BOOTSTRAP, CHOICE_FOLDS, MIN_WIN_RATE, measure, measure_name, out_of_fold_choice,
                      parts_win_rate, prompt_parts)
 
-KS = (10, 20, 40)
+KS = (1, 10, 20, 40)  # 1: the global table (shrinkage toward all train prompts)
 TEMPERATURES = (0.02, 0.05, 0.1)
 BETAS = (0.25, 0.5, 0.75, 1.0)
 MIN_PER_CLUSTER = 20  # train prompts per cluster, on average
@@ -140,8 +142,9 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
             table = cluster_strengths(km.labels_, [prep.battles[r] for r in train], k, len(prep.models))
         else:
             table = cluster_accuracy(km.labels_, prep.target[train], prep.mask[train], k)
+        taus = TEMPERATURES if k > 1 else TEMPERATURES[1:2]  # one centroid: every temperature is the same blend
         settings += [(k, tau, beta, centroids, table, blend(p_val, h_val, centroids, table, beta, tau, pairwise))
-                     for tau in TEMPERATURES for beta in BETAS]
+                     for tau in taus for beta in BETAS]
     parts = [base_parts, *(prompt_parts(prep, s[-1], val) for s in settings)]
     quality = [quality_of(x, everything) for x in parts[1:]]
     best = int(np.argmax(quality))

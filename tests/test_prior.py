@@ -83,8 +83,8 @@ def test_the_best_of_many_settings_is_not_kept_for_winning_on_the_prompts_that_c
     assert kept <= 3
 
 
-def test_too_few_train_prompts_skip_the_search():
-    prep, h = _prep(n=150)
+def test_too_few_prompts_skip_the_search():
+    prep, h = _prep(n=30)
     val, train = prep.rows("val"), prep.rows("train")
     prior, record = fit_cluster_prior(prep, h[train], h[val], np.full((len(val), 3), 0.5))
     assert prior is None and "skipped" in record
@@ -171,3 +171,28 @@ def test_a_pairwise_prior_is_fitted_on_each_clusters_battles():
     for c in np.unique(cluster):
         assert prior.table.numpy()[c].argmax() == np.bincount(topic[train][cluster == c] % 3).argmax()
     assert record["best"]["quality"] > record["none"] + 0.1
+
+
+def test_votes_whose_strengths_the_student_only_adds_noise_to_keep_the_global_ranking():
+    # One ranking everywhere (c > b > a) and topics that say nothing; the student's per-prompt strengths are
+    # that ranking plus noise. The one-cluster table (every train battle's strengths) removes the noise.
+    rng = np.random.default_rng(4)
+    n = 2000
+    battles = []
+    for _ in range(n):
+        a = rng.integers(0, 3, 2)
+        b = (a + rng.integers(1, 3, 2)) % 3
+        battles.append(np.stack([a, b, (rng.random(2) < 1 / (1 + np.exp(-(a - b) * 0.8))).astype(float)], axis=1))
+    h = rng.normal(size=(n, 16)).astype(np.float32)
+    split = np.where(np.arange(n) % 10 < 6, "train", np.where(np.arange(n) % 10 < 8, "val", "test"))
+    prep = Prepared(name="g", models=["a", "b", "c"], costs=[None] * 3, pair=None, prompts=[""] * n,
+                    prompt_ids=[str(i) for i in range(n)], target=np.full((n, 3), 0.5, np.float32),
+                    mask=np.ones((n, 3), bool), split=split, teacher_emb=h, data_hash="x", stats={},
+                    battles=[x.astype(np.float32) for x in battles])
+    train, val = prep.rows("train"), prep.rows("val")
+    strengths = np.array([0.0, 0.8, 1.6]) + rng.normal(0, 1.5, (len(val), 3))
+    prior, record = fit_cluster_prior(prep, h[train], h[val], 1 / (1 + np.exp(-strengths)))
+    assert prior is not None and record["chosen"]["k"] == 1
+    assert record["best"]["quality"] > record["none"] + 0.05
+    assert np.argsort(prior.table.numpy()[0]).tolist() == [0, 1, 2]  # the global ranking
+
