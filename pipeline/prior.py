@@ -158,7 +158,7 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
                   win_rate=rate)
     if rate < MIN_WIN_RATE:
         console.print(f"cluster prior chosen on validation: [bold]none[/] (best k={k} tau={tau} beta={beta}: "
-                      f"{what} {quality[best]:.4f} vs {base:.4f}; chosen out of fold, wins {rate:.0%} of resamples)")
+                      f"{what} {quality[best]:.4f} vs {base:.4f}; chosen out of fold, wins {rate:.1%} of resamples)")
         return None, record
     record["chosen"] = {"k": k, "temperature": tau, "beta": beta}
     console.print(f"cluster prior chosen on validation: [bold]k={k} tau={tau} beta={beta}[/] "

@@ -218,7 +218,7 @@ def choose_group_by(prep, cfg, workdir: Path):
     prep.fit_target = _fit_target(prep, dict(candidates)[chosen], prep.split == "train", cfg)
     net = fit_teacher(prep, cfg, workdir)
     record["group_by"] = chosen
-    passed_over = [f"{k} wins {r:.0%} of {BOOTSTRAP} paired resamples, under the {MIN_WIN_RATE:.0%} needed"
+    passed_over = [f"{k} wins {r:.1%} of {BOOTSTRAP} paired resamples, under the {MIN_WIN_RATE:.0%} needed"
                    for k, r in record["win_rate"].items() if k != chosen and r < MIN_WIN_RATE]
     console.print(f"group smoothing chosen by {FOLDS}-fold cross-validation: [bold]{chosen or 'none'}[/] "
                   f"(the teacher head's out-of-fold {measure_name(prep)}: "

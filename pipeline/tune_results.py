@@ -69,7 +69,7 @@ def choose(study: optuna.Study, pareto: bool, budget_ms: float, prep=None) -> op
     if win >= MIN_WIN_RATE:
         return best
     console.print(f"[dim]tune: keeping the base trial {base.number} (val quality {base.value:.4f}): the best trial "
-                  f"{best.number} ({best.value:.4f}), chosen out of fold, wins only {win:.0%} of bootstrap resamples[/]")
+                  f"{best.number} ({best.value:.4f}), chosen out of fold, wins only {win:.1%} of bootstrap resamples[/]")
     return base
 
 

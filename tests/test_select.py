@@ -67,7 +67,7 @@ def test_a_better_group_that_loses_the_bootstrap_is_passed_over_and_the_line_say
     assert record["group_by"] is None and record["win_rate"] == {"topic": 0.5}  # ...but not kept
     line = " ".join(capsys.readouterr().err.split())
     assert "cross-validation: none" in line
-    assert f"topic wins 50% of {select.BOOTSTRAP} paired resamples, under the 90% needed" in line
+    assert f"topic wins 50.0% of {select.BOOTSTRAP} paired resamples, under the 90% needed" in line
 
 
 def test_without_a_categorical_column_nothing_is_cross_validated(tmp_path):
