@@ -21,7 +21,7 @@ k, tau and beta are chosen on the validation split (`select.val_quality`). Wheth
 is judged out of fold: each of 10 folds of the validation prompts gets the setting (or none) best on
 the other nine, and beta = 0 (no prior) stays unless those predictions route validation better than
 none in at least 90% of paired bootstrap resamples, as for group smoothing. (Testing the best of the
-36 settings on the prompts that picked it kept a prior that carries nothing about half the time.)
+36 cluster settings on the prompts that picked it kept a prior that carries nothing about half the time.)
 The choice goes into the run and `router.json` (`selection.cluster_prior`).
 """
 from __future__ import annotations
