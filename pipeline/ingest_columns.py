@@ -31,7 +31,8 @@ def _json_values(col: pa.ChunkedArray) -> list:
 
 def as_text(col: pa.ChunkedArray, turns_json: bool = False) -> tuple[pa.ChunkedArray, np.ndarray]:
     """(text column, non-text mask). Lists of turns, and JSON-encoded lists when `turns_json`,
-    are joined with blank lines; anything that is not text becomes null and is flagged."""
+    are joined with blank lines, and one message object is a chat of one turn (`chat.chat_prompt`);
+    anything that is not text becomes null and is flagged."""
     n = len(col)
     typ = col.type
     if pa.types.is_string(typ) or pa.types.is_large_string(typ):
@@ -50,7 +51,7 @@ def as_text(col: pa.ChunkedArray, turns_json: bool = False) -> tuple[pa.ChunkedA
                 bad[i] = True
             out.append(text)
         return pa.chunked_array([pa.array(out, pa.string())]), bad
-    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or is_json_ext(typ):
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_struct(typ) or is_json_ext(typ):
         values = _json_values(col) if is_json_ext(typ) else col.to_pylist()
     elif pa.types.is_null(typ):
         return pa.chunked_array([pa.nulls(n, pa.string())]), np.zeros(n, bool)
@@ -58,7 +59,8 @@ def as_text(col: pa.ChunkedArray, turns_json: bool = False) -> tuple[pa.ChunkedA
         return pa.chunked_array([pa.nulls(n, pa.string())]), ~np.asarray(col.is_null())
     out, bad = [], np.zeros(n, bool)
     for i, v in enumerate(values):
-        text = v if isinstance(v, str) else _join_turns(v) if isinstance(v, list) else None
+        text = (v if isinstance(v, str) else _join_turns(v) if isinstance(v, list)
+                else _join_turns([v]) if isinstance(v, dict) else None)
         bad[i] = v is not None and text is None
         out.append(text)
     return pa.chunked_array([pa.array(out, pa.string())]), bad

@@ -232,6 +232,17 @@ def test_copies_that_differ_only_in_surrounding_whitespace_are_one_prompt(data_d
     np.testing.assert_array_equal(ds["count"][1], [2, 2])
 
 
+@pytest.mark.parametrize("suffix", ["jsonl", "parquet"])
+def test_a_prompt_given_as_one_message_object_is_that_message(data_dir, tmp_path, suffix):
+    rows = pd.DataFrame({"prompt": [{"role": "user", "content": "Name a bird."},
+                                    {"role": "system", "content": "You are terse."},  # no user text: empty
+                                    {"role": "user", "content": "Add 2 and 2."}],
+                         "a": [1, 0, 1], "b": [0, 1, 1]})
+    out = ingest(str(write(rows, tmp_path / f"messages.{suffix}")))
+    assert load(out).prompt.tolist() == ["Name a bird.", "Add 2 and 2."]
+    assert read_json(out / "manifest.json")["dropped"] == {"empty prompt": 1}
+
+
 def test_arena_55k_variant(data_dir, tmp_path):
     arena = pd.DataFrame({
         "id": [11, 12, 13, 14],
