@@ -85,12 +85,9 @@ def _labeled(data: str, label_options: Mapping | None,
 
     A file (or hf: id) is ingested (with `read`: ingest's layout, models, rename) and labeled under a
     temporary name, removed afterwards; every one of its prompts is held out. A name uses its test split."""
-    from .common import labels_dir, processed_dir
+    from .common import processed_dir
     from .ingest_sources import read_options
-    from .label import bundle_label_config, label, load_labels
-
-    def label_cfg():
-        return bundle_label_config(label_options)
+    from .label import bundle_label_config, label, labels_of, load_labels
 
     if (options := read_options(data, read)) is not None:
         from .ingest import ingest
@@ -98,17 +95,13 @@ def _labeled(data: str, label_options: Mapping | None,
         name = f"_compare-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             ingest(data, name=name, **options)
-            label(name, label_cfg())
+            label(name, bundle_label_config(label_options))
             ds, stats = load_labels(name)
             yield ds, stats, True, name
         finally:
             remove_dir(processed_dir(name))
         return
-    if not (processed_dir(data) / "manifest.json").is_file():
-        raise DataError(f"{data!r} is neither a data file nor a dataset under {processed_dir(data).parent}")
-    if not (labels_dir(data) / "label_stats.json").is_file():
-        label(data, label_cfg())
-    ds, stats = load_labels(data)
+    ds, stats = labels_of(data, label_options)
     yield ds, stats, False, data
 
 

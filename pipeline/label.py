@@ -343,6 +343,17 @@ def label(name: str, cfg: Optional[LabelConfig] = None, force: bool = False) -> 
     return stats
 
 
+def labels_of(name: str, label_options: Mapping | None):
+    """(labels Dataset, label stats) of the ingested dataset `name` for a bundle's report or comparison: its
+    labels as they are, or, when it has none yet, labeled with the bundle's `label_options`. A name that is
+    not an ingested dataset is a DataError."""
+    if not (processed_dir(name) / "manifest.json").is_file():
+        raise DataError(f"{name!r} is neither a data file nor a dataset under {processed_dir(name).parent}")
+    if not (labels_dir(name) / "label_stats.json").is_file():
+        label(name, bundle_label_config(label_options))
+    return load_labels(name)
+
+
 def load_labels(name: str, dataset_dir: Path | None = None):
     """(datasets.Dataset of labels, label_stats dict) written by `label(name)`, from one version.
 

@@ -39,26 +39,16 @@ RANDOM_SEEDS = 10  # the random router is averaged over this many seeds
 def _load_data(data: str, training_config: Mapping, read: Mapping | None = None):
     """(name, labels Dataset, label stats): a labeled dataset name, or a data file ingested (with `read`:
     ingest's layout, models, rename) and labeled here."""
-    from .common import labels_dir, processed_dir
     from .ingest_sources import read_options
-    from .label import bundle_label_config, label, load_labels
+    from .label import bundle_label_config, label, labels_of, load_labels
 
-    def label_cfg():
-        return bundle_label_config(training_config.get("label"))
+    if (options := read_options(data, read)) is None:
+        return data, *labels_of(data, training_config.get("label"))
+    from .ingest import ingest
 
-    if (options := read_options(data, read)) is not None:
-        from .ingest import ingest
-
-        name = ingest(data, **options).name
-        label(name, label_cfg())
-    else:
-        name = data
-        if not (labels_dir(name) / "label_stats.json").is_file():
-            if not (processed_dir(name) / "manifest.json").is_file():
-                raise DataError(f"{data!r} is neither a data file nor a dataset under {processed_dir(name).parent}")
-            label(name, label_cfg())
-    ds, stats = load_labels(name)
-    return name, ds, stats
+    name = ingest(data, **options).name
+    label(name, bundle_label_config(training_config.get("label")))
+    return name, *load_labels(name)
 
 
 class _Columns:
