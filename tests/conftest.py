@@ -65,3 +65,32 @@ def pair_router(pair_bundle):
     from pipeline.runtime import Router
 
     return Router.load(pair_bundle[0], quantized=False)
+
+
+@pytest.fixture(scope="module")
+def planted_bundles(tmp_path_factory, demo_files):
+    """A labeled demo dataset, a held-out demo file and bag-of-tokens bundles of planted quality (`good`,
+    `reversed`, `shuffled`, and `two`: a two-model one), for compare and the registry; built once per module."""
+    from pipeline.demo import generate
+    from pipeline.ingest import ingest
+    from pipeline.label import label
+    from tests.fabricate import bag_bundle, labeled_arrays
+
+    tmp = tmp_path_factory.mktemp("compare")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, sub in (("PREROUTER_DATA_DIR", "data"), ("PREROUTER_MLRUNS_DIR", "mlruns"),
+                         ("PREROUTER_MODELS_DIR", "models")):
+            mp.setenv(var, str(tmp / sub))
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        ingest(str(demo_files["wide"]), name="demo")
+        label("demo")
+        prompts, target, mask, split, models, costs, data_hash = labeled_arrays("demo")
+        train = split == "train"
+        fit = ([p for p, t in zip(prompts, train) if t], target[train], mask[train])
+        out = {"tmp": tmp, "held_out": generate(tmp / "heldout", n_prompts=400, seed=1)["wide"]}
+        for kind, kwargs in (("good", {}), ("reversed", {"negate": True}), ("shuffled", {"shuffle": True})):
+            out[kind] = bag_bundle(tmp / kind, *fit, models, costs, data_hash=data_hash, **kwargs)
+        two = [0, 2]  # small-7b and large-70b only
+        out["two"] = bag_bundle(tmp / "two", fit[0], fit[1][:, two], fit[2][:, two], [models[j] for j in two],
+                                [costs[j] for j in two], data_hash=data_hash)
+        yield out

@@ -6,22 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_compare import bundles  # noqa: F401  (module fixture: demo data and planted bundles)
-
 
 @pytest.fixture
-def registry(bundles, tmp_path, monkeypatch):  # noqa: F811
+def registry(planted_bundles, tmp_path, monkeypatch):
     """A fresh registry in this test's folder holding `good` as version 1 and `reversed` as version 2."""
     from pipeline.export import log_bundle
 
-    tmp = bundles["tmp"]
+    tmp = planted_bundles["tmp"]
     monkeypatch.setenv("PREROUTER_DATA_DIR", str(tmp / "data"))
     monkeypatch.setenv("PREROUTER_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("PREROUTER_MLRUNS_DIR", str(tmp_path / "mlruns"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert log_bundle(bundles["good"], {}, "demo") == "1"
-    assert log_bundle(bundles["reversed"], {}, "demo") == "2"
-    return bundles
+    assert log_bundle(planted_bundles["good"], {}, "demo") == "1"
+    assert log_bundle(planted_bundles["reversed"], {}, "demo") == "2"
+    return planted_bundles
 
 
 def _seal(bundle: Path) -> str:
