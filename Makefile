@@ -60,7 +60,7 @@ report: setup
 test: setup  ## the unit suite (no real data needed; real-data tests skip without ../shared/data)
 	$(VENV)/bin/pytest -q
 
-bench-quality: setup  ## train on each real file (static: 5 seeds), write bench/results/quality.md
+bench-quality: setup  ## train on each real file (static: 5 seeds), write bench/results/quality.md and the README's quality tables
 	$(VENV)/bin/python bench/quality.py --shared $(SHARED) --students static --seeds 5
 	$(VENV)/bin/python bench/quality.py --shared $(SHARED) --students transformer
 bench-curve: setup  ## learning curves on MMLU and RouterDC (nested shares of train), RouterDC by task, into bench/results/curve.md

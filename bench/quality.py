@@ -4,7 +4,8 @@
                             [--out DIR]
     python bench/quality.py --render [--out DIR]   # rewrite quality.md from quality.json, no training
 
-Writes DIR/quality.md and DIR/quality.json (default bench/results, committed). Every goal is judged on
+Writes DIR/quality.md and DIR/quality.json (default bench/results, committed), and, with the default DIR,
+rewrites the tables between the README's two `bench/quality.py` markers from the same results. Every goal is judged on
 the default configuration and on the mean over the seeds, against the best simple baseline plus
 MARGIN, so that a win is one that transfers rather than one a per-dataset config bought:
 - weak -> strong pairs (MMLU, GSM8K, MT-Bench): student APGR >= best of TF-IDF+LR, kNN, MF and the
@@ -279,6 +280,39 @@ def _goal_lines(results: list[dict]) -> list[str]:
             "validation, is in `docs/experiments.md`.", ""]
 
 
+README = HERE.parent / "README.md"
+BEGIN = "<!-- tables written by bench/quality.py from bench/results/quality.json: edit that script, not these lines -->"
+END = "<!-- end of the tables written by bench/quality.py -->"
+
+
+def readme_block(results: list[dict]) -> str:
+    """quality.md's tables, each under a one-line caption: what the README shows between its markers."""
+    sections = [
+        ("The goals, for the shipped static student (judged on the mean over seeds):", _goal_lines(results)),
+        ("Weak → strong pairs, APGR (higher is better; random ≈ 0.50):", _pair_lines(results)),
+        ("N models, mean outcome of the model each test prompt is routed to (argmax over its observed models):",
+         _multi_lines(results)),
+        ("Pairwise, per-battle win prediction on test prompts (ties excluded); the student's is the bundle's own "
+         "sigmoid(logit_a − logit_b) (`Router.win_probability`), exactly what a service gets:", _win_lines(results)),
+    ]
+    lines = []
+    for caption, section in sections:
+        table = [line for line in section if line.startswith("|")]
+        if table:
+            lines += [caption, "", *table, ""]
+    return "\n".join(lines)
+
+
+def update_readme(results: list[dict], path: Path = README) -> None:
+    """Replace what stands between BEGIN and END in `path` with `readme_block(results)`; the rest is kept."""
+    text = path.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise SystemExit(f"{path}: needs one line {BEGIN!r} and, after it, one line {END!r}")
+    head, rest = text.split(BEGIN)
+    tail = rest.split(END)[1]
+    path.write_text(f"{head}{BEGIN}\n\n{readme_block(results)}\n{END}{tail}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
@@ -288,9 +322,15 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides (section.key=value)")
     ap.add_argument("--out", type=Path, default=HERE / "results", help="folder of quality.md and quality.json")
     ap.add_argument("--render", action="store_true", help="only rewrite quality.md from quality.json (no training)")
+    ap.add_argument("--readme", type=Path, default=None,
+                    help="README whose marked tables are rewritten (default: the project's, when --out is bench/results)")
     args = ap.parse_args()
+    readme = args.readme or (README if args.out.resolve() == (HERE / "results").resolve() else None)
     if args.render:
-        write(json.loads((args.out / "quality.json").read_text()), args.out / "quality.md")
+        results = json.loads((args.out / "quality.json").read_text())
+        write(results, args.out / "quality.md")
+        if readme:
+            update_readme(results, readme)
         print((args.out / "quality.md").read_text())
         return
     if not args.shared.is_dir():
@@ -309,6 +349,8 @@ def main() -> None:
             results = [previous[k] for k in sorted(previous, key=lambda k: (list(FILES).index(k[0]), k[1]))]
             (out / "quality.json").write_text(json.dumps(results, indent=1, default=str))
             write(results, out / "quality.md")
+            if readme:
+                update_readme(results, readme)
     print((out / "quality.md").read_text())
 
 

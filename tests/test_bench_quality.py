@@ -1,5 +1,6 @@
 """bench/quality.py: goals against the best baseline, and the tables written from results."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,32 @@ def test_render_rewrites_the_tables_from_the_results_file(tmp_path, monkeypatch)
     quality.main()
     text = (tmp_path / "quality.md").read_text()
     assert "| gsm8k (276 prompts) | static | default | 0.700 |" in text and "3 of 3 met" in text
+
+
+def test_readme_tables_are_the_committed_results():
+    """The README's quality tables are written from bench/results/quality.json, not copied by hand: a
+    results file and a README that disagree fail here (rerun `python bench/quality.py --render`)."""
+    root = Path(__file__).parents[1]
+    results = json.loads((root / "bench" / "results" / "quality.json").read_text())
+    readme = (root / "README.md").read_text()
+    between = readme.split(quality.BEGIN)[1].split(quality.END)[0]
+    assert between.strip() == quality.readme_block(results).strip()
+    assert "| mmlu | APGR ≥ 0.70 |" in between  # the goals table is among them
+
+
+def test_update_readme_rewrites_only_what_stands_between_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\nbefore\n\n{quality.BEGIN}\nstale table\n{quality.END}\n\nafter\n")
+    quality.update_readme([_pair_row(), _multi_row()], readme)
+    text = readme.read_text()
+    assert "stale table" not in text
+    assert text.startswith("# Title\n\nbefore\n\n") and text.endswith(f"{quality.END}\n\nafter\n")
+    assert "| gsm8k (276 prompts) | static | default | 0.700 | 0.680 [0.660, 0.700] (2) |" in text
+    assert "| gsm8k | APGR ≥ 0.67 | 0.680 (mean of 2) | yes |" in text
+    assert "Pairwise" not in text  # no pairwise rows, no caption
+    once = readme.read_text()
+    quality.update_readme([_pair_row(), _multi_row()], readme)
+    assert readme.read_text() == once  # rewriting is idempotent
+    readme.write_text("# Title\n\nno markers\n")
+    with pytest.raises(SystemExit, match="needs one line"):
+        quality.update_readme([_pair_row()], readme)
