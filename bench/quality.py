@@ -248,6 +248,8 @@ def write(results: list[dict], path: Path) -> None:
         "",
     ]
     lines += _goal_lines(results) + _pair_lines(results) + _multi_lines(results) + _win_lines(results)
+    if plot(results, path.with_suffix(".png")):
+        lines += ["", f"![student against the baselines of each goal]({path.with_suffix('.png').name})"]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -278,6 +280,46 @@ def _goal_lines(results: list[dict]) -> list[str]:
             "| dataset | goal | student | met |", "|---|---|---:|---|", *lines, "",
             f"{len(lines) - missed} of {len(lines)} met. What was tried for the missed ones, with what it measured on "
             "validation, is in `docs/experiments.md`.", ""]
+
+
+def plot(results: list[dict], path: Path) -> bool:
+    """One panel per dataset of the shipped student: its mean over seeds (the error bar spans the seeds'
+    range; green when every goal of the row is met), each baseline of its goal, and the goals as lines
+    (best baseline + MARGIN dashed, an absolute goal dotted).
+    False when no row of the static student is there to draw."""
+    rows = [r for r in results if r.get("student") == "static" and baseline_goal(r, _kind(r)) is not None]
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        kind = _kind(r)
+        values, seeds = _values(r, kind)
+        names = [k for k in BASELINES[kind] if values.get(k) is not None and np.isfinite(values[k])]
+        heights = [float(np.mean(seeds))] + [values[k] for k in names]
+        target, met = baseline_goal(r, kind)
+        if kind == "apgr" and r.get("goal") is not None:
+            met = met and bool(np.mean(seeds) >= r["goal"])  # green only when every goal of the row is met
+        colors = ["tab:green" if met else "tab:red"] + ["tab:gray"] * len(names)
+        ax.bar(range(len(heights)), heights, color=colors,
+               yerr=[[heights[0] - min(seeds)] + [0] * len(names), [max(seeds) - heights[0]] + [0] * len(names)])
+        ax.axhline(target, ls="--", color="k", lw=1, label=f"goal {target:.3f}")
+        if kind == "apgr" and r.get("goal") is not None:
+            ax.axhline(r["goal"], ls=":", color="tab:blue", lw=1, label=f"absolute {r['goal']:.2f}")
+        ax.set_xticks(range(len(heights)), ["student"] + names, rotation=45, ha="right", fontsize=8)
+        low = min(heights + [target]) - 0.05
+        ax.set_ylim(max(0.0, low), max(heights + [target]) + 0.06)  # room for the legend above the bars
+        ax.set_title(f"{r['dataset']}: {MEASURE[kind]}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 README = HERE.parent / "README.md"

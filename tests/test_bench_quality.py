@@ -56,6 +56,14 @@ def test_write_tables_with_goals(tmp_path):
     assert "| 0.566 | - | 0.600 |" in text  # the old row has no cluster APGR
     assert "## N models" in text and "| routerdc | static | default | 4234 | 7 | 0.530 |" in text
     assert "## Pairwise" not in text
+    assert "![student against the baselines of each goal](quality.png)" in text
+    from PIL import Image
+
+    with Image.open(tmp_path / "quality.png") as png:  # one panel per judged static row: two here
+        assert png.size[0] > png.size[1] > 100
+    (tmp_path / "quality.png").unlink()
+    quality.write([{**_pair_row(), "student": "transformer"}], path)  # nothing of the shipped student to draw
+    assert not (tmp_path / "quality.png").exists() and "![" not in path.read_text()
 
 
 def test_goal_summary_lists_each_goal_of_the_static_rows(tmp_path):
