@@ -102,11 +102,16 @@ def _values(r: dict, kind: str) -> tuple[dict, list[float]]:
     return values, list(seeds or [_router(values)])
 
 
+def baselines_of(r: dict, kind: str) -> dict[str, float]:
+    """The row's baselines for a goal kind that it holds a number for (name -> value), in BASELINES order."""
+    values = _values(r, kind)[0]
+    return {k: values[k] for k in BASELINES[kind] if values.get(k) is not None and np.isfinite(values[k])}
+
+
 def best_baseline(r: dict, kind: str) -> tuple[str, float] | None:
     """(name, value) of the best of the row's baselines for a goal kind; None without any."""
-    values = _values(r, kind)[0]
-    found = [(k, values[k]) for k in BASELINES[kind] if values.get(k) is not None and np.isfinite(values[k])]
-    return max(found, key=lambda kv: kv[1]) if found else None
+    found = baselines_of(r, kind)
+    return max(found.items(), key=lambda kv: kv[1]) if found else None
 
 
 def baseline_goal(r: dict, kind: str) -> tuple[float, bool] | None:
@@ -117,6 +122,13 @@ def baseline_goal(r: dict, kind: str) -> tuple[float, bool] | None:
         return None
     target = best[1] + MARGIN
     return target, bool(np.mean(_values(r, kind)[1]) >= target - 1e-12)
+
+
+def absolute_goal(r: dict) -> tuple[float, bool] | None:
+    """(the row's absolute APGR goal, whether the student's mean over seeds reaches it); None without one."""
+    if r.get("goal") is None or _kind(r) != "apgr":
+        return None
+    return r["goal"], bool(np.mean(_values(r, "apgr")[1]) >= r["goal"])
 
 
 def _goal_cells(judged: tuple[float, bool] | None, digits: int = 3) -> str:
@@ -175,7 +187,7 @@ def _pair_lines(results: list[dict]) -> list[str]:
         R = r["routers"]
         student = _router(R)
         seeds = r.get("seed_apgr", [student["apgr"]])
-        absolute = None if r["goal"] is None or _kind(r) != "apgr" else (r["goal"], bool(np.mean(seeds) >= r["goal"]))
+        absolute = absolute_goal(r)
         apgr = {k: _fmt(R.get(k, {}).get("apgr")) for k in ("teacher", "tfidf_lr", "knn", "mf", "cluster", "length",
                                                              "random", "oracle")}
         lines.append(
@@ -266,9 +278,9 @@ def _goal_lines(results: list[dict]) -> list[str]:
         values, seeds = _values(r, kind)
         digits = 4 if kind == "win" else 3
         mean = f"{np.mean(seeds):.{digits}f} (mean of {len(seeds)})"
-        if kind == "apgr" and r.get("goal") is not None:
-            met = bool(np.mean(seeds) >= r["goal"])
-            lines.append(f"| {r['dataset']} | {MEASURE[kind]} ≥ {r['goal']:.2f} | {mean} | {'yes' if met else '**no**'} |")
+        if (absolute := absolute_goal(r)) is not None:
+            lines.append(f"| {r['dataset']} | {MEASURE[kind]} ≥ {absolute[0]:.2f} | {mean} | "
+                         f"{'yes' if absolute[1] else '**no**'} |")
         judged, best = baseline_goal(r, kind), best_baseline(r, kind)
         if judged is not None:
             lines.append(f"| {r['dataset']} | {MEASURE[kind]} ≥ best baseline ({best[0]} {best[1]:.{digits}f}) + "
@@ -298,18 +310,19 @@ def plot(results: list[dict], path: Path) -> bool:
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.6), squeeze=False)
     for ax, r in zip(axes[0], rows):
         kind = _kind(r)
-        values, seeds = _values(r, kind)
-        names = [k for k in BASELINES[kind] if values.get(k) is not None and np.isfinite(values[k])]
-        heights = [float(np.mean(seeds))] + [values[k] for k in names]
+        seeds = _values(r, kind)[1]
+        baselines = baselines_of(r, kind)
+        names = list(baselines)
+        heights = [float(np.mean(seeds))] + list(baselines.values())
         target, met = baseline_goal(r, kind)
-        if kind == "apgr" and r.get("goal") is not None:
-            met = met and bool(np.mean(seeds) >= r["goal"])  # green only when every goal of the row is met
+        absolute = absolute_goal(r)
+        met = met and (absolute is None or absolute[1])  # green only when every goal of the row is met
         colors = ["tab:green" if met else "tab:red"] + ["tab:gray"] * len(names)
         ax.bar(range(len(heights)), heights, color=colors,
                yerr=[[heights[0] - min(seeds)] + [0] * len(names), [max(seeds) - heights[0]] + [0] * len(names)])
         ax.axhline(target, ls="--", color="k", lw=1, label=f"goal {target:.3f}")
-        if kind == "apgr" and r.get("goal") is not None:
-            ax.axhline(r["goal"], ls=":", color="tab:blue", lw=1, label=f"absolute {r['goal']:.2f}")
+        if absolute is not None:
+            ax.axhline(absolute[0], ls=":", color="tab:blue", lw=1, label=f"absolute {absolute[0]:.2f}")
         ax.set_xticks(range(len(heights)), ["student"] + names, rotation=45, ha="right", fontsize=8)
         low = min(heights + [target]) - 0.05
         ax.set_ylim(max(0.0, low), max(heights + [target]) + 0.06)  # room for the legend above the bars
