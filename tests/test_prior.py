@@ -196,4 +196,3 @@ def test_votes_whose_strengths_the_student_only_adds_noise_to_keep_the_global_ra
     assert prior is not None and record["chosen"]["k"] == 1
     assert record["best"]["quality"] > record["none"] + 0.05
     assert np.argsort(prior.table.numpy()[0]).tolist() == [0, 1, 2]  # the global ranking
-
