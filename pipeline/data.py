@@ -245,4 +245,3 @@ class RouterData(pl.LightningDataModule):
 
     def test_dataloader(self):
         return self._loader("test", False)
-

@@ -208,4 +208,3 @@ def write_model_card(bundle_dir: str | Path, router: Mapping | None = None) -> P
     path = bundle_dir / "MODEL_CARD.md"
     path.write_text("\n".join(lines))
     return path
-

@@ -164,4 +164,3 @@ def fit_cluster_prior(prep, h_train: np.ndarray, h_val: np.ndarray, p_val: np.nd
     console.print(f"cluster prior chosen on validation: [bold]k={k} tau={tau} beta={beta}[/] "
                   f"({what} {quality[best]:.4f} vs {base:.4f} without)")
     return ClusterPrior(centroids, table, beta, tau, strengths=pairwise), record
-

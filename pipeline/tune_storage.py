@@ -186,4 +186,3 @@ class SQLStorage(StudyStorage):
             optuna.storages.fail_stale_trials(study)  # calls self.retry for each trial it failed
         failed, self.retry.failed = self.retry.failed, []
         return failed
-
