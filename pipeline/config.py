@@ -61,6 +61,8 @@ class TeacherConfig(_Section):
     # of device (train.accelerator / devices / num_nodes / strategy, e.g. ddp), the pass is spread over them
     # with Lightning's Trainer.predict, each rank writing its share to the cache (pipeline/teacher_predict.py)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # the sentence embedding: "last", the last layer's mean pool; "layers", the mean of every layer's (unit length)
+    pooling: Literal["last", "layers"] = "last"
     head_hidden: int = Field(256, ge=1)
     epochs: int = Field(30, ge=1)
     lr: float = Field(1e-3, gt=0)

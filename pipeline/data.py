@@ -98,7 +98,8 @@ def prepare(name: str, cfg: Config) -> Prepared:
         name=name, models=models, costs=costs, pair=pair, prompts=prompts, prompt_ids=prompt_ids,
         target=list_matrix(table, "target", np.float32), mask=list_matrix(table, "mask", bool),
         split=split, teacher_emb=teacher_embeddings(texts, text_ids, cfg.teacher.path, cfg.teacher.max_tokens,
-                                                    cfg.teacher.batch_size, cfg.teacher.device, job=cfg.train),
+                                                    cfg.teacher.batch_size, cfg.teacher.device, job=cfg.train,
+                                                    pooling=cfg.teacher.pooling),
         data_hash=stats.get("content_hash", manifest.get("content_hash", "")), stats=stats,
         templates=templates, battles=battles, group_columns=group_columns,
     )

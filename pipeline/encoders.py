@@ -58,10 +58,12 @@ def _hub_errors(src: str):
                           "a hub id loads only from the local cache: pass a local checkpoint directory") from None
 
 
-def encoder_key(path: str | None, max_tokens: int) -> str:
+def encoder_key(path: str | None, max_tokens: int, pooling: str = "last") -> str:
     """Identity of the teacher for caching: its config and weight sizes, not just its path."""
     p = Path(teacher_path(path))
     h = hashlib.sha256(f"{max_tokens}".encode())
+    if pooling != "last":  # the key of the last layer's pooling is the one caches had before there was a choice
+        h.update(pooling.encode())
     if p.is_dir():
         for f in sorted(p.iterdir()):
             if f.is_file() and f.suffix in {".json", ".safetensors", ".bin", ".txt"}:
@@ -147,10 +149,20 @@ class ShardBuffer:
             self.ids, self.embs = [], []
 
 
-def embed_batch(tok, model, texts: list[str], max_tokens: int, device) -> np.ndarray:
-    """L2-normalised mean-pooled teacher embeddings of one batch of texts, as float32 on the host."""
+def embed_batch(tok, model, texts: list[str], max_tokens: int, device, pooling: str = "last") -> np.ndarray:
+    """L2-normalised mean-pooled teacher embeddings of one batch of texts, as float32 on the host.
+
+    `pooling`: "last", the last layer's mean (the sentence embedding the teacher was trained to give), or
+    "layers", the mean of every layer's unit-length mean, which keeps more of the lower layers' surface form
+    (wording, format); it helps the teacher head, kNN and MF more than the student (docs/experiments.md)."""
     enc = tok(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(device)
-    pooled = mean_pool(model(**enc).last_hidden_state, enc["attention_mask"])
+    mask = enc["attention_mask"]
+    if pooling == "last":
+        pooled = mean_pool(model(**enc).last_hidden_state, mask)
+    else:
+        layers = model(**enc, output_hidden_states=True).hidden_states[1:]  # [0] is the input embeddings
+        pooled = torch.stack([torch.nn.functional.normalize(mean_pool(h, mask).float(), dim=-1)
+                              for h in layers]).mean(0)
     return torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().numpy()
 
 
@@ -161,7 +173,7 @@ def _one_process(devices, num_nodes: int) -> bool:
 
 def teacher_embeddings(prompts: list[str], prompt_ids: list[str], path: str | None = None,
                        max_tokens: int = 256, batch_size: int = 64, device: str = "auto",
-                       shard_size: int = SHARD_PROMPTS, job=None) -> np.ndarray:
+                       shard_size: int = SHARD_PROMPTS, job=None, pooling: str = "last") -> np.ndarray:
     """L2-normalised mean-pooled teacher embeddings [n, d].
 
     Cached per encoder as shards of (prompt_id, embedding): only prompts never seen by this encoder
@@ -174,7 +186,7 @@ def teacher_embeddings(prompts: list[str], prompt_ids: list[str], path: str | No
     over them through Lightning's `Trainer.predict` (`teacher_predict.py`), each rank writing its own
     shards; every process of the job must then call this, and each gets the whole matrix.
     """
-    shard_dir = cache_dir() / "teacher" / encoder_key(path, max_tokens)
+    shard_dir = cache_dir() / "teacher" / encoder_key(path, max_tokens, pooling)
     known: dict[str, np.ndarray] = {}
     read: set[Path] = set()
     _read_shards(shard_dir, known, read)
@@ -184,11 +196,11 @@ def teacher_embeddings(prompts: list[str], prompt_ids: list[str], path: str | No
 
         ids, texts = missing
         if predict_missing(ids, texts, shard_dir, path, max_tokens, batch_size, shard_size,
-                           teacher_device(device), job):
+                           teacher_device(device), job, pooling):
             _read_shards(shard_dir, known, read)  # what the ranks wrote
             missing = _missing(prompts, prompt_ids, known)  # fewer prompts than ranks, or another node's shards
     if missing[0]:
-        _encode(*missing, known, shard_dir, path, max_tokens, batch_size, device, shard_size)
+        _encode(*missing, known, shard_dir, path, max_tokens, batch_size, device, shard_size, pooling)
     return np.stack([known[pid] for pid in prompt_ids]).astype(np.float32)
 
 
@@ -215,7 +227,7 @@ def _missing(prompts: list[str], prompt_ids: list[str], known: dict) -> tuple[li
 
 @torch.inference_mode()
 def _encode(todo_ids: list[str], todo: list[str], known: dict, shard_dir: Path, path: str | None,
-            max_tokens: int, batch_size: int, device: str, shard_size: int) -> None:
+            max_tokens: int, batch_size: int, device: str, shard_size: int, pooling: str = "last") -> None:
     """Encode the (length-sorted) prompts in this process, adding them to `known` and the cache."""
     from rich.progress import Progress
 
@@ -227,7 +239,8 @@ def _encode(todo_ids: list[str], todo: list[str], known: dict, shard_dir: Path, 
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"teacher embeddings ({len(todo)} new prompts, {dev})", total=len(todo))
         for i in range(0, len(todo), batch_size):
-            ids, emb = todo_ids[i:i + batch_size], embed_batch(tok, model, todo[i:i + batch_size], max_tokens, dev)
+            ids, emb = todo_ids[i:i + batch_size], embed_batch(tok, model, todo[i:i + batch_size], max_tokens, dev,
+                                                                pooling)
             shards.add(ids, emb)
             known.update(zip(ids, emb))
             bar.advance(task, len(ids))

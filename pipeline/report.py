@@ -89,7 +89,8 @@ def _embeddings(cols: _Columns, cfg) -> tuple[np.ndarray, str]:
 
         _, texts, ids = teacher_inputs(cols.prompts, cols.ids, cols.split, cfg)
         t = cfg.teacher
-        return teacher_embeddings(texts, ids, t.path, t.max_tokens, t.batch_size), "teacher embeddings"
+        return teacher_embeddings(texts, ids, t.path, t.max_tokens, t.batch_size,
+                                  pooling=t.pooling), "teacher embeddings"
     except ImportError:  # a serving-only install without torch
         from sklearn.decomposition import TruncatedSVD
         from sklearn.feature_extraction.text import TfidfVectorizer

@@ -36,10 +36,11 @@ class TeacherEmbedder(pl.LightningModule):
 
     The teacher is loaded in `setup`, once the ranks have agreed on the work, and only where there is work."""
 
-    def __init__(self, ids: list[str], texts: list[str], path: str | None, max_tokens: int, batch_size: int):
+    def __init__(self, ids: list[str], texts: list[str], path: str | None, max_tokens: int, batch_size: int,
+                 pooling: str = "last"):
         super().__init__()
         self.rows = list(zip(ids, texts))  # this process's view of the missing prompts, length-sorted
-        self.path, self.max_tokens, self.batch_size = path, max_tokens, batch_size
+        self.path, self.max_tokens, self.batch_size, self.pooling = path, max_tokens, batch_size, pooling
         self.work: list[tuple[str, str]] = []
         self.tok = None
         self.encoder = None
@@ -61,7 +62,7 @@ class TeacherEmbedder(pl.LightningModule):
 
     def predict_step(self, batch: tuple[list[str], list[str]]) -> tuple[list[str], np.ndarray]:
         ids, texts = batch
-        return ids, encoders.embed_batch(self.tok, self.encoder, texts, self.max_tokens, self.device)
+        return ids, encoders.embed_batch(self.tok, self.encoder, texts, self.max_tokens, self.device, self.pooling)
 
 
 class ShardWriter(BasePredictionWriter):
@@ -81,7 +82,7 @@ class ShardWriter(BasePredictionWriter):
 
 
 def predict_missing(ids: list[str], texts: list[str], shard_dir: Path, path: str | None, max_tokens: int,
-                    batch_size: int, shard_size: int, device: str, job) -> bool:
+                    batch_size: int, shard_size: int, device: str, job, pooling: str = "last") -> bool:
     """Embed the (length-sorted) prompts over the processes of `job` (a TrainConfig: accelerator, devices,
     num_nodes, strategy) and write them to `shard_dir`. False, with nothing run, when the job is one process
     or runs on another kind of device than `device` (cpu or cuda). Every process of the job must call it."""
@@ -94,6 +95,6 @@ def predict_missing(ids: list[str], texts: list[str], shard_dir: Path, path: str
         return False
     shard_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # a DataLoader draws a seed: keep the caller's random stream
-        trainer.predict(TeacherEmbedder(ids, texts, path, max_tokens, batch_size), return_predictions=False)
+        trainer.predict(TeacherEmbedder(ids, texts, path, max_tokens, batch_size, pooling), return_predictions=False)
     trainer.strategy.barrier("teacher-embeddings")  # every rank's shards are written before any reads the cache
     return True

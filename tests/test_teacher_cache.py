@@ -76,6 +76,35 @@ def test_a_killed_embedding_job_resumes_without_recomputing_finished_shards(tmp_
     assert not encoded and np.array_equal(again, fresh[::-1])  # all cached now, in any order
 
 
+def test_layer_pooling_averages_each_layers_unit_sentence_vector_under_a_cache_key_of_its_own(tmp_path,
+                                                                                             monkeypatch):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from pipeline.config import load_config
+    from pipeline.encoders import encoder_key, teacher_embeddings
+
+    teacher = str(make_tiny_teacher(tmp_path / "teacher", layers=3))
+    monkeypatch.setenv("PREROUTER_CACHE_DIR", str(tmp_path / "cache"))
+    prompts = ["a short one", "a somewhat longer prompt about the weather in spring", "x"]
+    ids = ["p0", "p1", "p2"]
+    last = teacher_embeddings(prompts, ids, teacher, 32, 8, "cpu")
+    layers = teacher_embeddings(prompts, ids, teacher, 32, 8, "cpu", pooling="layers")
+
+    tok, model = AutoTokenizer.from_pretrained(teacher), AutoModel.from_pretrained(teacher).eval()
+    unit = lambda v: v / np.linalg.norm(v)  # noqa: E731
+    for i, text in enumerate(prompts):  # one prompt at a time: no padding to mask
+        with torch.no_grad():
+            hidden = model(**tok(text, return_tensors="pt"), output_hidden_states=True).hidden_states
+        means = [h[0].mean(0).numpy() for h in hidden]  # [0] is the word embeddings, then 3 layers
+        np.testing.assert_allclose(last[i], unit(means[-1]), atol=1e-5)
+        np.testing.assert_allclose(layers[i], unit(np.mean([unit(m) for m in means[1:]], axis=0)), atol=1e-5)
+    assert not np.allclose(last, layers, atol=1e-3)
+    # caches written before the choice existed keep their key; the other pooling never reads them
+    assert encoder_key(teacher, 32) == encoder_key(teacher, 32, "last") != encoder_key(teacher, 32, "layers")
+    assert load_config(overrides=["teacher.pooling=last"]).teacher.pooling == "last"
+
+
 def test_teacher_device_is_auto_cpu_or_cuda(tiny_teacher, tmp_path, monkeypatch):
     import torch
 
