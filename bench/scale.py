@@ -254,7 +254,8 @@ def child(spec_file: str) -> None:
         stage("ingest", lambda: ingest(spec["data"], name=DATASET, force=True))
         stats = stage("label", lambda: label(DATASET, cfg.label, force=True))
         out["labels"] = {"prompts": stats["n_prompts"], "models": len(stats["models"]), "pair": stats.get("pair")}
-        teacher_dir = cache_dir() / "teacher" / encoder_key(cfg.teacher.path, cfg.teacher.max_tokens, cfg.teacher.pooling)
+        t = cfg.teacher
+        teacher_dir = cache_dir() / "teacher" / encoder_key(t.path, t.max_tokens, t.pooling)
         before = _shards(teacher_dir)
 
         def embed():  # `prepare` as `train` calls it; its time is the teacher's embeddings

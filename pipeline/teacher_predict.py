@@ -95,6 +95,7 @@ def predict_missing(ids: list[str], texts: list[str], shard_dir: Path, path: str
         return False
     shard_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # a DataLoader draws a seed: keep the caller's random stream
-        trainer.predict(TeacherEmbedder(ids, texts, path, max_tokens, batch_size, pooling), return_predictions=False)
+        trainer.predict(TeacherEmbedder(ids, texts, path, max_tokens, batch_size, pooling),
+                        return_predictions=False)
     trainer.strategy.barrier("teacher-embeddings")  # every rank's shards are written before any reads the cache
     return True

