@@ -227,7 +227,7 @@ def _missing(prompts: list[str], prompt_ids: list[str], known: dict) -> tuple[li
 
 @torch.inference_mode()
 def _encode(todo_ids: list[str], todo: list[str], known: dict, shard_dir: Path, path: str | None,
-            max_tokens: int, batch_size: int, device: str, shard_size: int, pooling: str = "last") -> None:
+            max_tokens: int, batch_size: int, device: str, shard_size: int, pooling: str) -> None:
     """Encode the (length-sorted) prompts in this process, adding them to `known` and the cache."""
     from rich.progress import Progress
 

@@ -37,7 +37,7 @@ class TeacherEmbedder(pl.LightningModule):
     The teacher is loaded in `setup`, once the ranks have agreed on the work, and only where there is work."""
 
     def __init__(self, ids: list[str], texts: list[str], path: str | None, max_tokens: int, batch_size: int,
-                 pooling: str = "last"):
+                 pooling: str):
         super().__init__()
         self.rows = list(zip(ids, texts))  # this process's view of the missing prompts, length-sorted
         self.path, self.max_tokens, self.batch_size, self.pooling = path, max_tokens, batch_size, pooling
@@ -82,7 +82,7 @@ class ShardWriter(BasePredictionWriter):
 
 
 def predict_missing(ids: list[str], texts: list[str], shard_dir: Path, path: str | None, max_tokens: int,
-                    batch_size: int, shard_size: int, device: str, job, pooling: str = "last") -> bool:
+                    batch_size: int, shard_size: int, device: str, job, pooling: str) -> bool:
     """Embed the (length-sorted) prompts over the processes of `job` (a TrainConfig: accelerator, devices,
     num_nodes, strategy) and write them to `shard_dir`. False, with nothing run, when the job is one process
     or runs on another kind of device than `device` (cpu or cuda). Every process of the job must call it."""
