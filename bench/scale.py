@@ -244,7 +244,7 @@ def child(spec_file: str) -> None:
         out["config"] = cfg.to_dict()
         out["torch_threads"] = __import__("torch").get_num_threads()
         from pipeline.data import prepare
-        from pipeline.encoders import cache_dir, encoder_key, static_vectors, teacher_word_embeddings
+        from pipeline.encoders import cache_dir, static_vectors, teacher_cache_dir, teacher_word_embeddings
         from pipeline.evaluate import evaluate
         from pipeline.export import export
         from pipeline.ingest import ingest
@@ -254,8 +254,7 @@ def child(spec_file: str) -> None:
         stage("ingest", lambda: ingest(spec["data"], name=DATASET, force=True))
         stats = stage("label", lambda: label(DATASET, cfg.label, force=True))
         out["labels"] = {"prompts": stats["n_prompts"], "models": len(stats["models"]), "pair": stats.get("pair")}
-        t = cfg.teacher
-        teacher_dir = cache_dir() / "teacher" / encoder_key(t.path, t.max_tokens, t.pooling)
+        teacher_dir = teacher_cache_dir(cfg.teacher.path, cfg.teacher.max_tokens, cfg.teacher.pooling)
         before = _shards(teacher_dir)
 
         def embed():  # `prepare` as `train` calls it; its time is the teacher's embeddings

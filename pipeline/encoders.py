@@ -80,6 +80,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PREROUTER_CACHE_DIR", data_root() / "cache"))
 
 
+def teacher_cache_dir(path: str | None, max_tokens: int, pooling: str = "last") -> Path:
+    """Where this teacher's sentence embeddings are cached (shards of prompt_id -> embedding)."""
+    return cache_dir() / "teacher" / encoder_key(path, max_tokens, pooling)
+
+
 def load_teacher(path: str | None):
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -186,7 +191,7 @@ def teacher_embeddings(prompts: list[str], prompt_ids: list[str], path: str | No
     over them through Lightning's `Trainer.predict` (`teacher_predict.py`), each rank writing its own
     shards; every process of the job must then call this, and each gets the whole matrix.
     """
-    shard_dir = cache_dir() / "teacher" / encoder_key(path, max_tokens, pooling)
+    shard_dir = teacher_cache_dir(path, max_tokens, pooling)
     known: dict[str, np.ndarray] = {}
     read: set[Path] = set()
     _read_shards(shard_dir, known, read)
