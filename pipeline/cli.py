@@ -87,8 +87,9 @@ def _root():
 
 @app.command()
 def ingest(
-    data: List[str] = typer.Argument(..., help="A .csv, .jsonl/.json (each may be .gz/.bz2/.xz compressed) or "
-                                               ".parquet file, or a hub dataset as hf:org/name; several are merged "
+    data: List[str] = typer.Argument(..., help="A .csv, .jsonl/.json (each may be .gz/.bz2/.xz compressed), "
+                                               ".parquet or .arrow file, a folder of them (a downloaded hub dataset) "
+                                               "or a hub dataset as hf:org/name; several are merged "
                                                "into one dataset."),
     layout: Optional[str] = LayoutOpt,
     name: Optional[str] = typer.Option(None, help="Dataset name under data/processed/ (default: the (first) file's "
@@ -256,7 +257,7 @@ def tune(
 @app.command()
 def report(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    data: str = typer.Option(..., help="Labeled dataset name, or a data file to ingest + label first."),
+    data: str = typer.Option(..., help="Labeled dataset name, or a data file (or folder) to ingest + label first."),
     out: Optional[Path] = typer.Option(None, help="Report folder (default BUNDLE/../report)."),
     profile: Optional[Path] = typer.Option(None, help="YAML model profile for the router/cascade/ensemble simulation."),
     layout: Optional[str] = LayoutOpt,
@@ -272,7 +273,7 @@ def report(
 
 @app.command()
 def run(
-    data: str = typer.Argument(..., help="Preference data file or hf:org/name."),
+    data: str = typer.Argument(..., help="Preference data file, a folder of data files, or hf:org/name."),
     out: Optional[Path] = typer.Option(None, help="Bundle directory (default models/NAME/bundle)."),
     name: Optional[str] = typer.Option(None, help="Dataset/model name (default: the file stem)."),
     trials: int = typer.Option(0, min=0, help="Optuna trials before the final training (0: defaults)."),
@@ -299,7 +300,7 @@ def run(
 def compare(
     champion: str = typer.Argument(..., help="Champion bundle folder or models:/prerouter-NAME@ALIAS."),
     challenger: str = typer.Argument(..., help="Challenger bundle folder or models:/prerouter-NAME@ALIAS."),
-    data: str = typer.Option(..., help="Labeled dataset name (its test split), or a data file held out whole."),
+    data: str = typer.Option(..., help="Labeled dataset name (its test split), or a data file (or folder) held out whole."),
     margin: float = typer.Option(0.01, help="Promote unless the challenger may be worse by more than this "
                                             "(95% lower bound of challenger - champion > -margin)."),
     out: Optional[Path] = typer.Option(None, help="Folder for compare.md and compare.json "

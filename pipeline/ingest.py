@@ -1,6 +1,6 @@
 """Read preference data in any of three layouts into the canonical dataset (docs/contracts.md, section 1).
 
-Input goes through the `datasets` library (csv, json/jsonl, parquet, or `hf:org/name`), so big files
+Input goes through the `datasets` library (csv, json/jsonl, parquet, arrow, a folder of them, or `hf:org/name`), so big files
 are memory-mapped Arrow; the merge is done on whole columns with pyarrow compute and numpy
 (`pc.unique`/`pc.index_in` to number prompts and models, `np.bincount` to average duplicates),
 never with per-row Python objects for the whole file.
@@ -74,7 +74,7 @@ from .ingest_canonical import build_dataset, list_column, list_matrix
 from .ingest_layouts import LAYOUTS, detect_layout
 from .ingest_merge import add_test_data, merge_inputs
 from .ingest_output import load_changed_inputs, print_summary, write_processed
-from .ingest_sources import default_name, parse_rename, resolve_source
+from .ingest_sources import data_files, default_name, parse_rename, resolve_source
 
 __all__ = ["ingest", "detect_layout", "parse_rename", "list_column", "list_matrix", "SCHEMA_VERSION", "INGEST_VERSION"]
 
@@ -88,15 +88,17 @@ def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Opti
            rename: Optional[Mapping[str, str]] = None) -> Path:
     """Read `source` into data/processed/NAME/ (dataset/, battles/ for pairwise, manifest.json).
 
-    `source` may be several files / hub ids: each is read and cleaned alone (its own layout, drops and
-    duplicate merge, or `layout` for all), then `merge_inputs` joins them; the manifest's `sources` lists
+    `source` may be several files / hub ids / folders (a folder stands for the data files under it,
+    `data_files`): each file is read and cleaned alone (its own layout, drops and duplicate merge, or
+    `layout` for all), then `merge_inputs` joins them; the manifest's `sources` lists
     every input with its hash, layout and row counts. `split_column`: the input column whose train / val /
     test values are the split (in every file). `test_data`: a second file, in the (first) main file's
     layout, whose prompts are the test split (a hub id reads its `test` split). `rename` ({old: new}) renames
     columns of every input as it is read; the other options use the new names. The manifest's
     `content_hash` covers every input in order and the options, so unchanged inputs skip the work.
     """
-    sources = [source] if isinstance(source, str) else list(source)
+    given = [source] if isinstance(source, str) else list(source)
+    sources = [f for s in given for f in data_files(s)]
     if not sources:
         raise ConfigError("no input file given")
     if layout is not None and layout not in LAYOUTS:
@@ -108,8 +110,11 @@ def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Opti
     n_main = len(sources)
     srcs = [resolve_source(s, split, rename) for s in sources]
     if test_data is not None:
-        srcs.append(resolve_source(test_data, "test", rename))
-    name = name or default_name(srcs[0].text)
+        if len(test_files := data_files(test_data)) > 1:
+            raise ConfigError(f"--test-data takes one file; the folder {test_data} holds {len(test_files)} data "
+                              "files: name the test one")
+        srcs.append(resolve_source(test_files[0], "test", rename))
+    name = name or default_name(given[0])
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid dataset name {name!r}")
     check_name(name)

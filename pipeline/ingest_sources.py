@@ -1,7 +1,8 @@
-"""Reading one ingest input into an Arrow table: a local .csv, .jsonl, .json or .parquet file (the text
-formats also compressed as .gz, .bz2 or .xz), or a hub dataset given as `hf:org/name`.
+"""Reading one ingest input into an Arrow table: a local .csv, .jsonl, .json, .parquet or .arrow file (the
+text formats also compressed as .gz, .bz2 or .xz), or a hub dataset given as `hf:org/name`.
 
-`resolve_source` checks the name, `hash_input` hashes a local file's bytes (checking text formats are
+`data_files` turns a folder (a downloaded hub dataset, a `save_to_disk` folder) into the data files under
+it, `resolve_source` checks a name, `hash_input` hashes a local file's bytes (checking text formats are
 UTF-8 on the same pass) and `load_table` reads it through the `datasets` library, memory-mapped, with
 every read failure turned into one `DataError` naming the file (and line where there is one). CSV
 columns are read as text and typed here over whole columns; a header naming a column twice is an
@@ -24,7 +25,7 @@ from typing import Iterator, Mapping, Optional
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .common import ConfigError, DataError, arrow_table, data_root
+from .common import ConfigError, DataError, arrow_table, data_root, processed_dir
 from .compression import (READ_ERRORS, compression_of, decompress_failure, holds_json_array, open_input,
                           without_compression)
 from .ingest_columns import is_json_ext
@@ -32,7 +33,10 @@ from .ingest_layouts import CONVERSATION, MESSAGES
 
 _TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner", CONVERSATION, MESSAGES)  # never typed as numbers
 # `datasets` reads compressed files itself (by the suffix); every raw read here goes through `open_input`.
-_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+_BINARY = ("parquet", "arrow")  # not text: never compressed, not checked as UTF-8
+# JSON files `datasets` and the hub keep beside the data of a folder; they describe it and hold no rows.
+_FOLDER_METADATA = {"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"}
 
 
 @dataclass
@@ -72,11 +76,36 @@ def check_rename(rename: Optional[Mapping[str, str]]) -> dict[str, str]:
     return rename
 
 
+def data_files(source: str) -> list[str]:
+    """`source` itself, or for a folder every data file under it in name order: the files of a type ingest
+    reads, except hidden ones (a name starting with a dot, or in such a folder) and `datasets`' own metadata.
+    A folder is read as its files given together, so its train and test files (a hub dataset's splits)
+    become one pool that the pipeline splits. A folder without data files is a DataError."""
+    folder = Path(source)
+    if source.startswith("hf:") or not folder.is_dir():
+        return [source]
+    found = [f for f in folder.rglob("*") if f.is_file() and f.name not in _FOLDER_METADATA
+             and not any(part.startswith(".") for part in f.relative_to(folder).parts) and _builder_of(f)]
+    if not found:
+        raise DataError("a folder with no data files in it: ingest reads the .csv, .jsonl, .json, .parquet and "
+                        ".arrow files under a folder", file=folder)
+    return [str(f) for f in sorted(found, key=lambda f: f.relative_to(folder).parts)]
+
+
+def is_data_input(data: str) -> bool:
+    """`data` names something ingest reads (a file, a hub id, or a folder that is not also the name of a
+    dataset already ingested), not an ingested dataset."""
+    if Path(data).is_dir():
+        return not (processed_dir(data) / "manifest.json").is_file()
+    return Path(data).is_file() or data.startswith("hf:")
+
+
 def read_options(data: str, read: Optional[Mapping] = None) -> Optional[dict]:
-    """ingest's options for reading `data` (layout, models, rename) when `data` is a file or hub id; None
-    when it names a dataset already ingested, which is not read again, so options given for it are an error."""
+    """ingest's options for reading `data` (layout, models, rename) when `data` is a file, folder or hub id;
+    None when it names a dataset already ingested, which is not read again, so options given for it are an
+    error."""
     read = {k: v for k, v in (read or {}).items() if v}
-    if Path(data).is_file() or data.startswith("hf:"):
+    if is_data_input(data):
         return read
     if read:
         flags = ", ".join(f"--{k}" for k in read)
@@ -92,6 +121,13 @@ def default_name(source: str) -> str:
     return (stem if dot and stem and f".{suffix.lower()}" in _BUILDERS else name) or "data"
 
 
+def _builder_of(path: Path) -> Optional[str]:
+    """The `datasets` builder that reads `path` by its name, or None for a type ingest does not read (a
+    compressed binary file among them)."""
+    builder = _BUILDERS.get(Path(without_compression(path.name)).suffix.lower())
+    return None if builder in _BINARY and compression_of(path) is not None else builder
+
+
 def resolve_source(source: str, split: str, rename: Optional[Mapping[str, str]] = None) -> Source:
     """`source` (a file path or hf:org/name) checked to be a file of a known type that exists and is not empty;
     `rename` ({old: new}) is applied to its columns as it is read."""
@@ -100,11 +136,11 @@ def resolve_source(source: str, split: str, rename: Optional[Mapping[str, str]] 
         return Source(source, None, source[3:], split, rename)
     path = Path(source)
     compressed = compression_of(path) is not None
-    builder = _BUILDERS.get(Path(without_compression(path.name)).suffix.lower())
-    if builder is None or (compressed and builder == "parquet"):
+    builder = _builder_of(path)
+    if builder is None:
         what = "".join(path.suffixes[-2:]) if compressed else path.suffix
         raise DataError(f"unsupported file type {what or '(none)'!r}: use .csv, .jsonl, .json (each may be "
-                        ".gz, .bz2 or .xz compressed), .parquet or hf:org/name", file=path)
+                        ".gz, .bz2 or .xz compressed), .parquet, .arrow, a folder of them or hf:org/name", file=path)
     if not path.is_file():
         raise DataError("file not found", file=path)
     if path.stat().st_size == 0:
@@ -117,7 +153,7 @@ def hash_input(src: Source) -> str:
     a second, decompressing pass when the file is compressed."""
     h = hashlib.sha256()
     compressed = compression_of(src.path) is not None
-    decoder = codecs.getincrementaldecoder("utf-8")() if src.builder != "parquet" else None
+    decoder = codecs.getincrementaldecoder("utf-8")() if src.builder not in _BINARY else None
     try:
         with open(src.path, "rb") as f:
             while block := f.read(1 << 20):

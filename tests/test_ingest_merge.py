@@ -125,3 +125,66 @@ def test_a_prompt_in_two_inputs_with_a_trailing_newline_in_one_is_one_prompt(dat
 
 def list_of(table, column, row):
     return [float(v) for v in table.column(column)[row].as_py()]
+
+
+def test_a_folder_is_the_data_files_under_it(data_dir, cli, demo_files, tmp_path):
+    """A downloaded hub dataset: its shards are read as if given one by one, in name order; the card, the
+    `datasets` metadata and hidden folders are not read; a folder without data files is one error."""
+    frame = pd.read_csv(demo_files["wide"])
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    (hub / ".cache").mkdir()
+    shards = [hub / "data" / "test-00000-of-00001.parquet", hub / "data" / "train-00000-of-00002.parquet",
+              hub / "data" / "train-00001-of-00002.parquet"]
+    for shard, rows in zip(shards, (frame.iloc[500:], frame.iloc[:250], frame.iloc[250:500])):
+        rows.to_parquet(shard, index=False)
+    frame.iloc[:10].assign(prompt="not data").to_parquet(hub / ".cache" / "stale.parquet", index=False)
+    (hub / "README.md").write_text("# card\n")
+    (hub / "dataset_infos.json").write_text('{"default": {"description": ""}}')
+    code, out = cli("ingest", hub)
+    assert code == 0, out
+    ids, merged, _, manifest = _dataset("hub")  # named after the folder
+    assert [s["source"] for s in manifest["sources"]] == [str(s) for s in shards]
+    assert cli("ingest", *shards, "--name", "shards")[0] == 0
+    ids_s, given, _, _ = _dataset("shards")
+    assert list(ids) == list(ids_s) and len(ids) == frame.prompt.nunique()
+    for k in ("outcome", "count", "mask"):
+        assert np.array_equal(merged[k], given[k])
+
+    (tmp_path / "empty" / "docs").mkdir(parents=True)
+    (tmp_path / "empty" / "docs" / "README.md").write_text("nothing here\n")
+    code, out = cli("ingest", tmp_path / "empty")
+    assert code == 2 and "a folder with no data files in it" in out
+    code, out = cli("ingest", shards[1], "--test-data", hub / "data", "--name", "x")
+    assert code == 2 and "--test-data takes one file" in out and "3 data files" in out
+
+
+def test_a_save_to_disk_folder_reads_like_its_csv(data_dir, cli, demo_files, tmp_path):
+    """`Dataset.save_to_disk` writes .arrow files beside JSON metadata; the folder ingests as the csv does."""
+    import datasets
+
+    frame = pd.read_csv(demo_files["wide"])
+    datasets.Dataset.from_pandas(frame, preserve_index=False).save_to_disk(str(tmp_path / "saved"))
+    assert cli("ingest", demo_files["wide"], "--name", "csv")[0] == 0
+    code, out = cli("ingest", tmp_path / "saved")
+    assert code == 0, out
+    ids_c, from_csv, table_c, manifest_c = _dataset("csv")
+    ids_a, from_arrow, table_a, manifest_a = _dataset("saved")
+    assert list(ids_c) == list(ids_a)
+    for k in ("outcome", "count", "mask"):
+        assert np.array_equal(from_csv[k], from_arrow[k])
+    assert manifest_a["models"] == manifest_c["models"] and manifest_a["costs"] == manifest_c["costs"]
+    assert table_a.column("family").to_pylist() == table_c.column("family").to_pylist()
+
+
+def test_a_folder_named_like_an_ingested_dataset_means_the_dataset(data_dir, demo_files, tmp_path, monkeypatch):
+    """report/compare take a dataset name or data to read: a folder is read unless a dataset of that name exists."""
+    from pipeline.ingest import ingest
+    from pipeline.ingest_sources import read_options
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine").mkdir()
+    pd.read_csv(demo_files["wide"]).to_parquet(tmp_path / "mine" / "part.parquet", index=False)
+    assert read_options("mine", {"layout": "wide"}) == {"layout": "wide"}  # not ingested: read the folder
+    ingest(str(tmp_path / "mine"), name="mine")
+    assert read_options("mine") is None  # now the name of the ingested dataset
