@@ -88,7 +88,7 @@ def _embeddings(cols: _Columns, cfg) -> tuple[np.ndarray, str]:
         from .encoders import teacher_embeddings, teacher_inputs
 
         _, texts, ids = teacher_inputs(cols.prompts, cols.ids, cols.split, cfg)
-        t = cfg.teacher
+        t = cfg.teacher  # the bundle's: its device is the training machine's, so this one picks its own (auto)
         return teacher_embeddings(texts, ids, t.path, t.max_tokens, t.batch_size,
                                   pooling=t.pooling), "teacher embeddings"
     except ImportError:  # a serving-only install without torch
