@@ -6,7 +6,7 @@ PRE := $(VENV)/bin/prerouter
 DEMO := data/raw/demo
 DATA ?= $(DEMO)/demo_wide.csv
 # The dataset name: the file name without its compression and type suffixes (battles.jsonl.gz → battles).
-DATA_FILE = $(patsubst %.gz,%,$(patsubst %.bz2,%,$(patsubst %.xz,%,$(notdir $(DATA)))))
+DATA_FILE = $(patsubst %.gz,%,$(patsubst %.bz2,%,$(patsubst %.xz,%,$(notdir $(patsubst %/,%,$(DATA))))))
 NAME ?= $(basename $(DATA_FILE))
 TRIALS ?= 0
 BUDGET_MS ?= 1.0
@@ -34,7 +34,7 @@ lock: setup  ## rewrite constraints.txt from .venv (after upgrading a dependency
 $(DEMO)/demo_wide.csv: | setup
 	$(PRE) demo-data --out $(DEMO)
 
-all: setup $(if $(filter $(DEMO)/%,$(DATA)),$(DEMO)/demo_wide.csv)  ## the whole pipeline (DATA=file or hf:org/name, CONFIG=yaml)
+all: setup $(if $(filter $(DEMO)/%,$(DATA)),$(DEMO)/demo_wide.csv)  ## the whole pipeline (DATA=file, folder or hf:org/name, CONFIG=yaml)
 	$(PRE) run $(DATA) --name $(NAME) $(CFG) --trials $(TRIALS) --budget-ms $(BUDGET_MS) $(INGEST_ARGS)
 
 demo-data: setup  ## write the synthetic demo set in all three layouts

@@ -188,3 +188,17 @@ def test_a_folder_named_like_an_ingested_dataset_means_the_dataset(data_dir, dem
     assert read_options("mine", {"layout": "wide"}) == {"layout": "wide"}  # not ingested: read the folder
     ingest(str(tmp_path / "mine"), name="mine")
     assert read_options("mine") is None  # now the name of the ingested dataset
+
+
+@pytest.mark.parametrize("data, name", [("downloads/arena/", "arena"), ("downloads/arena", "arena"),
+                                        ("x/battles.jsonl.gz", "battles")])
+def test_make_names_the_dataset_after_the_file_or_folder(data, name):
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(["make", "-n", "all", f"DATA={data}"], cwd=root, capture_output=True, text=True, check=True)
+    assert f"run {data} --name {name} " in out.stdout
