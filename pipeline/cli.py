@@ -300,7 +300,8 @@ def run(
 def compare(
     champion: str = typer.Argument(..., help="Champion bundle folder or models:/prerouter-NAME@ALIAS."),
     challenger: str = typer.Argument(..., help="Challenger bundle folder or models:/prerouter-NAME@ALIAS."),
-    data: str = typer.Option(..., help="Labeled dataset name (its test split), or a data file (or folder) held out whole."),
+    data: str = typer.Option(..., help="Labeled dataset name (its test split), or a data file (or folder) held "
+                                       "out whole."),
     margin: float = typer.Option(0.01, help="Promote unless the challenger may be worse by more than this "
                                             "(95% lower bound of challenger - champion > -margin)."),
     out: Optional[Path] = typer.Option(None, help="Folder for compare.md and compare.json "

@@ -1,9 +1,9 @@
 """Read preference data in any of three layouts into the canonical dataset (docs/contracts.md, section 1).
 
-Input goes through the `datasets` library (csv, json/jsonl, parquet, arrow, a folder of them, or `hf:org/name`), so big files
-are memory-mapped Arrow; the merge is done on whole columns with pyarrow compute and numpy
-(`pc.unique`/`pc.index_in` to number prompts and models, `np.bincount` to average duplicates),
-never with per-row Python objects for the whole file.
+Input goes through the `datasets` library (csv, json/jsonl, parquet, arrow, a folder of them, or
+`hf:org/name`), so big files are memory-mapped Arrow; the merge is done on whole columns with pyarrow
+compute and numpy (`pc.unique`/`pc.index_in` to number prompts and models, `np.bincount` to average
+duplicates), never with per-row Python objects for the whole file.
 
 Layouts, detected from the columns (`layout=` overrides):
 

@@ -92,7 +92,7 @@ def data_files(source: str) -> list[str]:
     return [str(f) for f in sorted(found, key=lambda f: f.relative_to(folder).parts)]
 
 
-def is_data_input(data: str) -> bool:
+def _is_data_input(data: str) -> bool:
     """`data` names something ingest reads (a file, a hub id, or a folder that is not also the name of a
     dataset already ingested), not an ingested dataset."""
     if Path(data).is_dir():
@@ -105,7 +105,7 @@ def read_options(data: str, read: Optional[Mapping] = None) -> Optional[dict]:
     None when it names a dataset already ingested, which is not read again, so options given for it are an
     error."""
     read = {k: v for k, v in (read or {}).items() if v}
-    if is_data_input(data):
+    if _is_data_input(data):
         return read
     if read:
         flags = ", ".join(f"--{k}" for k in read)
