@@ -87,7 +87,7 @@ def _root():
 
 @app.command()
 def ingest(
-    data: List[str] = typer.Argument(..., help="A .csv, .jsonl/.json (each may be .gz/.bz2/.xz compressed), "
+    data: List[str] = typer.Argument(..., help="A .csv, .tsv, .jsonl/.json (each may be .gz/.bz2/.xz compressed), "
                                                ".parquet or .arrow file, a folder of them (a downloaded hub dataset) "
                                                "or a hub dataset as hf:org/name; several are merged "
                                                "into one dataset."),
@@ -361,7 +361,7 @@ def calibrate(
     bundle: str = typer.Argument(..., help="Bundle folder or models:/prerouter-NAME@ALIAS."),
     prompts: Path = typer.Option(..., "--prompts", help="Unlabeled traffic, in any input `score` reads: JSONL "
                                                         "with a `prompt` or `messages` per line, a JSON array, "
-                                                        "csv or parquet (text formats also compressed)."),
+                                                        "csv, tsv or parquet (text formats also compressed)."),
     out: Path = typer.Option(..., help="New bundle folder (replaced whole; may be BUNDLE itself)."),
     report: Optional[Path] = typer.Option(None, help="Folder for calibration.md / .json (default OUT.calibration)."),
 ):

@@ -1,5 +1,5 @@
-"""Reading one ingest input into an Arrow table: a local .csv, .jsonl, .json, .parquet or .arrow file (the
-text formats also compressed as .gz, .bz2 or .xz), or a hub dataset given as `hf:org/name`.
+"""Reading one ingest input into an Arrow table: a local .csv, .tsv, .jsonl, .ndjson, .json, .parquet or .arrow
+file (the text formats also compressed as .gz, .bz2 or .xz), or a hub dataset given as `hf:org/name`.
 
 `data_files` turns a folder (a downloaded hub dataset, a `save_to_disk` folder) into the data files under
 it, `resolve_source` checks a name, `hash_input` hashes a local file's bytes (checking text formats are
@@ -33,8 +33,18 @@ from .ingest_layouts import CONVERSATION, MESSAGES
 
 _TEXT_COLUMNS = ("prompt", "model", "model_a", "model_b", "winner", CONVERSATION, MESSAGES)  # never typed as numbers
 # `datasets` reads compressed files itself (by the suffix); every raw read here goes through `open_input`.
-_BUILDERS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+_BUILDERS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".ndjson": "json", ".json": "json",
+             ".parquet": "parquet", ".arrow": "arrow"}
 _BINARY = ("parquet", "arrow")  # not text: never compressed, not checked as UTF-8
+# Types met in the wild that ingest does not read, with the way to a type it does.
+_CONVERT = {
+    ".pkl": "loading a pickle runs any code it holds; if you trust the file, convert it once: "
+            "python -c \"import pandas as pd; pd.read_pickle('FILE').to_parquet('OUT')\"",
+    ".xlsx": "save the sheet as CSV, or convert it: python -c \"import pandas as pd; "
+             "pd.read_excel('FILE').to_parquet('OUT')\" (needs openpyxl)",
+}
+_CONVERT[".pickle"] = _CONVERT[".pkl"]
+_CONVERT[".xls"] = _CONVERT[".xlsx"]
 # JSON files `datasets` and the hub keep beside the data of a folder; they describe it and hold no rows.
 _FOLDER_METADATA = {"dataset_info.json", "dataset_infos.json", "state.json", "dataset_dict.json"}
 
@@ -87,8 +97,8 @@ def data_files(source: str) -> list[str]:
     found = [f for f in folder.rglob("*") if f.is_file() and f.name not in _FOLDER_METADATA
              and not any(part.startswith(".") for part in f.relative_to(folder).parts) and _builder_of(f)]
     if not found:
-        raise DataError("a folder with no data files in it: ingest reads the .csv, .jsonl, .json, .parquet and "
-                        ".arrow files under a folder", file=folder)
+        raise DataError("a folder with no data files in it: ingest reads the .csv, .tsv, .jsonl, .json, .parquet "
+                        "and .arrow files under a folder", file=folder)
     return [str(f) for f in sorted(found, key=lambda f: f.relative_to(folder).parts)]
 
 
@@ -121,6 +131,11 @@ def default_name(source: str) -> str:
     return (stem if dot and stem and f".{suffix.lower()}" in _BUILDERS else name) or "data"
 
 
+def _separator(path: Path) -> str:
+    """The field separator of a CSV-read file: a tab for .tsv, a comma otherwise."""
+    return "\t" if Path(without_compression(path.name)).suffix.lower() == ".tsv" else ","
+
+
 def _builder_of(path: Path) -> Optional[str]:
     """The `datasets` builder that reads `path` by its name, or None for a type ingest does not read (a
     compressed binary file among them)."""
@@ -139,7 +154,10 @@ def resolve_source(source: str, split: str, rename: Optional[Mapping[str, str]] 
     builder = _builder_of(path)
     if builder is None:
         what = "".join(path.suffixes[-2:]) if compressed else path.suffix
-        raise DataError(f"unsupported file type {what or '(none)'!r}: use .csv, .jsonl, .json (each may be "
+        if convert := _CONVERT.get(path.suffix.lower()):
+            convert = convert.replace("FILE", str(path)).replace("OUT", str(path.with_suffix(".parquet")))
+            raise DataError(f"{path.suffix} files are not read: {convert}", file=path)
+        raise DataError(f"unsupported file type {what or '(none)'!r}: use .csv, .tsv, .jsonl, .json (each may be "
                         ".gz, .bz2 or .xz compressed), .parquet, .arrow, a folder of them or hf:org/name", file=path)
     if not path.is_file():
         raise DataError("file not found", file=path)
@@ -194,7 +212,7 @@ def _duplicated_columns(src: Source) -> list[str]:
             import csv
 
             with open_input(src.path, newline="") as f:
-                names = next(csv.reader(f), [])
+                names = next(csv.reader(f, delimiter=_separator(src.path)), [])
         elif src.builder == "parquet":
             import pyarrow.parquet as pq
 
@@ -251,20 +269,23 @@ def load_table(src: Source) -> Iterator[tuple[pa.Table, str]]:
             # default NA strings would turn a prompt like "None" into a missing value.
             import pandas as pd
 
+            sep = _separator(src.path)
             try:
-                head = pd.read_csv(src.path, nrows=1, encoding="utf-8", dtype=str)
+                head = pd.read_csv(src.path, nrows=1, encoding="utf-8", dtype=str, sep=sep)
             except Exception as e:
                 raise DataError(f"cannot read the CSV header: {e}", file=src.path) from None
             if head.empty:
                 raise DataError("the file has a header but no rows", file=src.path)
             header = list(head.columns)
-            other = next((sep for sep in (";", "\t") if len(header) == 1 and sep in header[0]), None)
+            other = next((o for o in (",", ";", "\t") if o != sep and len(header) == 1 and o in header[0]), None)
             if other:
+                # A ';' file is refused rather than guessed: such exports often write decimal commas (0,5).
+                how = {"\t": "name it .tsv", ",": "name it .csv"}.get(other, "re-save it with commas")
                 raise DataError(f"the header is one column, {header[0]!r}: the file looks {other!r}-separated; "
-                                "prerouter reads comma-separated CSV (re-save it with commas, or as .jsonl/.parquet)",
-                                file=src.path)
+                                f"prerouter reads comma-separated .csv and tab-separated .tsv ({how}, or save it "
+                                "as .jsonl/.parquet)", file=src.path)
             kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}),
-                          keep_default_na=False, na_values=[""])
+                          keep_default_na=False, na_values=[""], sep=sep)
         data_file = (_json_array_as_lines(src.path, cache) if src.builder == "json" else None) or src.path
         try:
             ds = datasets.load_dataset(src.builder, data_files=str(data_file), split="train",

@@ -16,7 +16,7 @@ from .runtime import Router, RouterError, prompt_of, router_error
 
 def read_prompt_records(path: str | Path) -> Iterator[dict]:
     """The records of a JSONL file of {"prompt": ..., ...} objects, one per non-blank line, in order, or
-    (a `.csv` file) its rows, which need a `prompt` column (`prompt_id` is kept too; other columns are not);
+    (a `.csv` or tab-separated `.tsv` file) its rows, which need a `prompt` column (`prompt_id` is kept too; other columns are not);
     either may be compressed (.gz, .bz2, .xz). A `.json` file holding one array of such records, and a
     `.parquet` file's rows (its `prompt` or `messages` and `prompt_id` columns; needs pyarrow), are read as
     JSONL records are.
@@ -28,8 +28,8 @@ def read_prompt_records(path: str | Path) -> Iterator[dict]:
     """
     suffix = Path(without_compression(str(path))).suffix.lower()
     try:
-        if suffix == ".csv":
-            yield from _csv_prompt_records(path)
+        if suffix in (".csv", ".tsv"):
+            yield from _csv_prompt_records(path, "\t" if suffix == ".tsv" else ",")
         elif suffix == ".parquet":
             yield from _parquet_prompt_records(path)
         elif suffix == ".json" and holds_json_array(path):
@@ -112,12 +112,12 @@ def _parquet_prompt_records(path: str | Path) -> Iterator[dict]:
             yield _prompt_record({k: v for k, v in rec.items() if v is not None}, path, row)
 
 
-def _csv_prompt_records(path: str | Path) -> Iterator[dict]:
+def _csv_prompt_records(path: str | Path, delimiter: str) -> Iterator[dict]:
     import csv
 
     with open_input(path, newline="") as src:
         try:
-            rows = csv.DictReader(src)
+            rows = csv.DictReader(src, delimiter=delimiter)
             if "prompt" not in (rows.fieldnames or []):
                 raise router_error(f"no `prompt` column (columns: {', '.join(rows.fieldnames or [])})", file=path)
             for row in rows:

@@ -31,9 +31,9 @@ def write(df: pd.DataFrame, path):
         plain.unlink()
         return path
     suffix = path.suffix
-    if suffix == ".csv":
-        df.to_csv(path, index=False)
-    elif suffix == ".jsonl":
+    if suffix in (".csv", ".tsv"):
+        df.to_csv(path, index=False, sep="\t" if suffix == ".tsv" else ",")
+    elif suffix in (".jsonl", ".ndjson"):
         df.to_json(path, orient="records", lines=True)
     elif suffix == ".json":
         df.to_json(path, orient="records")
@@ -133,7 +133,8 @@ def test_pairwise_demo_battles_and_mean_scores(data_dir, demo_files):
     assert m["costs"]["small-7b"] < m["costs"]["large-70b"]
 
 
-@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet", ".csv.gz", ".jsonl.bz2", ".json.xz"])
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet", ".csv.gz", ".tsv.gz",
+                                    ".jsonl.bz2", ".json.xz"])
 def test_every_file_type_gives_the_same_dataset(data_dir, tmp_path, suffix):
     out = ingest(str(write(LONG, tmp_path / f"long{suffix}")), name="x")
     ds = load(out)
@@ -142,6 +143,14 @@ def test_every_file_type_gives_the_same_dataset(data_dir, tmp_path, suffix):
     np.testing.assert_allclose(np.stack(ds.outcome.to_list()), [[4, 9], [7, 8], [10, 10]])
     assert np.stack(ds["count"].to_list()).tolist() == [[2, 1], [1, 1], [1, 1]]
     assert ds.topic.tolist() == ["math", "animals", "chat"]
+
+
+def test_a_tsv_keeps_commas_quotes_and_line_breaks_inside_its_prompts(data_dir, tmp_path):
+    prompts = ["first, with a comma", 'a "quoted" word', "two\nlines", "semi; colon"]
+    df = pd.DataFrame({"prompt": prompts, "small": [1, 0, 1, 0], "large": [1, 1, 0, 1], "topic": ["a,b"] * 4})
+    ds = load(ingest(str(write(df, tmp_path / "wide.tsv"))))
+    assert ds.prompt.tolist() == prompts and ds.topic.tolist() == ["a,b"] * 4
+    np.testing.assert_array_equal(np.stack(ds.outcome.to_list()), df[["small", "large"]].to_numpy())
 
 
 def test_a_compressed_file_is_named_and_hashed_as_stored_and_read_through_its_decompressor(data_dir, tmp_path, cli):
@@ -574,7 +583,13 @@ def nothing_written(data_dir):
 BAD_FILES = {
     "missing_column.csv": ("prompt,model_a,model_b\nhi,a,b\n", "missing required column 'winner'", None),
     "semicolons.csv": ("prompt;a;b\nhi;1;0\nyo;0;1\n", "the file looks ';'-separated", None),
-    "tabs.csv": ("prompt\ta\tb\nhi\t1\t0\n", "the file looks '\\t'-separated", None),
+    "tabs.csv": ("prompt\ta\tb\nhi\t1\t0\n", "the file looks '\\t'-separated; prerouter reads comma-separated "
+                 ".csv and tab-separated .tsv (name it .tsv", None),
+    "commas.tsv": ("prompt,a,b\nhi,1,0\n", "the file looks ','-separated; prerouter reads comma-separated .csv and "
+                   "tab-separated .tsv (name it .csv", None),
+    "semicolons.tsv": ("prompt;a;b\nhi;1;0\n", "(re-save it with commas", None),
+    "routerbench.pkl": ("\x80\x04.", ".pkl files are not read: loading a pickle runs any code it holds", None),
+    "sheet.xlsx": ("PK", ".xlsx files are not read: save the sheet as CSV", None),
     "unknown_winner.csv": ("prompt,model_a,model_b,winner\nhi,a,b,model_a\nyo,a,b,A\n",
                            "unknown winner value 'A'", 2),
     "arena_flags.csv": ("prompt,model_a,model_b,winner_model_a,winner_model_b,winner_tie\n"

@@ -112,6 +112,11 @@ def test_score_file_reads_csv_like_jsonl(pair_bundle, tmp_path):
     assert score_file(pair_bundle[0], src, tmp_path / "a.jsonl") == score_file(pair_bundle[0], jsonl, tmp_path / "b.jsonl") == 3
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     assert [json.loads(x)["prompt_id"] for x in (tmp_path / "a.jsonl").read_text().splitlines()] == ["p0", "p1", "p2"]
+    tsv = tmp_path / "in.tsv"  # tab-separated: the commas stay inside the prompt
+    with open(tsv, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([["prompt", "prompt_id"]] + [[q, f"p{i}"] for i, q in enumerate(prompts)])
+    assert score_file(pair_bundle[0], tsv, tmp_path / "t.jsonl") == 3
+    assert (tmp_path / "t.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
     src.write_text("text\nhello\n")
     with pytest.raises(DataError, match=r"no `prompt` column \(columns: text\)"):
