@@ -5,9 +5,12 @@ VENV := .venv
 PRE := $(VENV)/bin/prerouter
 DEMO := data/raw/demo
 DATA ?= $(DEMO)/demo_wide.csv
-# The dataset name: the file name without its compression and type suffixes (battles.jsonl.gz → battles).
-DATA_FILE = $(patsubst %.gz,%,$(patsubst %.bz2,%,$(patsubst %.xz,%,$(notdir $(patsubst %/,%,$(DATA))))))
-NAME ?= $(basename $(DATA_FILE))
+# The dataset name, as `prerouter ingest` gives it: the file name without its compression and type suffixes
+# (battles.jsonl.gz → battles); a folder's or hub dataset's name as it is (arena.v2/ → arena.v2); the first's
+# when DATA names several.
+DATA_FILE = $(patsubst %.gz,%,$(patsubst %.bz2,%,$(patsubst %.xz,%,$(notdir $(patsubst %/,%,$(firstword $(DATA)))))))
+DATA_TYPES := .csv .tsv .jsonl .ndjson .json .parquet .arrow
+NAME ?= $(if $(filter $(DATA_TYPES),$(suffix $(DATA_FILE))),$(basename $(DATA_FILE)),$(DATA_FILE))
 TRIALS ?= 0
 BUDGET_MS ?= 1.0
 SHARED ?= ../shared/data
@@ -97,7 +100,7 @@ EVAL_DATA ?= $(NAME)
 MARGIN ?= 0.01
 MODELS ?= $(or $(PREROUTER_MODELS_DIR),models)
 retrain: setup  ## DATA=file(s) CHAMPION=alias-or-path: pipeline, compare, promote the challenger if it is not worse
-	$(if $(word 2,$(NAME)),$(error several DATA files: name the dataset with NAME=))
+	$(if $(and $(word 2,$(DATA)),$(filter file,$(origin NAME))),$(error several DATA files: name the dataset with NAME=))
 	$(PRE) ingest $(DATA) --name $(NAME) $(INGEST_ARGS)
 	$(PRE) label $(NAME) $(CFG)
 	$(PRE) train $(NAME) $(CFG)

@@ -191,14 +191,18 @@ def test_a_folder_named_like_an_ingested_dataset_means_the_dataset(data_dir, dem
 
 
 @pytest.mark.parametrize("data, name", [("downloads/arena/", "arena"), ("downloads/arena", "arena"),
-                                        ("x/battles.jsonl.gz", "battles")])
-def test_make_names_the_dataset_after_the_file_or_folder(data, name):
+                                        ("downloads/arena.v2/", "arena.v2"), ("x/battles.jsonl.gz", "battles"),
+                                        ("votes.v2.csv", "votes.v2"), ("t.tsv", "t"), ("hf:org/chats.v1", "chats.v1"),
+                                        ("a.csv b.csv", "a")])
+def test_make_names_the_dataset_as_ingest_does(data, name):
     import shutil
     import subprocess
     from pathlib import Path
+
+    from pipeline.ingest_sources import default_name
 
     if shutil.which("make") is None:
         pytest.skip("no make")
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run(["make", "-n", "all", f"DATA={data}"], cwd=root, capture_output=True, text=True, check=True)
-    assert f"run {data} --name {name} " in out.stdout
+    assert f"run {data} --name {name} " in out.stdout and default_name(data.split()[0]) == name
