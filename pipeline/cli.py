@@ -273,9 +273,10 @@ def report(
 
 @app.command()
 def run(
-    data: str = typer.Argument(..., help="Preference data file, a folder of data files, or hf:org/name."),
+    data: List[str] = typer.Argument(..., help="Preference data file, a folder of data files, or hf:org/name; "
+                                               "several are merged into one dataset, as by ingest."),
     out: Optional[Path] = typer.Option(None, help="Bundle directory (default models/NAME/bundle)."),
-    name: Optional[str] = typer.Option(None, help="Dataset/model name (default: the file stem)."),
+    name: Optional[str] = typer.Option(None, help="Dataset/model name (default: the (first) file's stem)."),
     trials: int = typer.Option(0, min=0, help="Optuna trials before the final training (0: defaults)."),
     budget_ms: float = typer.Option(1.0, help="Latency gate: p99 budget in milliseconds."),
     layout: Optional[str] = LayoutOpt,
@@ -292,7 +293,8 @@ def run(
     _writable(out)
     if name is not None:
         _valid_name(name)
-    run_all(data, out=out, name=name, trials=trials, budget_ms=budget_ms, config=_config(config, overrides),
+    run_all(data[0] if len(data) == 1 else data, out=out, name=name, trials=trials, budget_ms=budget_ms,
+            config=_config(config, overrides),
             split_column=split_column, test_data=test_data, **_input_options(layout, models, rename))
 
 

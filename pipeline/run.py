@@ -13,7 +13,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from .common import (DataError, GateError, check_name, check_output_path, console, model_dir, process_alive,
                      process_start, setup_mlflow)
@@ -93,12 +93,13 @@ def _ensure_registered(name: str, bundle: Path) -> None:
         log_bundle(bundle, load_trained(name).meta, name)
 
 
-def run(data: str, out: Path | None = None, name: str | None = None, trials: int = 0,
+def run(data: str | Sequence[str], out: Path | None = None, name: str | None = None, trials: int = 0,
         budget_ms: float = 1.0, config: Config | None = None, split_column: str | None = None,
         test_data: str | None = None, layout: str | None = None, models: list[str] | None = None,
         rename: dict[str, str] | None = None) -> Path:
     """Run every stage on `data`; returns the bundle directory. Evaluate and report are skipped, with one
     line saying so, when the test split is empty (e.g. a `split_column` holding only train and val).
+    `data` is what ingest reads (several inputs are merged; the first names the dataset by default);
     `layout`, `models`, `rename`, `split_column` and `test_data` are ingest's options."""
     import mlflow
 
@@ -113,7 +114,8 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
     cfg = config or load_config()
     check_machine(cfg.train)
     tokenizer_file(cfg.teacher.path)  # a hub teacher that cannot be fetched fails now, not after ingest and label
-    name = check_name(name or default_name(data))
+    inputs = [data] if isinstance(data, str) else list(data)
+    name = check_name(name or default_name(inputs[0]))
     out = check_bundle_dir(check_output_path(Path(out) if out else model_dir(name) / "bundle"))  # before any work
     setup_mlflow()
     end_stale_runs(name)
@@ -130,7 +132,8 @@ def run(data: str, out: Path | None = None, name: str | None = None, trials: int
     try:
         with _sigterm_unwinds(), mlflow.start_run(run_name=f"run-{name}") as parent:
             parent_id = parent.info.run_id
-            mlflow.set_tags({"dataset": name, "source": data, "prerouter.host": HOST, "prerouter.pid": os.getpid(),
+            mlflow.set_tags({"dataset": name, "source": " + ".join(inputs), "prerouter.host": HOST,
+                             "prerouter.pid": os.getpid(),
                              "prerouter.pid_start": process_start(os.getpid()) or ""})
             stage("ingest", ingest, data, name=name, layout=layout, models=models, rename=rename,
                   split_column=split_column, test_data=test_data)

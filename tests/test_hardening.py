@@ -521,6 +521,26 @@ def test_the_next_run_marks_a_parent_left_running_by_a_killed_process_killed(tra
         == {"FINISHED"}
 
 
+def test_run_reads_several_inputs_as_ingest_does(tracking, monkeypatch, data_dir, tmp_path, cli):
+    """`prerouter run a.csv b.csv`: one dataset of both files, named after the first, both listed as the source."""
+    import pandas as pd
+
+    import pipeline.ingest
+    from pipeline.common import read_json
+
+    _stub_stages(monkeypatch, ingest=pipeline.ingest.ingest)
+    monkeypatch.setattr("pipeline.run._ensure_registered", lambda name, bundle: None)
+    first, second = tmp_path / "votes-1.csv", tmp_path / "votes-2.csv"
+    pd.DataFrame({"prompt": ["p1", "p2"], "a": [1, 0], "b": [0, 1]}).to_csv(first, index=False)
+    pd.DataFrame({"prompt": ["p3"], "a": [1], "b": [1]}).to_csv(second, index=False)
+    code, out = cli("run", first, second)
+    assert code == 0, out
+    manifest = read_json(data_dir / "processed" / "votes-1" / "manifest.json")
+    assert manifest["n_prompts"] == 3 and manifest["source"] == f"{first} + {second}"
+    (parent,) = _parent_runs("votes-1")
+    assert parent.data.tags["source"] == f"{first} + {second}"
+
+
 @pytest.mark.parametrize("registered", [False, True])
 def test_a_rerun_registers_a_bundle_that_export_skipped_as_up_to_date(tracking, monkeypatch, data_dir, registered):
     import types
