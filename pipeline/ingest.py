@@ -10,7 +10,9 @@ Layouts, detected from the columns (`layout=` overrides):
 - pairwise: `prompt, model_a, model_b` and either `winner` (model_a | model_b | tie | tie (bothbad), also
   spelt both_bad, tie (both bad) or tie_bothbad; any case)
   or the Chatbot-Arena-55k 0/1 columns `winner_model_a, winner_model_b, winner_tie` (there the
-  prompt is a JSON list of turns, joined with blank lines). Without a `prompt` column, the user turns
+  prompt is a JSON list of turns, joined with blank lines), or AlpacaEval's annotations
+  (`instruction, generator_1, generator_2, preference`: 1 or 2 the side, 0 or 1.5 a draw, a weighted
+  judge's value between 1 and 2 its nearer side; `ingest_layouts.alpaca_eval_as_pairwise`). Without a `prompt` column, the user turns
   of `conversation_a` are the prompt (MT-Bench human judgments, Arena conversations), or those of
   `messages`, in any layout (`chat.chat_prompt`: answers and system turns left out). Optional per-side
   `cost_a`, `cost_b`.

@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 
 from .common import ConfigError, DataError, console, prompt_id
 from .ingest_columns import as_text, category_codes
-from .ingest_layouts import (CONVERSATION, MESSAGES, Drops, Observations, detect_layout, is_arena, prompt_stand_in,
-                             read_observations, require_columns)
+from .ingest_layouts import (CONVERSATION, MESSAGES, Drops, Observations, alpaca_eval_as_pairwise, detect_layout,
+                             is_arena, prompt_stand_in, read_observations, require_columns)
 
 SPLITS = ("train", "val", "test")
 # How split columns spell them elsewhere (`datasets` writes "validation"); case and blanks are ignored too.
@@ -77,6 +77,8 @@ def build_dataset(table: pa.Table, layout: Optional[str], models: Optional[list[
     n = table.num_rows
     if n == 0:
         raise DataError("the file has no rows", file=where)
+    if layout == "pairwise":
+        table = alpaca_eval_as_pairwise(table, where)
     chat = prompt_stand_in(table.column_names, layout)
     if chat:  # read as the prompt column from here on, so no layout keeps it as metadata
         table = table.rename_columns(["prompt" if c == chat else c for c in table.column_names])

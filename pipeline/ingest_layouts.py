@@ -21,6 +21,11 @@ WINNERS = {"model_a": (1.0, False), "model_b": (0.0, False), "tie": (0.5, False)
 # Other spellings of a tie where both answers were bad: the same outcome, never a guess at an unknown one.
 WINNER_SPELLINGS = {"both_bad": "tie (bothbad)", "tie (both bad)": "tie (bothbad)", "tie_bothbad": "tie (bothbad)"}
 ARENA_FLAGS = ("winner_model_a", "winner_model_b", "winner_tie")
+# AlpacaEval's annotations: `instruction`, `generator_1` / `generator_2` with their `output_1` / `output_2`, and a
+# `preference` of 1 (output_1 better), 2 (output_2 better), 0 or 1.5 (a draw), or between 1 and 2 from a weighted
+# judge (P(output_2 better) + 1), read as its side as AlpacaEval's discrete win rate does.
+ALPACA_EVAL = ("generator_1", "generator_2", "preference")
+ALPACA_EVAL_ANSWERS = ("output_1", "output_2", "raw_completion")
 # Per-side answers are not prompt metadata. Without a `prompt` column, the user turns of a chat stand for
 # it: `conversation_a` (MT-Bench human judgments, Chatbot Arena conversations) or `messages` (chat-format sets).
 IGNORED_PAIRWISE = ("response_a", "response_b", "conversation_a", "conversation_b")
@@ -81,13 +86,42 @@ def prompt_stand_in(columns: list[str], layout: str) -> Optional[str]:
 
 
 def detect_layout(columns: list[str]) -> str:
-    """pairwise when model_a/model_b are there, long when model/score are, otherwise wide."""
+    """pairwise when model_a/model_b (or AlpacaEval's generator_1/generator_2/preference) are there, long when
+    model/score are, otherwise wide."""
     cols = set(columns)
-    if {"model_a", "model_b"} <= cols:
+    if {"model_a", "model_b"} <= cols or set(ALPACA_EVAL) <= cols:
         return "pairwise"
     if {"model", "score"} <= cols:
         return "long"
     return "wide"
+
+
+def alpaca_eval_as_pairwise(table: pa.Table, where) -> pa.Table:
+    """An AlpacaEval annotations table in the pairwise columns, or `table` as it is when it is not one (or
+    already names model_a/model_b): generator_1/generator_2 become model_a/model_b, the preference a winner
+    (a missing one stays missing, a value outside 0, 1-2 is a DataError), `instruction` the prompt when
+    there is no `prompt`; the answers and the judge's raw completion are dropped, as are the preference
+    itself (an outcome, not metadata)."""
+    cols = table.column_names
+    if not set(ALPACA_EVAL) <= set(cols) or {"model_a", "model_b"} & set(cols):
+        return table
+    preference, non_numeric = as_float(table.column("preference"))
+    bad = np.flatnonzero(non_numeric | ~(np.isnan(preference) | (preference == 0)
+                                         | ((preference >= 1) & (preference <= 2))))
+    if bad.size:
+        first = int(bad[0])
+        value = repr(table.column("preference")[first].as_py()) if non_numeric[first] else f"{preference[first]:g}"
+        raise DataError(f"AlpacaEval preference {value} is not 1 or 2 (a side), 0 or 1.5 (a draw) or between "
+                        "1 and 2 (a weighted judge)", file=where, row=first + 1)
+    winner = np.where(np.isnan(preference), None, np.where((preference == 0) | (preference == 1.5), "tie",
+                                                           np.where(preference < 1.5, "model_a", "model_b")))
+    names = {"generator_1": "model_a", "generator_2": "model_b"}
+    if "prompt" not in cols and "instruction" in cols:
+        names["instruction"] = "prompt"
+    drop = {"preference", *ALPACA_EVAL_ANSWERS}
+    keep = [c for c in cols if c not in drop]
+    out = table.select(keep).rename_columns([names.get(c, c) for c in keep])
+    return out.append_column("winner", pa.array(winner.tolist(), pa.string()))
 
 
 def is_arena(table: pa.Table) -> bool:

@@ -215,6 +215,43 @@ def test_a_winner_named_by_its_model_is_that_side(data_dir, demo_files, tmp_path
     pd.testing.assert_frame_equal(other, canonical)
 
 
+def test_alpaca_eval_annotations_are_the_same_battles_as_their_pairwise_table(data_dir, demo_files, tmp_path):
+    """AlpacaEval's annotations.json (instruction, generator_1/2 with their outputs, a preference of 1, 2, 0 or
+    1.5 for a draw, or between 1 and 2 from a weighted judge; a missing one) read as the pairwise table of
+    the same votes: same battles, same prompts and targets, and no answer or preference kept as metadata."""
+    rng = np.random.default_rng(0)
+    raw = pq.read_table(demo_files["pairwise"]).to_pandas().drop(columns=["cost_a", "cost_b"])
+    raw["winner"] = raw.winner.replace("tie (bothbad)", "tie")  # AlpacaEval has no both-bad draw
+    raw.loc[raw.index[::50], "winner"] = None
+    side = rng.uniform(0, 0.499, len(raw))  # how far a weighted judge's preference leans from 1 or 2
+    preference = np.select([raw.winner == "model_a", raw.winner == "model_b", raw.winner == "tie"],
+                           [1 + side, 2 - side, np.where(np.arange(len(raw)) % 2, 1.5, 0.0)], np.nan)
+    annotations = [{"dataset": r.family, "instruction": r.prompt, "output_1": "an answer", "generator_1": r.model_a,
+                    "output_2": "another", "generator_2": r.model_b, "annotator": "weighted_alpaca_eval_gpt4_turbo",
+                    "preference": None if np.isnan(pref) else float(pref), "raw_completion": {"logprobs": [-0.1]}}
+                   for r, pref in zip(raw.itertuples(), preference)]
+    (tmp_path / "annotations.json").write_text(json.dumps(annotations))
+    assert (preference == 0).sum() > 100 and ((preference > 1) & (preference < 2) & (preference != 1.5)).sum() > 300
+    canonical = ingest(str(write(raw, tmp_path / "votes.parquet")))
+    other = ingest(str(tmp_path / "annotations.json"))
+    pd.testing.assert_frame_equal(load(other, "battles"), load(canonical, "battles"))
+    mine, theirs = load(other), load(canonical)
+    assert mine.prompt.tolist() == theirs.prompt.tolist()
+    np.testing.assert_allclose(np.stack(mine.outcome.to_list()), np.stack(theirs.outcome.to_list()))
+    manifest = read_json(other / "manifest.json")
+    assert manifest["layout"] == "pairwise" and manifest["dropped"] == {"missing winner": int(raw.winner.isna().sum())}
+    assert manifest["metadata_columns"] == ["dataset", "annotator"]
+
+
+def test_an_alpaca_eval_preference_outside_its_scale_is_an_error(data_dir, tmp_path, cli):
+    rows = [{"instruction": "hi", "generator_1": "a", "generator_2": "b", "preference": p} for p in (1, 2, 3, 1.5)]
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(rows))
+    code, out = cli("ingest", path)
+    assert code == 2 and f"{path}, row 3: AlpacaEval preference 3 is not 1 or 2" in out, out
+    assert nothing_written(data_dir)
+
+
 def test_a_winner_naming_neither_model_of_its_row_is_an_error(data_dir, tmp_path, cli):
     path = tmp_path / "votes.csv"
     path.write_text("prompt,model_a,model_b,winner\nhi,gpt-4,llama,gpt-4\nyo,gpt-4,llama,llama\n"
