@@ -29,6 +29,9 @@ LayoutOpt = typer.Option(None, "--layout", help="pairwise | wide | long; detecte
 ModelsOpt = typer.Option(None, "--models", help="Wide layout: comma-separated model columns to use.")
 RenameOpt = typer.Option(None, "--rename", help="Comma-separated OLD=NEW column renames applied as a data file is "
                                                 "read (e.g. question=prompt,model_name=model,label=score).")
+PromptsOpt = typer.Option(None, "--prompts", help="A file of the prompts the data names by a key (the one column "
+                                                  "both share, e.g. question_id): its `prompt`, or its `turns` "
+                                                  "(a row's first `turn` of them), e.g. MT-Bench's question.jsonl.")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (see pipeline/configs/default.yaml).")
 # The routing settings `route` and `score` take (Router.check_settings says which a bundle uses).
 StrongFractionOpt = typer.Option(None, min=0.0, max=1.0, help="Pair: target share of strong calls.")
@@ -51,12 +54,14 @@ def _valid_name(name: str) -> None:
     check_name(name)
 
 
-def _input_options(layout: Optional[str], models: Optional[str], rename: Optional[str]) -> dict:
-    """The --layout, --models and --rename texts as ingest's `layout`, `models` and `rename` arguments."""
+def _input_options(layout: Optional[str], models: Optional[str], rename: Optional[str],
+                   prompts: Optional[str]) -> dict:
+    """The --layout, --models, --rename and --prompts texts as ingest's `layout`, `models`, `rename` and
+    `prompts` arguments."""
     from .ingest_sources import parse_rename
 
     return {"layout": layout, "models": [m.strip() for m in models.split(",") if m.strip()] if models else None,
-            "rename": parse_rename(rename)}
+            "rename": parse_rename(rename), "prompts": prompts}
 
 
 def _config(config: Optional[Path], overrides: Optional[List[str]]):
@@ -96,6 +101,7 @@ def ingest(
                                                   "name without its type and compression suffixes)."),
     models: Optional[str] = ModelsOpt,
     rename: Optional[str] = RenameOpt,
+    prompts: Optional[str] = PromptsOpt,
     split: str = typer.Option("train", help="Hub datasets: which split to read."),
     split_column: Optional[str] = SplitColumnOpt,
     test_data: Optional[str] = TestDataOpt,
@@ -107,7 +113,7 @@ def ingest(
     if name is not None:
         _valid_name(name)
     run_ingest(data[0] if len(data) == 1 else data, name=name, split=split, force=force,
-               split_column=split_column, test_data=test_data, **_input_options(layout, models, rename))
+               split_column=split_column, test_data=test_data, **_input_options(layout, models, rename, prompts))
 
 
 @app.command()
@@ -263,12 +269,13 @@ def report(
     layout: Optional[str] = LayoutOpt,
     models: Optional[str] = ModelsOpt,
     rename: Optional[str] = RenameOpt,
+    prompts: Optional[str] = PromptsOpt,
 ):
     """Cost–quality curves, AIQ, calibration drift and router vs cascade vs ensemble, as Markdown + PNGs."""
     from .report import report as run_report
 
     _writable(out)
-    run_report(bundle, data=data, out=out, profile=profile, read=_input_options(layout, models, rename))
+    run_report(bundle, data=data, out=out, profile=profile, read=_input_options(layout, models, rename, prompts))
 
 
 @app.command()
@@ -282,6 +289,7 @@ def run(
     layout: Optional[str] = LayoutOpt,
     models: Optional[str] = ModelsOpt,
     rename: Optional[str] = RenameOpt,
+    prompts: Optional[str] = PromptsOpt,
     split_column: Optional[str] = SplitColumnOpt,
     test_data: Optional[str] = TestDataOpt,
     config: Optional[Path] = ConfigOpt,
@@ -295,7 +303,7 @@ def run(
         _valid_name(name)
     run_all(data[0] if len(data) == 1 else data, out=out, name=name, trials=trials, budget_ms=budget_ms,
             config=_config(config, overrides),
-            split_column=split_column, test_data=test_data, **_input_options(layout, models, rename))
+            split_column=split_column, test_data=test_data, **_input_options(layout, models, rename, prompts))
 
 
 @app.command()
@@ -317,6 +325,7 @@ def compare(
     layout: Optional[str] = LayoutOpt,
     models: Optional[str] = ModelsOpt,
     rename: Optional[str] = RenameOpt,
+    prompts: Optional[str] = PromptsOpt,
 ):
     """Champion vs challenger on the same labeled prompts; exit 0 promote, 1 keep the champion, 2 bad input."""
     from .compare import compare as run_compare
@@ -329,7 +338,7 @@ def compare(
             console.print(f"[green]promote[/]: {champion} does not exist yet, so the challenger is the first champion")
             sys.exit(0)
     result = run_compare(champion, challenger, data, margin=margin, out=out, metric=metric, resamples=resamples,
-                         seed=seed, read=_input_options(layout, models, rename))
+                         seed=seed, read=_input_options(layout, models, rename, prompts))
     sys.exit(0 if result["verdict"] == "promote" else 1)  # typer.Exit would be swallowed (standalone_mode=False)
 
 

@@ -83,7 +83,7 @@ def _labeled(data: str, label_options: Mapping | None,
              read: Mapping | None = None) -> Iterator[tuple[object, dict, bool, str]]:
     """(labels Dataset, label stats, whole file held out?, dataset name) for a dataset name or a file.
 
-    A file (or hf: id) is ingested (with `read`: ingest's layout, models, rename) and labeled under a
+    A file (or hf: id) is ingested (with `read`: ingest's layout, models, rename, prompts) and labeled under a
     temporary name, removed afterwards; every one of its prompts is held out. A name uses its test split."""
     from .common import processed_dir
     from .ingest_sources import read_options
@@ -235,7 +235,7 @@ def compare(champion: str | Path, challenger: str | Path, data: str, margin: flo
             out: Path | None = None, metric: str = "auto", resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
             log: bool = True, read: Mapping | None = None) -> dict:
     """Score `data` with both bundles and decide; returns the result (its "verdict" is promote or keep).
-    A data file is read with `read`, ingest's options ({"layout", "models", "rename"}).
+    A data file is read with `read`, ingest's options ({"layout", "models", "rename", "prompts"}).
 
     `champion` / `challenger`: bundle folders or `models:/prerouter-NAME@ALIAS` URIs. Bad input
     (unreadable bundle, no shared models, no held-out prompts) is a DataError / ConfigError (exit 2)."""

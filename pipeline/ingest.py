@@ -12,10 +12,10 @@ Layouts, detected from the columns (`layout=` overrides):
   or the Chatbot-Arena-55k 0/1 columns `winner_model_a, winner_model_b, winner_tie` (there the
   prompt is a JSON list of turns, joined with blank lines), or AlpacaEval's annotations
   (`instruction, generator_1, generator_2, preference`: 1 or 2 the side, 0 or 1.5 a draw, a weighted
-  judge's value between 1 and 2 its nearer side; `ingest_layouts.alpaca_eval_as_pairwise`). Without a `prompt` column, the user turns
-  of `conversation_a` are the prompt (MT-Bench human judgments, Arena conversations), or those of
-  `messages`, in any layout (`chat.chat_prompt`: answers and system turns left out). Optional per-side
-  `cost_a`, `cost_b`.
+  judge's value between 1 and 2 its nearer side; `ingest_layouts.alpaca_eval_as_pairwise`). Without a
+  `prompt` column, the user turns of `conversation_a` are the prompt (MT-Bench human judgments, Arena
+  conversations), or those of `messages`, in any layout (`chat.chat_prompt`: answers and system turns
+  left out). Optional per-side `cost_a`, `cost_b`.
   A model's outcome on a prompt is its mean battle score (win 1, tie 0.5, loss 0).
 - long: `prompt, model, score`, optional `cost`; an input `prompt_id` is kept as `source_prompt_id`.
 - wide: `prompt` plus one outcome column per model. `<model>|total_cost` columns (RouterBench) are
@@ -25,6 +25,10 @@ Layouts, detected from the columns (`layout=` overrides):
   column, every integer column whose values are all 0 or 1, and every float column - except
   id-like names (`id`, `*_id`, `idx`, `index`, `qid`...). Everything else is metadata. Integer
   scores on another scale (e.g. 1-10 judges) therefore need `models=`.
+
+In any layout the prompts may come from a file of their own (`prompts=`, `--prompts FILE`), joined by
+the one column the data and that file share (MT-Bench's judgments and question.jsonl:
+`ingest_join.join_prompts`).
 
 Bad input. The whole file fails with a `DataError` naming the file (and the row or line where
 there is one) when: it is missing, unreadable or not UTF-8 (text formats); a required column is
@@ -73,6 +77,7 @@ from typing import Mapping, Optional, Sequence
 from . import __version__ as PIPELINE_VERSION
 from .common import ConfigError, DataError, check_name, console, processed_dir, sha256_json
 from .ingest_canonical import build_dataset, list_column, list_matrix
+from .ingest_join import join_prompts
 from .ingest_layouts import LAYOUTS, detect_layout
 from .ingest_merge import add_test_data, merge_inputs
 from .ingest_output import load_changed_inputs, print_summary, write_processed
@@ -87,7 +92,7 @@ INGEST_VERSION = 4  # bump when the output for the same input changes, so old ar
 def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Optional[str] = None,
            models: Optional[list[str]] = None, split: str = "train", force: bool = False,
            split_column: Optional[str] = None, test_data: Optional[str] = None,
-           rename: Optional[Mapping[str, str]] = None) -> Path:
+           rename: Optional[Mapping[str, str]] = None, prompts: Optional[str] = None) -> Path:
     """Read `source` into data/processed/NAME/ (dataset/, battles/ for pairwise, manifest.json).
 
     `source` may be several files / hub ids / folders (a folder stands for the data files under it,
@@ -96,8 +101,9 @@ def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Opti
     every input with its hash, layout and row counts. `split_column`: the input column whose train / val /
     test values are the split (in every file). `test_data`: a second file, in the (first) main file's
     layout, whose prompts are the test split (a hub id reads its `test` split). `rename` ({old: new}) renames
-    columns of every input as it is read; the other options use the new names. The manifest's
-    `content_hash` covers every input in order and the options, so unchanged inputs skip the work.
+    columns of every input as it is read; the other options use the new names. `prompts`: a file of the
+    prompts that the inputs name by a key (`ingest_join.join_prompts`). The manifest's `content_hash`
+    covers every input in order and the options, so unchanged inputs skip the work.
     """
     given = [source] if isinstance(source, str) else list(source)
     sources = [f for s in given for f in data_files(s)]
@@ -116,6 +122,11 @@ def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Opti
             raise ConfigError(f"--test-data takes one file; the folder {test_data} holds {len(test_files)} data "
                               "files: name the test one")
         srcs.append(resolve_source(test_files[0], "test", rename))
+    if prompts is not None:
+        if len(prompt_files := data_files(prompts)) > 1:
+            raise ConfigError(f"--prompts takes one file; the folder {prompts} holds {len(prompt_files)} data files")
+        srcs.append(resolve_source(prompt_files[0], split, rename))
+    n_data = n_main + (test_data is not None)  # the inputs with outcomes: the prompts file comes after them
     name = name or default_name(given[0])
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"invalid dataset name {name!r}")
@@ -134,7 +145,8 @@ def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Opti
     def content_hash(hashes: list[str]) -> str:
         inputs = {"inputs": hashes[:n_main]} if n_main > 1 else {"input": hashes[0]}
         test_input = {"test_input": hashes[n_main]} if test_data is not None else {}
-        return sha256_json({**inputs, **test_input, "options": options})
+        prompts_input = {"prompts_input": hashes[n_data]} if prompts is not None else {}
+        return sha256_json({**inputs, **test_input, **prompts_input, "options": options})
 
     with contextlib.ExitStack() as stack:
         inputs = load_changed_inputs(stack, srcs, out, content_hash, force)
@@ -142,6 +154,8 @@ def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Opti
             console.print(f"{name}: unchanged, skipping")
             return out
         tables, hashes = inputs
+        if prompts is not None:
+            tables = [join_prompts(tables[i], tables[n_data], where[i], where[n_data]) for i in range(n_data)]
         parts = [build_dataset(tables[i], layout, models, where[i], split_column) for i in range(n_main)]
         first_layout = parts[0][0]["layout"]
         if n_main == 1:
@@ -165,6 +179,7 @@ def ingest(source: str | Sequence[str], layout: Optional[str] = None, name: Opti
                     "options": options, "content_hash": content_hash(hashes), **fields,
                     "split_rule": "column" if split_column else "test_data" if test else "hash",
                     "split_column": split_column, "test_data": test,
+                    **({"prompts": {"source": srcs[n_data].text, "source_hash": hashes[n_data]}} if prompts else {}),
                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                     "pipeline_version": PIPELINE_VERSION}
         write_processed(out, dataset, battles, manifest)

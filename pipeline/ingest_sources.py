@@ -111,7 +111,7 @@ def _is_data_input(data: str) -> bool:
 
 
 def read_options(data: str, read: Optional[Mapping] = None) -> Optional[dict]:
-    """ingest's options for reading `data` (layout, models, rename) when `data` is a file, folder or hub id;
+    """ingest's options for reading `data` (layout, models, rename, prompts) when `data` is a file, folder or hub id;
     None when it names a dataset already ingested, which is not read again, so options given for it are an
     error."""
     read = {k: v for k, v in (read or {}).items() if v}

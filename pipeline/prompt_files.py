@@ -16,8 +16,8 @@ from .runtime import Router, RouterError, prompt_of, router_error
 
 def read_prompt_records(path: str | Path) -> Iterator[dict]:
     """The records of a JSONL file of {"prompt": ..., ...} objects, one per non-blank line, in order, or
-    (a `.csv` or tab-separated `.tsv` file) its rows, which need a `prompt` column (`prompt_id` is kept too; other columns are not);
-    either may be compressed (.gz, .bz2, .xz). A `.json` file holding one array of such records, and a
+    (a `.csv` or tab-separated `.tsv` file) its rows, which need a `prompt` column (`prompt_id` is kept too;
+    other columns are not); either may be compressed (.gz, .bz2, .xz). A `.json` file holding one array of such records, and a
     `.parquet` file's rows (its `prompt` or `messages` and `prompt_id` columns; needs pyarrow), are read as
     JSONL records are.
 

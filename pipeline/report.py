@@ -38,7 +38,7 @@ RANDOM_SEEDS = 10  # the random router is averaged over this many seeds
 
 def _load_data(data: str, training_config: Mapping, read: Mapping | None = None):
     """(name, labels Dataset, label stats): a labeled dataset name, or a data file ingested (with `read`:
-    ingest's layout, models, rename) and labeled here."""
+    ingest's layout, models, rename, prompts) and labeled here."""
     from .ingest_sources import read_options
     from .label import bundle_label_config, label, labels_of, load_labels
 
@@ -290,7 +290,7 @@ def report(bundle: str | Path, data: str, out: str | Path | None = None,
     """Score `data`'s test split with the bundle and write OUT/report.md (+ PNGs, report.json); returns report.md.
 
     `data`: a labeled dataset name, or a data file (ingested with `read`, ingest's options {"layout", "models",
-    "rename"}, and labeled with the bundle's label options).
+    "rename", "prompts"}, and labeled with the bundle's label options).
     `out` defaults to BUNDLE/../report. `profile`: the model profile of the economics simulation.
     """
     from .common import ConfigError, atomic_dir, console, processed_dir, read_json, write_json

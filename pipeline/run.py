@@ -96,11 +96,11 @@ def _ensure_registered(name: str, bundle: Path) -> None:
 def run(data: str | Sequence[str], out: Path | None = None, name: str | None = None, trials: int = 0,
         budget_ms: float = 1.0, config: Config | None = None, split_column: str | None = None,
         test_data: str | None = None, layout: str | None = None, models: list[str] | None = None,
-        rename: dict[str, str] | None = None) -> Path:
+        rename: dict[str, str] | None = None, prompts: str | None = None) -> Path:
     """Run every stage on `data`; returns the bundle directory. Evaluate and report are skipped, with one
     line saying so, when the test split is empty (e.g. a `split_column` holding only train and val).
     `data` is what ingest reads (several inputs are merged; the first names the dataset by default);
-    `layout`, `models`, `rename`, `split_column` and `test_data` are ingest's options."""
+    `layout`, `models`, `rename`, `prompts`, `split_column` and `test_data` are ingest's options."""
     import mlflow
 
     from .encoders import tokenizer_file
@@ -136,7 +136,7 @@ def run(data: str | Sequence[str], out: Path | None = None, name: str | None = N
                              "prerouter.pid": os.getpid(),
                              "prerouter.pid_start": process_start(os.getpid()) or ""})
             stage("ingest", ingest, data, name=name, layout=layout, models=models, rename=rename,
-                  split_column=split_column, test_data=test_data)
+                  prompts=prompts, split_column=split_column, test_data=test_data)
             stage("label", label, name, cfg.label)
             if trials > 0:
                 from .tune import tune
