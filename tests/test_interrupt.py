@@ -27,8 +27,10 @@ N_FILES = 40  # files one atomic write puts in its directory
 
 
 def env_for(tmp_path: Path) -> dict:
+    """The commands' folders under `tmp_path`, their temporary folders too (a killed process leaves its own)."""
     return {**os.environ, "PREROUTER_DATA_DIR": str(tmp_path / "data"), "PREROUTER_MODELS_DIR": str(tmp_path / "models"),
-            "PREROUTER_MLRUNS_DIR": str(tmp_path / "mlruns"), "COLUMNS": "300", "PYTHONPATH": str(REPO)}
+            "PREROUTER_MLRUNS_DIR": str(tmp_path / "mlruns"), "COLUMNS": "300", "PYTHONPATH": str(REPO),
+            "TMPDIR": str(tmp_path)}
 
 
 hidden = leftovers

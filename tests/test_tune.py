@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -119,6 +120,7 @@ def _cli(argv: list[str], env: dict, log: str, meet: int = 0) -> None:
 
         tune_module.run_trial = first_waits
     os.environ.update(env)
+    tempfile.tempdir = str(Path(log).parent)  # what a killed worker leaves stays in the test's folder
     torch.set_num_threads(1)  # like a worker on its own core
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(fd, 1)
