@@ -100,8 +100,8 @@ def alpaca_eval_as_pairwise(table: pa.Table, where) -> pa.Table:
     """An AlpacaEval annotations table in the pairwise columns, or `table` as it is when it is not one (or
     already names model_a/model_b): generator_1/generator_2 become model_a/model_b, the preference a winner
     (a missing one stays missing, a value outside 0, 1-2 is a DataError), `instruction` the prompt when
-    there is no `prompt`; the answers and the judge's raw completion are dropped, as are the preference
-    itself (an outcome, not metadata)."""
+    there is no `prompt`; the answers, the judge's raw completion and the preference itself (an outcome,
+    not metadata) are dropped."""
     cols = table.column_names
     if not set(ALPACA_EVAL) <= set(cols) or {"model_a", "model_b"} & set(cols):
         return table
@@ -118,7 +118,7 @@ def alpaca_eval_as_pairwise(table: pa.Table, where) -> pa.Table:
     names = {"generator_1": "model_a", "generator_2": "model_b"}
     if "prompt" not in cols and "instruction" in cols:
         names["instruction"] = "prompt"
-    drop = {"preference", *ALPACA_EVAL_ANSWERS}
+    drop = {"preference", "winner", *ALPACA_EVAL_ANSWERS}  # the winner is the preference's
     keep = [c for c in cols if c not in drop]
     out = table.select(keep).rename_columns([names.get(c, c) for c in keep])
     return out.append_column("winner", pa.array(winner.tolist(), pa.string()))
